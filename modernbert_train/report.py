@@ -1,0 +1,533 @@
+"""Plots and a summary of one run, or of a chain of phases, from each run directory's `metrics.jsonl`.
+
+A run directory (the trainer's save_folder) holds `config.yaml` (the resolved recipe) and `metrics.jsonl`: one
+JSON object per line with "step", "tokens" (cumulative real tokens), "time_s", "phase" and optional metric keys
+(see `METRIC_LABELS`). Several run directories are read in order and stitched on one token axis: each phase
+counts its own tokens from zero, so phase k is drawn after the last token of phase k-1.
+
+`write_report(run_dirs, out_dir)` writes one PNG per plot, `report.md` and `report.html` into out_dir.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from modernbert_train.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+REQUIRED_KEYS = ("step", "tokens")
+
+METRIC_LABELS = {
+    "train/loss": "train loss",
+    "train/masked_accuracy": "train masked accuracy",
+    "train/perplexity": "train perplexity",
+    "lr": "learning rate",
+    "throughput/tokens_per_s": "tokens/s",
+    "throughput/mfu": "MFU",
+    "batch_size": "batch size (sequences)",
+    "eval/loss": "eval loss",
+    "eval/masked_accuracy": "eval masked accuracy",
+    "eval/perplexity": "eval perplexity",
+}
+
+# Every PNG has this exact size (no bbox_inches="tight", which would crop it to the content).
+FIGURE_SIZE_INCHES = (11.0, 5.5)
+FIGURE_DPI = 100
+# Above this many points a line is thinned before drawing; a 1.7T-token phase logs ~400k steps.
+MAX_POINTS_DRAWN = 4000
+
+# Leaf names of config keys worth a line in the summary, wherever the recipe nests them.
+CONFIG_HIGHLIGHTS = (
+    "run_name", "preset", "init_from", "manifest", "train_manifest", "eval_manifest", "max_seq_len",
+    "global_batch_size", "global_train_batch_size", "micro_batch_size", "device_train_microbatch_size",
+    "batch_size_warmup", "mlm_probability", "mask_probability", "lr", "betas", "weight_decay", "warmup",
+    "decay", "decay_shape", "schedule", "max_duration", "eval_interval", "save_interval", "precision",
+    "global_rope_theta", "local_rope_theta", "attn_backend", "hidden_size", "num_hidden_layers",
+    "vocab_size", "seed", "parallelism",
+)
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    """One PNG: panels stacked vertically, each a list of (metric key, legend label)."""
+
+    file_name: str
+    title: str
+    panels: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # (y label, series)
+    percent_keys: frozenset[str] = frozenset()
+    step_keys: frozenset[str] = frozenset()  # piecewise constant (batch size): drawn as steps
+    log_y: bool = False
+
+
+PLOTS = (
+    PlotSpec("loss.png", "MLM loss", (("cross-entropy", (("train/loss", "train"), ("eval/loss", "eval"))),)),
+    PlotSpec("lr.png", "Learning rate", (("learning rate", (("lr", "lr"),)),)),
+    PlotSpec("throughput.png", "Throughput",
+             (("tokens/s", (("throughput/tokens_per_s", "tokens/s"),)),
+              ("MFU (%)", (("throughput/mfu", "MFU"),))),
+             percent_keys=frozenset({"throughput/mfu"})),
+    PlotSpec("batch_size.png", "Global batch size", (("sequences", (("batch_size", "batch size"),)),),
+             step_keys=frozenset({"batch_size"})),
+    PlotSpec("masked_accuracy.png", "Masked-token accuracy",
+             (("accuracy (%)", (("train/masked_accuracy", "train"), ("eval/masked_accuracy", "eval"))),),
+             percent_keys=frozenset({"train/masked_accuracy", "eval/masked_accuracy"})),
+)
+
+
+@dataclass
+class Phase:
+    """One run directory: its metric records (after resume clean-up) and where it sits on the stitched axis."""
+
+    name: str
+    run_dir: Path
+    records: list[dict]
+    config: dict | None
+    notes: list[str] = field(default_factory=list)
+    token_offset: int = 0
+
+    @property
+    def tokens_end(self) -> int:
+        return int(max(r["tokens"] for r in self.records))
+
+    @property
+    def steps_end(self) -> int:
+        return int(max(r["step"] for r in self.records))
+
+    @property
+    def time_end(self) -> float | None:
+        times = [r["time_s"] for r in self.records if "time_s" in r]
+        return max(times) if times else None
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(stitched tokens, values) of every record that carries `key`."""
+        rows = [(r["tokens"], r[key]) for r in self.records if key in r]
+        if not rows:
+            return np.zeros(0), np.zeros(0)
+        tokens, values = (np.asarray(col, dtype=np.float64) for col in zip(*rows))
+        return tokens + self.token_offset, values
+
+    def final(self, key: str) -> dict | None:
+        """The last record that carries `key`."""
+        for record in reversed(self.records):
+            if key in record:
+                return record
+        return None
+
+
+def _parse_record(path: Path, line_no: int, text: str) -> dict:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{line_no}: not a JSON object ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+    for key in REQUIRED_KEYS:
+        if key not in record:
+            raise UserError(f"{path}:{line_no}: missing required key {key!r} (every line needs step and tokens)")
+    for key, value in record.items():
+        if key in REQUIRED_KEYS or key in METRIC_LABELS or key == "time_s":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"{path}:{line_no}: {key!r} must be a number, got {value!r}")
+    if "phase" in record and not isinstance(record["phase"], str):
+        raise UserError(f"{path}:{line_no}: 'phase' must be a string, got {record['phase']!r}")
+    return record
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
+    """Records of one metrics.jsonl and notes about what was dropped.
+
+    Two things are tolerated because they happen to healthy runs: an unfinished last line (the trainer is
+    writing it right now), and steps going back (a run resumed from a checkpoint older than its last log
+    line): the later records win and the superseded ones are dropped, so tokens never go backwards.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (a run directory must hold {METRICS_FILE})")
+    raw = path.read_text(encoding="utf-8")
+    lines = raw.split("\n")
+    records: list[dict] = []
+    notes: list[str] = []
+    resumes = 0
+    for index, text in enumerate(lines):
+        line_no = index + 1
+        if not text.strip():
+            continue
+        is_unfinished_tail = index == len(lines) - 1 and not raw.endswith("\n")
+        try:
+            record = _parse_record(path, line_no, text)
+        except UserError:
+            if is_unfinished_tail:
+                notes.append(f"{path}:{line_no}: unfinished last line skipped (still being written?)")
+                continue
+            raise
+        if records and record["step"] < records[-1]["step"]:
+            resumes += 1
+            records = [r for r in records if r["step"] < record["step"]]
+        records.append(record)
+    if resumes:
+        notes.append(f"{path}: {resumes} resume(s) replayed steps already logged; the later lines were kept")
+    if not records:
+        raise UserError(f"{path}: no metric records yet")
+    return records, notes
+
+
+def _read_config(run_dir: Path) -> tuple[dict | None, list[str]]:
+    import yaml
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None, [f"{path}: missing, no config highlights for this phase"]
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(config).__name__}")
+    return config, []
+
+
+def load_phase(run_dir: str | os.PathLike) -> Phase:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a run directory (expected a folder with {METRICS_FILE})")
+    records, notes = read_metrics(run_dir / METRICS_FILE)
+    config, config_notes = _read_config(run_dir)
+    names = [r["phase"] for r in records if "phase" in r]
+    name = names[-1] if names else run_dir.name
+    return Phase(name=name, run_dir=run_dir, records=records, config=config, notes=notes + config_notes)
+
+
+def stitch(phases: Sequence[Phase]) -> None:
+    """Place each phase right after the previous one on the token axis."""
+    offset = 0
+    for phase in phases:
+        phase.token_offset = offset
+        offset += phase.tokens_end
+
+
+def load_phases(run_dirs: Sequence[str | os.PathLike]) -> list[Phase]:
+    if not run_dirs:
+        raise UserError("give at least one run directory")
+    phases = [load_phase(d) for d in run_dirs]
+    stitch(phases)
+    return phases
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+def human_count(value: float) -> str:
+    """1234567 -> '1.23M'; tokens span 1e3 .. 1e12, so SI-ish suffixes read best."""
+    value = float(value)
+    for threshold, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.3g}{suffix}"
+    return f"{value:.4g}" if value != int(value) else str(int(value))
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s"
+
+
+def format_metric(key: str, value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    if key.endswith("masked_accuracy") or key == "throughput/mfu":
+        return f"{100 * value:.2f}%"
+    if key == "lr":
+        return f"{value:.3g}"
+    if key in ("throughput/tokens_per_s", "batch_size"):
+        return human_count(value)
+    return f"{value:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------- plotting
+
+def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(x) <= MAX_POINTS_DRAWN:
+        return x, y
+    keep = np.linspace(0, len(x) - 1, MAX_POINTS_DRAWN).round().astype(np.int64)
+    return x[keep], y[keep]
+
+
+def _smooth(y: np.ndarray) -> np.ndarray:
+    """Centred moving average over ~1/50 of the phase; noisy per-step curves need it to show a trend."""
+    window = max(1, len(y) // 50)
+    if window < 3:
+        return y
+    kernel = np.ones(window) / window
+    padded = np.pad(y, (window // 2, window - 1 - window // 2), mode="edge")
+    return np.convolve(padded, kernel, mode="valid")
+
+
+def _draw_plot(spec: PlotSpec, phases: Sequence[Phase], out_dir: Path) -> tuple[Path | None, list[str]]:
+    """Draw one PNG; returns (path or None when no phase has any of its keys, notes about missing series)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    present = {key for _, series in spec.panels for key, _ in series
+               if any(len(p.series(key)[0]) for p in phases)}
+    all_keys = [key for _, series in spec.panels for key, _ in series]
+    notes = [f"{spec.file_name}: no {key!r} in any metrics.jsonl" for key in all_keys if key not in present]
+    if not present:
+        return None, [f"{spec.file_name} skipped: none of {', '.join(all_keys)} was logged"]
+    panels = [(ylabel, series) for ylabel, series in spec.panels if any(k in present for k, _ in series)]
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI, sharex=True,
+                             squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (ylabel, series) in zip(axes[:, 0], panels):
+        for index, (key, label) in enumerate(series):
+            if key not in present:
+                continue
+            color = colors[index % len(colors)]
+            scale = 100.0 if key in spec.percent_keys else 1.0
+            legend: str | None = label  # one legend entry per series, not one per phase
+            for phase in phases:
+                x, y = phase.series(key)
+                if not len(x):
+                    continue
+                y = y * scale
+                if key in spec.step_keys:
+                    ax.step(*_thin(x, y), where="post", color=color, label=legend)
+                elif key.startswith("eval/") or len(x) < 20:
+                    ax.plot(*_thin(x, y), color=color, marker="o", markersize=3.5, linewidth=1.2, label=legend)
+                else:
+                    ax.plot(*_thin(x, y), color=color, alpha=0.25, linewidth=0.8)
+                    ax.plot(*_thin(x, _smooth(y)), color=color, linewidth=1.6, label=legend)
+                legend = None
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if spec.log_y:
+            ax.set_yscale("log")
+        handles, labels = ax.get_legend_handles_labels()
+        if len(labels) > 1:
+            ax.legend(loc="best", fontsize=9)
+    for ax in axes[:, 0]:
+        for phase in phases:
+            if phase.token_offset > 0:
+                ax.axvline(phase.token_offset, color="0.45", linestyle="--", linewidth=1)
+    top = axes[0, 0]
+    if len(phases) > 1:
+        for phase in phases:
+            top.annotate(phase.name, xy=(phase.token_offset, 1.0), xycoords=("data", "axes fraction"),
+                         xytext=(4, -4), textcoords="offset points", va="top", fontsize=9, color="0.3")
+    bottom = axes[-1, 0]
+    bottom.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_count(v)))
+    bottom.set_xlabel("tokens" + (" (phases stitched in order)" if len(phases) > 1 else ""))
+    bottom.set_xlim(left=0)
+    top.set_title(spec.title + (" - " + " → ".join(p.name for p in phases) if len(phases) > 1 else
+                                f" - {phases[0].name}"))
+    fig.tight_layout()
+    path = out_dir / spec.file_name
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
+    return path, notes
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and str(key) != "parallelism":
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def config_highlights(config: dict | None) -> list[tuple[str, str]]:
+    if not config:
+        return []
+    rows = []
+    for dotted, value in _flatten(config).items():
+        if dotted.rsplit(".", 1)[-1] in CONFIG_HIGHLIGHTS and value is not None:
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            rows.append((dotted, text))
+    return rows
+
+
+@dataclass
+class _Doc:
+    """The summary as blocks, rendered twice (markdown and HTML) so the two never disagree."""
+
+    blocks: list[tuple[str, object]] = field(default_factory=list)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("heading", (level, text)))
+
+    def para(self, text: str) -> None:
+        self.blocks.append(("para", text))
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        self.blocks.append(("table", (list(header), [list(r) for r in rows])))
+
+    def bullets(self, items: Sequence[str]) -> None:
+        self.blocks.append(("bullets", list(items)))
+
+    def image(self, file_name: str, alt: str) -> None:
+        self.blocks.append(("image", (file_name, alt)))
+
+    def markdown(self) -> str:
+        out: list[str] = []
+        for kind, data in self.blocks:
+            if kind == "heading":
+                level, text = data
+                out.append("#" * level + " " + text)
+            elif kind == "para":
+                out.append(data)
+            elif kind == "table":
+                header, rows = data
+                cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731 - one-line escaper
+                out.append("| " + " | ".join(map(cell, header)) + " |")
+                out.append("|" + "---|" * len(header))
+                out.extend("| " + " | ".join(map(cell, row)) + " |" for row in rows)
+            elif kind == "bullets":
+                out.append("\n".join(f"- {item}" for item in data))
+            elif kind == "image":
+                file_name, alt = data
+                out.append(f"[![{alt}]({file_name})]({file_name})")
+            out.append("")
+        return "\n".join(out)
+
+    def html(self, title: str) -> str:
+        esc = html.escape
+        out = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+               "<style>body{font-family:sans-serif;max-width:1150px;margin:2em auto;padding:0 1em}"
+               "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+               "text-align:left}th{background:#f3f3f3}img{max-width:100%}</style></head><body>"]
+        for kind, data in self.blocks:
+            if kind == "heading":
+                level, text = data
+                out.append(f"<h{level}>{esc(text)}</h{level}>")
+            elif kind == "para":
+                out.append(f"<p>{esc(data)}</p>")
+            elif kind == "table":
+                header, rows = data
+                out.append("<table><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in header) + "</tr>")
+                out.extend("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+                out.append("</table>")
+            elif kind == "bullets":
+                out.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in data) + "</ul>")
+            elif kind == "image":
+                file_name, alt = data
+                out.append(f"<p><a href='{esc(file_name)}'><img src='{esc(file_name)}' alt='{esc(alt)}'></a></p>")
+        out.append("</body></html>\n")
+        return "\n".join(out)
+
+
+def _final_text(phase: Phase, key: str) -> str:
+    record = phase.final(key)
+    return format_metric(key, float(record[key])) if record else "-"
+
+
+def build_summary(phases: Sequence[Phase], plots: Sequence[tuple[PlotSpec, Path]], notes: Sequence[str]) -> _Doc:
+    doc = _Doc()
+    chain = " → ".join(p.name for p in phases)
+    doc.heading(f"Training report: {chain}", 1)
+    doc.para(f"Generated {datetime.now().strftime('%Y-%m-%d %H:%M')} from "
+             + ", ".join(str(p.run_dir) for p in phases) + ".")
+    total_tokens = sum(p.tokens_end for p in phases)
+    times = [p.time_end for p in phases]
+    total_time = sum(t for t in times if t is not None) if any(t is not None for t in times) else None
+    doc.para(f"Total: {human_count(total_tokens)} tokens ({total_tokens:,}), "
+             f"{sum(p.steps_end for p in phases):,} optimizer steps, wall time {human_duration(total_time)}.")
+
+    doc.heading("Phases")
+    doc.table(
+        ["phase", "run dir", "steps", "tokens", "stitched tokens", "wall time", "train loss", "eval loss",
+         "eval masked acc.", "tokens/s"],
+        [[p.name, str(p.run_dir), f"{p.steps_end:,}", human_count(p.tokens_end),
+          f"{human_count(p.token_offset)} – {human_count(p.token_offset + p.tokens_end)}",
+          human_duration(p.time_end), _final_text(p, "train/loss"), _final_text(p, "eval/loss"),
+          _final_text(p, "eval/masked_accuracy"), _final_text(p, "throughput/tokens_per_s")] for p in phases])
+
+    last = phases[-1]
+    doc.heading(f"Final metrics ({last.name})")
+    rows = []
+    for key, label in METRIC_LABELS.items():
+        record = last.final(key)
+        if record is not None:
+            rows.append([label, format_metric(key, float(record[key])), f"{record['step']:,}",
+                         human_count(record["tokens"])])
+    if rows:
+        doc.table(["metric", "value", "at step", "at tokens"], rows)
+    else:
+        doc.para("No optional metrics were logged.")
+
+    doc.heading("Config highlights")
+    for phase in phases:
+        highlights = config_highlights(phase.config)
+        doc.heading(phase.name, 3)
+        if highlights:
+            doc.table(["key", "value"], highlights)
+        elif phase.config is None:
+            doc.para(f"No {CONFIG_FILE} in {phase.run_dir}.")
+        else:
+            doc.para(f"None of the usual keys found; see {phase.run_dir / CONFIG_FILE}.")
+
+    doc.heading("Plots")
+    if plots:
+        for spec, path in plots:
+            doc.image(path.name, spec.title)
+    else:
+        doc.para("No plots: none of the plotted metrics was logged.")
+    if notes:
+        doc.heading("Notes")
+        doc.bullets(notes)
+    return doc
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+    """Plots and summary of the given run directories (in phase order); returns the path of report.md."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    with tqdm(total=len(run_dirs) + len(PLOTS) + 1, desc="report", unit="step") as bar:
+        phases = []
+        for run_dir in run_dirs:
+            phases.append(load_phase(run_dir))
+            bar.update()
+        if not phases:
+            raise UserError("give at least one run directory")
+        stitch(phases)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        notes = [note for phase in phases for note in phase.notes]
+        plots = []
+        for spec in PLOTS:
+            path, plot_notes = _draw_plot(spec, phases, out_dir)
+            notes.extend(plot_notes)
+            if path is not None:
+                plots.append((spec, path))
+            bar.update()
+        doc = build_summary(phases, plots, notes)
+        markdown_path = out_dir / "report.md"
+        markdown_path.write_text(doc.markdown(), encoding="utf-8")
+        (out_dir / "report.html").write_text(doc.html(f"Training report: {phases[-1].name}"), encoding="utf-8")
+        bar.update()
+    return markdown_path

@@ -1,0 +1,470 @@
+"""Training recipe: one structured schema, merged as defaults <- recipe YAML <- `key=value` overrides.
+
+Every key is declared once here. Loading validates at the edge so nothing deeper has to dig in dicts:
+an unknown or misspelt key, a wrong type or a bad value is a `UserError` naming the key, where it came
+from (`recipe.yaml:12` or `override 'optimizer.lr=...'`) and the closest valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from modernbert_train.errors import UserError, did_you_mean
+
+
+@dataclass
+class DataConfig:
+    # Mixture manifest (yamls/data/*.yaml) of the training data; relative paths resolve against the CWD.
+    manifest: str = MISSING
+    # Optional tokenizer.json; when given it must be the one the shards were prepared with (sha256).
+    tokenizer: Optional[str] = None
+    # Token budget of one packed row; every chunk in the shards must fit (prep_meta max_seq_len).
+    max_seq_len: int = 1024
+    # Rows of max_seq_len tokens in one micro-batch on one device (the packed tensor has
+    # micro_batch_size * max_seq_len token slots, a static shape).
+    micro_batch_size: int = 8
+    # Rows per optimizer step summed over all ranks, after batch-size warmup.
+    global_batch_size: int = 64
+    mlm_probability: float = 0.3
+    # Fractions of masked positions replaced by [MASK] / a random token (the rest keep the original).
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    shuffle: bool = True
+    # Seeds the data order and the masking; None uses the recipe's seed.
+    seed: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
+class BatchWarmupConfig:
+    # Global rows per step at the start; None disables batch-size warmup.
+    start_batch_size: Optional[int] = None
+    # Time over which the batch grows linearly to data.global_batch_size ('50e9tok', '1000ba').
+    duration: str = "0tok"
+
+
+@dataclass
+class ModelConfig:
+    # A ModernBertConfig preset: base, large, tiny, micro.
+    preset: str = "base"
+    # ModernBertConfig fields overriding the preset (rope thetas, dropout, attn_backend, ...).
+    # vocab_size and the special token ids default to the data's tokenizer.
+    config: dict[str, Any] = field(default_factory=dict)
+    # Starting weights: null (random init), a previous phase's run directory or checkpoint file
+    # (weights only; optimizer and schedule start fresh), or 'hf:PATH' (a transformers folder).
+    init_from: Optional[str] = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "stable_adamw"
+    lr: float = 8e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 1e-5
+    # True: the decay is scaled by lr / peak lr (composer's "decoupled" convention, as the
+    # ModernBERT authors trained); False: by lr (torch AdamW convention).
+    decouple_lr: bool = True
+    # Parameter kinds that get no weight decay: any of norms, biases, embeddings.
+    no_decay: list[str] = field(default_factory=lambda: ["norms", "biases", "embeddings"])
+    # Clip the global gradient norm to this value; null disables clipping.
+    grad_clip_norm: Optional[float] = None
+
+
+@dataclass
+class SchedulerConfig:
+    # Linear warmup from 0 to the peak lr, in the unit of max_duration (or 'dur', a fraction of it).
+    warmup: str = "0tok"
+    # Length of the final decay; 0 keeps the lr constant after warmup (warmup-stable-decay).
+    decay: str = "0tok"
+    decay_shape: str = "1-sqrt"
+    # lr at the very end, as a fraction of the peak.
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N tokens or batches ('500ba', '2e9tok'); the end of training always saves.
+    interval: str = "1000ba"
+    # Checkpoints kept on disk (the newest ones); -1 keeps all.
+    keep_last: int = 3
+    # Continue from the newest checkpoint in save_folder when one exists (same run_name).
+    autoresume: bool = True
+
+
+@dataclass
+class EvalConfig:
+    # Held-out mixture manifest; null disables evaluation.
+    manifest: Optional[str] = None
+    interval: str = "1000ba"
+    # Batches per evaluation (each is one step's worth of rows); -1 runs the whole set.
+    max_batches: int = 20
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "modernbert"
+    entity: Optional[str] = None
+    # auto: online when WANDB_API_KEY is set, else offline (never needs the network).
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True
+    # How often metrics are printed to the console when the progress bar is off.
+    console_interval: str = "10ba"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ParallelismConfig:
+    # Passed to composer's parallelism_config={'fsdp': ...} (FSDP2 keys, e.g. {sharding_strategy:
+    # FULL_SHARD, state_dict_type: full, activation_checkpointing: false}); null uses DDP.
+    fsdp: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class Recipe:
+    run_name: str = MISSING
+    seed: int = 17
+    # Run directory: resolved config.yaml, metrics.jsonl, checkpoints.
+    save_folder: str = "runs/${run_name}"
+    # Total training time in tokens or batches (the loader never ends, so no epochs): '1.7e12tok'.
+    max_duration: str = MISSING
+    # auto: amp_bf16 on GPU, fp32 on CPU.
+    precision: str = "auto"
+    # auto: cuda when available, else cpu.
+    device: str = "auto"
+    # torch.compile the model.
+    compile: bool = False
+    # Peak dense FLOP/s of one device for MFU; null asks composer's table (GPU only).
+    peak_flops_per_device: Optional[float] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_warmup: BatchWarmupConfig = field(default_factory=BatchWarmupConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+
+    # Where each key came from ('recipe.yaml:12', "override 'a.b=1'"), for error messages.
+    _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def where(self, key: str) -> str:
+        """'phase1.yaml:12: '-style prefix locating a key (or its section), '' when it kept its default."""
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            source = self._sources.get(".".join(parts[:n]))
+            if source:
+                return f"{source}: "
+        return ""
+
+    def to_yaml(self) -> str:
+        data = dataclasses.asdict(self)
+        data.pop("_sources")
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+DECAY_SHAPES = ("1-sqrt", "linear", "cosine")
+NO_DECAY_KINDS = ("norms", "biases", "embeddings")
+PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
+DEVICES = ("auto", "cpu", "gpu")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+OPTIMIZERS = ("stable_adamw", "adamw")
+TRAIN_UNITS = ("tok", "ba")
+
+_DURATION = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*(tok|ba|dur)\s*$")
+
+
+def parse_duration(text: str, key: str, allowed_units=TRAIN_UNITS) -> tuple[float, str]:
+    """'3e9tok' -> (3e9, 'tok'). Units: tok (real tokens), ba (optimizer steps), dur (fraction of max_duration)."""
+    match = _DURATION.match(str(text))
+    if not match or match.group(2) not in allowed_units:
+        units = ", ".join(allowed_units)
+        raise UserError(f"{key}={text!r} is not a duration: write a number and one of {units} (e.g. '3e9tok', '500ba')")
+    value = float(match.group(1).replace("_", ""))
+    if match.group(2) != "dur" and value != int(value):
+        raise UserError(f"{key}={text!r}: {match.group(2)} counts must be whole numbers")
+    return value, match.group(2)
+
+
+def schema_keys(schema: type) -> dict[str, Any]:
+    """Field name -> nested dataclass type (or None for a leaf) of a recipe section."""
+    keys = {}
+    for f in dataclasses.fields(schema):
+        if f.name.startswith("_"):
+            continue
+        keys[f.name] = f.type if dataclasses.is_dataclass(f.type) else None
+    return keys
+
+
+def _resolve_types(schema: type) -> None:
+    """`from __future__ import annotations` leaves field types as strings; resolve them once."""
+    import typing
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        f.type = hints[f.name]
+        if dataclasses.is_dataclass(f.type):
+            _resolve_types(f.type)
+
+
+_resolve_types(Recipe)
+
+
+def _yaml_key_lines(text: str, file_name: str) -> dict[str, int]:
+    """Dotted key -> 1-based line in the YAML text (nested mappings only)."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{file_name}:{mark.line + 1}" if mark else file_name
+        raise UserError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = f"{prefix}{key_node.value}"
+                lines[dotted] = key_node.start_mark.line + 1
+                walk(value_node, dotted + ".")
+
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _check_keys(data: Any, schema: type, prefix: str, where) -> None:
+    """Unknown keys -> UserError with the closest valid names; free-form dict fields are left alone."""
+    if not isinstance(data, dict):
+        return
+    valid = schema_keys(schema)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in valid:
+            section = prefix.rstrip(".") or "the recipe"
+            raise UserError(f"{where(dotted)}unknown key {dotted!r} in {section}{did_you_mean(str(key), valid)}; "
+                            f"valid keys: {', '.join(valid)}")
+        nested = valid[key]
+        if nested is not None:
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"{where(dotted)}{dotted!r} must be a mapping of {', '.join(schema_keys(nested))}")
+            _check_keys(value, nested, dotted + ".", where)
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[dict, dict[str, str]]:
+    nested: dict = {}
+    sources: dict[str, str] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key=value (e.g. optimizer.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            raise UserError(f"override {item!r}: {key!r} is not a dotted key")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+        sources[key] = f"override '{item}'"
+    return nested, sources
+
+
+def _omegaconf_error(err: OmegaConfBaseException, where) -> UserError:
+    key = getattr(err, "full_key", "") or ""
+    message = str(err).splitlines()[0]
+    return UserError(f"{where(key)}bad value for {key!r}: {message}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """defaults <- YAML file <- dotted overrides, validated. Raises UserError naming file:line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file {str(path)!r} does not exist")
+    text = path.read_text()
+    lines = _yaml_key_lines(text, str(path))
+    file_data = yaml.safe_load(text) or {}
+    if not isinstance(file_data, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of keys, got {type(file_data).__name__}")
+    override_data, override_sources = _parse_overrides(list(overrides))
+
+    def where_in_file(key: str) -> str:
+        return f"{path}:{lines[key]}: " if key in lines else f"{path}: "
+
+    def where_in_overrides(key: str) -> str:
+        for candidate in (key, *[key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]):
+            if candidate in override_sources:
+                return override_sources[candidate] + ": "
+        return "overrides: "
+
+    _check_keys(file_data, Recipe, "", where_in_file)
+    _check_keys(override_data, Recipe, "", where_in_overrides)
+
+    sources = {key: f"{path}:{line}" for key, line in lines.items()}
+    sources.update(override_sources)
+
+    def where_any(key: str) -> str:
+        return f"{sources[key]}: " if key in sources else ""
+
+    schema = OmegaConf.structured(Recipe)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(file_data))
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, where_in_file) from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.create(override_data))
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, where_in_overrides) from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise UserError(f"{path}: required key {missing[0]!r} is not set (add it to the recipe or pass "
+                        f"{missing[0]}=...)")
+    try:
+        recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, where_any) from None
+    recipe._sources = sources
+    validate(recipe)
+    return recipe
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def validate(recipe: Recipe) -> None:
+    """Value checks that types alone cannot express. Each names the key and where it was set."""
+    def fail(key: str, message: str) -> None:
+        raise UserError(f"{recipe.where(key)}{key}: {message}")
+
+    def duration(key: str, text: str, **kwargs) -> tuple[float, str]:
+        try:
+            return parse_duration(text, key, **kwargs)
+        except UserError as err:
+            raise UserError(f"{recipe.where(key)}{err}") from None
+
+    def in_unit(key: str, text: str) -> float:
+        try:
+            return resolve_in_unit(text, key, total, unit)
+        except UserError as err:
+            raise UserError(f"{recipe.where(key)}{err}") from None
+
+    def choice(key: str, value: str, choices) -> None:
+        if value not in choices:
+            fail(key, f"{value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
+
+    if not re.fullmatch(r"[\w.\-]+", recipe.run_name):
+        fail("run_name", f"{recipe.run_name!r} may only hold letters, digits, '.', '_' and '-' (it names files)")
+    total, unit = duration("max_duration", recipe.max_duration)
+    if total <= 0:
+        fail("max_duration", "must be positive")
+    choice("precision", recipe.precision, PRECISIONS)
+    choice("device", recipe.device, DEVICES)
+
+    data = recipe.data
+    for key in ("max_seq_len", "micro_batch_size", "global_batch_size"):
+        if getattr(data, key) <= 0:
+            fail(f"data.{key}", f"must be positive, got {getattr(data, key)}")
+    if data.max_seq_len < 8:
+        fail("data.max_seq_len", f"{data.max_seq_len} is too short for [CLS] ... [SEP] chunks")
+    if not 0.0 < data.mlm_probability < 1.0:
+        fail("data.mlm_probability", f"must be in (0, 1), got {data.mlm_probability}")
+    if data.mask_replace_prob < 0 or data.random_replace_prob < 0 or data.mask_replace_prob + data.random_replace_prob > 1:
+        fail("data.mask_replace_prob", "mask_replace_prob and random_replace_prob must be >= 0 and sum to at most 1")
+    if data.num_workers < 0:
+        fail("data.num_workers", "must be >= 0")
+
+    warm = recipe.batch_warmup
+    if warm.start_batch_size is not None:
+        if not 0 < warm.start_batch_size <= data.global_batch_size:
+            fail("batch_warmup.start_batch_size",
+                 f"must be in 1..data.global_batch_size ({data.global_batch_size}), got {warm.start_batch_size}")
+        in_unit("batch_warmup.duration", warm.duration)
+
+    choice("model.preset", recipe.model.preset, _model_presets())
+    valid_model_keys = _model_config_fields()
+    for key in recipe.model.config:
+        if key not in valid_model_keys:
+            fail(f"model.config.{key}" if f"model.config.{key}" in recipe._sources else "model.config",
+                 f"unknown model config key {key!r}{did_you_mean(str(key), valid_model_keys)}")
+
+    opt = recipe.optimizer
+    choice("optimizer.name", opt.name, OPTIMIZERS)
+    if not opt.lr > 0:
+        fail("optimizer.lr", f"must be positive, got {opt.lr}")
+    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+        fail("optimizer.betas", f"must be two numbers in [0, 1), got {list(opt.betas)}")
+    if opt.eps < 0 or opt.weight_decay < 0:
+        fail("optimizer.weight_decay", "eps and weight_decay must be >= 0")
+    for kind in opt.no_decay:
+        choice("optimizer.no_decay", kind, NO_DECAY_KINDS)
+    if opt.grad_clip_norm is not None and not opt.grad_clip_norm > 0:
+        fail("optimizer.grad_clip_norm", f"must be positive or null, got {opt.grad_clip_norm}")
+
+    sched = recipe.scheduler
+    choice("scheduler.decay_shape", sched.decay_shape, DECAY_SHAPES)
+    if not 0.0 <= sched.min_lr_ratio <= 1.0:
+        fail("scheduler.min_lr_ratio", f"must be in [0, 1], got {sched.min_lr_ratio}")
+    warmup = in_unit("scheduler.warmup", sched.warmup)
+    decay = in_unit("scheduler.decay", sched.decay)
+    if warmup + decay > total:
+        fail("scheduler.decay", f"warmup ({sched.warmup}) + decay ({sched.decay}) exceed max_duration ({recipe.max_duration})")
+
+    ckpt = recipe.checkpoint
+    duration("checkpoint.interval", ckpt.interval)
+    if ckpt.keep_last == 0 or ckpt.keep_last < -1:
+        fail("checkpoint.keep_last", f"must be positive or -1 (keep all), got {ckpt.keep_last}")
+    if recipe.eval.manifest is not None:
+        duration("eval.interval", recipe.eval.interval)
+    choice("logging.wandb.mode", recipe.logging.wandb.mode, WANDB_MODES)
+    duration("logging.console_interval", recipe.logging.console_interval)
+    if recipe.model.init_from is not None and not str(recipe.model.init_from).strip():
+        fail("model.init_from", "is empty; use null for random initialisation")
+    for key in ("model.config", "parallelism.fsdp"):
+        section, name = key.split(".")
+        setattr(getattr(recipe, section), name, _plain(getattr(getattr(recipe, section), name)))
+
+
+def resolve_in_unit(text: str, key: str, total: float, unit: str) -> float:
+    """A schedule length in max_duration's unit; 'dur' is a fraction of max_duration."""
+    value, value_unit = parse_duration(text, key, allowed_units=(*TRAIN_UNITS, "dur"))
+    if value_unit == "dur":
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{key}={text!r}: a 'dur' fraction must be within 0..1")
+        return math.floor(value * total)
+    if value_unit != unit and value > 0:
+        raise UserError(f"{key}={text!r} must use the unit of max_duration ({unit}) or 'dur'")
+    return value
+
+
+def _model_presets() -> tuple[str, ...]:
+    from modernbert_train.model.config import PRESETS
+    return tuple(PRESETS)
+
+
+def _model_config_fields() -> tuple[str, ...]:
+    from modernbert_train.model.config import ModernBertConfig
+    return tuple(f.name for f in dataclasses.fields(ModernBertConfig))
+
+
+__all__ = ["Recipe", "DataConfig", "BatchWarmupConfig", "ModelConfig", "OptimizerConfig", "SchedulerConfig",
+           "CheckpointConfig", "EvalConfig", "LoggingConfig", "WandbConfig", "ParallelismConfig",
+           "load_recipe", "validate", "parse_duration", "resolve_in_unit"]
