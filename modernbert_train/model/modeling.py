@@ -87,6 +87,9 @@ class ModernBertEncoderLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, layout: PackedLayout, rotary: dict, backend: str) -> torch.Tensor:
         hidden = hidden + self.attn(self.attn_norm(hidden), layout, rotary, backend)
+        return self.mlp_residual(hidden)
+
+    def mlp_residual(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + self.mlp(self.mlp_norm(hidden))
 
 
@@ -195,9 +198,22 @@ class ModernBertForMaskedLM(nn.Module):
             return MaskedLMOutput(logits=self.decoder(self.head(hidden)))
         masked = labels != IGNORE_INDEX
         hidden, labels = hidden[masked], labels[masked]
-        logits = self.decoder(self.head(hidden))
-        loss = F.cross_entropy(logits.float(), labels)
+        logits, loss = self.head_and_loss(hidden, labels)
         return MaskedLMOutput(logits=logits, loss=loss, masked_labels=labels, num_masked=masked.sum())
+
+    def head_and_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.decoder(self.head(hidden))
+        return logits, F.cross_entropy(logits.float(), labels)
+
+    def compile_dense(self) -> "ModernBertForMaskedLM":
+        """torch.compile the parts that fuse well (embeddings, every MLP block with its norm and residual,
+        head + loss) and leave attention to its kernels. Shapes are static per packed budget, except the
+        head's, which follows the number of masked tokens."""
+        self.model.embeddings.forward = torch.compile(self.model.embeddings.forward, dynamic=False)
+        for layer in self.model.layers:
+            layer.mlp_residual = torch.compile(layer.mlp_residual, dynamic=False)
+        self.head_and_loss = torch.compile(self.head_and_loss, dynamic=True)
+        return self
 
     def _forward_padded(self, input_ids, attention_mask, labels) -> MaskedLMOutput:
         batch, seq = input_ids.shape

@@ -1,0 +1,32 @@
+# The two commands of the README:   make demo   (the main job on built-in local data)   make test
+PYTHON ?= python3.11
+VENV := .venv
+# A second, light environment with transformers 5.x: the export is checked to load there too.
+HF5_VENV := .venv-hf5
+HF5_PACKAGES ?= torch==2.13.0 transformers==5.17.0 safetensors numpy
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install clean-demo
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@touch $@
+
+$(HF5_VENV)/.installed:
+	@test -x $(HF5_VENV)/bin/python || $(PYTHON) -m venv $(HF5_VENV)
+	$(HF5_VENV)/bin/pip install -q $(HF5_PACKAGES)
+	@touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/modernbert-train demo $(ARGS)
+
+test: $(VENV)/.installed $(HF5_VENV)/.installed
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+clean-demo:
+	rm -rf demo_out
