@@ -99,8 +99,9 @@ def ours_batch(workload: Workload, device, pad_id: int, placements: list | None 
             labels.append(torch.full((pad,), -100))
             lengths.append(pad)
     cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    labels = torch.cat(labels)
     return dict(input_ids=torch.cat(ids).to(device), cu_seqlens=cu.to(device), max_seqlen=max(lengths),
-                labels=torch.cat(labels).to(device))
+                labels=labels.to(device), num_masked=int((labels != -100).sum()))
 
 
 def hf_batch(workload: Workload, device, pad_id: int):

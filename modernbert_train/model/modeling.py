@@ -183,11 +183,14 @@ class ModernBertForMaskedLM(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> MaskedLMOutput:
+                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                num_masked: int | None = None) -> MaskedLMOutput:
         """Packed: input_ids (tokens,) + cu_seqlens + max_seqlen. Padded: input_ids (batch, seq) + attention_mask.
 
         With labels, the head runs only on tokens whose label is not -100 and `logits` has one row per such
         token. Without labels, logits cover every token: (tokens, vocab) packed, (batch, seq, vocab) padded.
+        `num_masked` (the count of such labels, known to the packer) lets the GPU select them without
+        waiting for the device: no host sync anywhere in a training step.
         """
         if input_ids.dim() == 2:
             return self._forward_padded(input_ids, attention_mask, labels)
@@ -197,7 +200,11 @@ class ModernBertForMaskedLM(nn.Module):
         if labels is None:
             return MaskedLMOutput(logits=self.decoder(self.head(hidden)))
         masked = labels != IGNORE_INDEX
-        hidden, labels = hidden[masked], labels[masked]
+        if num_masked is None:
+            hidden, labels = hidden[masked], labels[masked]
+        else:
+            positions = torch.nonzero_static(masked, size=int(num_masked)).squeeze(1)
+            hidden, labels = hidden.index_select(0, positions), labels.index_select(0, positions)
         logits, loss = self.head_and_loss(hidden, labels)
         return MaskedLMOutput(logits=logits, loss=loss, masked_labels=labels, num_masked=masked.sum())
 

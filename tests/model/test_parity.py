@@ -158,3 +158,38 @@ def test_sparse_head_logits_equal_full_head_rows():
         full = ours(flat, cu, max_len).logits
     assert sparse.shape == (int((labels != -100).sum()), 256)
     assert (sparse - full[labels != -100]).abs().max().item() <= 1e-6
+
+
+def test_num_masked_hint_gives_the_same_loss_and_gradients():
+    ours, _ = make_pair()
+    ids, mask = padded_batch(LENGTHS)
+    flat, cu, max_len = pack(ids, mask)
+    labels = torch.full_like(flat, -100)
+    labels[1::3] = flat[1::3]
+    plain = ours(flat, cu, max_len, labels=labels)
+    plain.loss.backward()
+    grads = [p.grad.clone() for p in ours.parameters()]
+    ours.zero_grad()
+    hinted = ours(flat, cu, max_len, labels=labels, num_masked=int((labels != -100).sum()))
+    hinted.loss.backward()
+    assert torch.equal(plain.loss, hinted.loss)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, ours.parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs a CUDA device")
+def test_training_step_has_no_host_sync_on_gpu():
+    for backend in available_backends("cuda"):
+        ours, _ = make_pair("cuda", attn_backend=backend)
+        ids, mask = padded_batch(LENGTHS, device="cuda")
+        flat, cu, max_len = pack(ids, mask)
+        labels = torch.where(flat % 3 == 0, flat, torch.full_like(flat, -100))
+        num_masked = int((labels != -100).sum())
+        ours.train()
+        ours(flat, cu, max_len, labels=labels, num_masked=num_masked).loss.backward()  # warm caches/compiles
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = ours(flat, cu, max_len, labels=labels, num_masked=num_masked).loss
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
