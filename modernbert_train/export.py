@@ -1,0 +1,183 @@
+"""Checkpoint -> Hugging Face folder that transformers loads, validated before it is handed over.
+
+The folder is written next to its destination, reloaded with transformers, and compared with our model
+on real token sequences; only a folder that matches is moved into place. A mismatch fails loudly and
+leaves the rejected folder beside the destination for inspection.
+
+Sources: a composer checkpoint file, an FSDP sharded checkpoint folder (.distcp files), or a run
+directory (its newest checkpoint). The run directory also supplies the architecture (`model_config.json`)
+and the tokenizer (`tokenizer.json`), both written there by the trainer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modernbert_train.errors import UserError
+from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
+
+log = logging.getLogger("modernbert_train")
+
+MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+VALIDATION_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "Masked language models read the whole sentence at once.",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    checkpoint: Path
+    step: int
+    max_abs_logit_diff: float
+
+
+def write_run_artifacts(run_dir: Path, config: ModernBertConfig, tokenizer_file: str | Path | None) -> None:
+    """What export needs besides weights, stored in the run directory when training starts."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MODEL_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, run_dir / TOKENIZER_FILE)
+
+
+def find_checkpoint(source: Path) -> tuple[Path, Path]:
+    """(checkpoint file or sharded folder, run directory) for a checkpoint, sharded folder or run directory."""
+    if not source.exists():
+        raise UserError(f"{source} does not exist")
+    if source.is_dir() and any(source.glob("*.distcp")):
+        return source, source.parent
+    if source.is_file():
+        return source, source.parent
+    from modernbert_train.train.trainer import latest_checkpoint
+
+    checkpoint = latest_checkpoint(source)
+    return checkpoint, source
+
+
+def _load_composer_state(checkpoint: Path) -> dict:
+    # Composer checkpoints are pickles: export only checkpoints you trust.
+    if checkpoint.is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            merged = Path(tmp) / "merged.pt"
+            dcp_to_torch_save(str(checkpoint), str(merged))
+            return torch.load(merged, map_location="cpu", weights_only=False)
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def model_weights(composer_state: dict, checkpoint: Path) -> tuple[dict[str, torch.Tensor], int]:
+    try:
+        weights = composer_state["state"]["model"]
+    except (KeyError, TypeError):
+        raise UserError(f"{checkpoint} is not a composer checkpoint (it has no state.model)") from None
+    inner = {key.removeprefix("model."): value for key, value in weights.items() if key.startswith("model.")}
+    timestamp = composer_state["state"].get("timestamp")
+    step = int(timestamp.batch) if hasattr(timestamp, "batch") else -1
+    return inner, step
+
+
+def _read_model_config(run_dir: Path) -> ModernBertConfig:
+    path = run_dir / MODEL_CONFIG_FILE
+    if not path.exists():
+        raise UserError(f"{run_dir} has no {MODEL_CONFIG_FILE}: export a checkpoint inside the run directory "
+                        f"the trainer wrote, or pass --model-config")
+    values = json.loads(path.read_text())
+    return ModernBertConfig(**values)
+
+
+def validate_folder(model: ModernBertForMaskedLM, folder: Path, token_rows: list[list[int]],
+                    tolerance: float) -> float:
+    """Max |logits(ours) - logits(transformers)| over real tokens of a padded batch; raises above tolerance."""
+    from transformers import AutoModelForMaskedLM
+
+    theirs = AutoModelForMaskedLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    ours = model.float().eval()
+    width = max(len(row) for row in token_rows)
+    ids = torch.full((len(token_rows), width), model.config.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(token_rows):
+        ids[r, :len(row)] = torch.tensor(row)
+        mask[r, :len(row)] = 1
+    with torch.no_grad():
+        ours_logits = ours(ids, attention_mask=mask).logits
+        hf_logits = theirs(input_ids=ids, attention_mask=mask).logits
+    diff = (ours_logits - hf_logits)[mask.bool()].abs().max().item()
+    if not diff <= tolerance:  # also catches NaN
+        raise UserError(f"export validation failed: transformers' logits differ from ours by {diff:.3g} "
+                        f"(tolerance {tolerance}); the folder is NOT usable")
+    return diff
+
+
+def validation_rows(tokenizer_file: Path | None, config: ModernBertConfig) -> list[list[int]]:
+    if tokenizer_file is not None:
+        from data_prep.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_file)
+        rows = [tok.encode(text).ids for text in VALIDATION_TEXTS]
+        if all(len(row) > 2 for row in rows):
+            return rows
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(5, config.vocab_size, (n,), generator=generator).tolist() for n in (37, 12, 64)]
+
+
+def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float32",
+                 tokenizer: str | Path | None = None, model_config: str | Path | None = None,
+                 overwrite: bool = False, tolerance: float = 1e-4) -> ExportResult:
+    source, out_dir = Path(source), Path(out_dir)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
+    checkpoint, run_dir = find_checkpoint(source)
+    config = ModernBertConfig(**json.loads(Path(model_config).read_text())) if model_config else _read_model_config(run_dir)
+    tokenizer_file = Path(tokenizer) if tokenizer else (run_dir / TOKENIZER_FILE)
+    if not tokenizer_file.exists():
+        if tokenizer:
+            raise UserError(f"--tokenizer {tokenizer} does not exist")
+        tokenizer_file = None
+        log.warning("no tokenizer in %s: the folder will hold weights and config only", run_dir)
+
+    weights, step = model_weights(_load_composer_state(checkpoint), checkpoint)
+    model = ModernBertForMaskedLM(config.replace(attn_backend="auto"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [key for key in missing if key != "decoder.weight"]
+    if missing or unexpected:
+        raise UserError(f"{checkpoint}: weights do not match {run_dir / MODEL_CONFIG_FILE} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_hf(staging, dtype=DTYPES[dtype])
+        if tokenizer_file is not None:
+            from data_prep.tokenizer import load_tokenizer, save_tokenizer
+
+            save_tokenizer(load_tokenizer(tokenizer_file), staging, model_max_length=config.max_position_embeddings)
+        reference = model
+        if dtype != "float32":  # compare against what the folder holds: our model with rounded weights
+            reference = ModernBertForMaskedLM.from_hf(staging)
+        diff = validate_folder(reference, staging, validation_rows(tokenizer_file, config), tolerance)
+    except UserError as err:
+        rejected = out_dir.with_name(out_dir.name + ".rejected")
+        shutil.rmtree(rejected, ignore_errors=True)
+        staging.rename(rejected)
+        raise UserError(f"{err} (kept for inspection in {rejected})") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    log.info("exported step %d of %s to %s (max |logit diff| vs transformers %.2e)", step, checkpoint, out_dir, diff)
+    return ExportResult(out_dir, checkpoint, step, diff)
