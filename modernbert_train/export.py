@@ -50,6 +50,21 @@ def write_run_artifacts(run_dir: Path, config: ModernBertConfig, tokenizer_file:
         shutil.copyfile(tokenizer_file, run_dir / TOKENIZER_FILE)
 
 
+def write_sentence_transformers_files(out_dir: Path, config: ModernBertConfig) -> None:
+    """Make the folder loadable as `SentenceTransformer(out_dir)`: the encoder with mean pooling."""
+    (out_dir / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ], indent=2) + "\n")
+    (out_dir / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": config.max_position_embeddings, "do_lower_case": False}, indent=2) + "\n")
+    (out_dir / "1_Pooling").mkdir(exist_ok=True)
+    (out_dir / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}, indent=2) + "\n")
+
+
 def find_checkpoint(source: Path) -> tuple[Path, Path]:
     """(checkpoint file or sharded folder, run directory) for a checkpoint, sharded folder or run directory."""
     if not source.exists():
@@ -133,7 +148,8 @@ def validation_rows(tokenizer_file: Path | None, config: ModernBertConfig) -> li
 
 def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float32",
                  tokenizer: str | Path | None = None, model_config: str | Path | None = None,
-                 overwrite: bool = False, tolerance: float = 1e-4) -> ExportResult:
+                 overwrite: bool = False, tolerance: float = 1e-4,
+                 sentence_transformers: bool = False) -> ExportResult:
     source, out_dir = Path(source), Path(out_dir)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
@@ -164,6 +180,8 @@ def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float
             from data_prep.tokenizer import load_tokenizer, save_tokenizer
 
             save_tokenizer(load_tokenizer(tokenizer_file), staging, model_max_length=config.max_position_embeddings)
+        if sentence_transformers:
+            write_sentence_transformers_files(staging, config)
         reference = model
         if dtype != "float32":  # compare against what the folder holds: our model with rounded weights
             reference = ModernBertForMaskedLM.from_hf(staging)

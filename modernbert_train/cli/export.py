@@ -16,6 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run directory's)")
     parser.add_argument("--model-config", help="model_config.json (default: the run directory's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    parser.add_argument("--sentence-transformers", action="store_true",
+                        help="also write the files that make SentenceTransformer(OUT) an embedding model (mean pooling)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| accepted (fp32)")
 
 
@@ -23,7 +25,8 @@ def run(args) -> int:
     from modernbert_train.export import export_to_hf
 
     result = export_to_hf(args.source, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
-                          model_config=args.model_config, overwrite=args.overwrite, tolerance=args.tolerance)
+                          model_config=args.model_config, overwrite=args.overwrite, tolerance=args.tolerance,
+                          sentence_transformers=args.sentence_transformers)
     print(f"exported {result.checkpoint} (step {result.step}) -> {result.out_dir}; "
           f"transformers reproduces our logits within {result.max_abs_logit_diff:.1e}")
     return 0

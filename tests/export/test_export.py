@@ -175,3 +175,21 @@ def test_exported_folder_loads_in_transformers_5_with_the_same_logits(run_dir, t
         ours = model.eval()(result["input_ids"], attention_mask=result["attention_mask"]).logits
     real = result["attention_mask"].bool()
     assert (ours - result["logits"])[real].abs().max().item() <= 1e-5
+
+
+def test_sentence_transformers_export_gives_mean_pooled_encoder_embeddings(run_dir, tmp_path):
+    import sentence_transformers  # a dev dependency (pyproject [dev])
+    run, model = run_dir
+    export_to_hf(run, tmp_path / "st", sentence_transformers=True)
+    encoder = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    embeddings = encoder.encode(PROSE, convert_to_tensor=True)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "st")
+    batch = tok(PROSE, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        flat = batch["input_ids"][batch["attention_mask"].bool()]
+        lengths = batch["attention_mask"].sum(1)
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        hidden = model.eval().model(flat, cu, int(lengths.max()))
+    expected = torch.stack([hidden[cu[i]:cu[i + 1]].mean(0) for i in range(len(PROSE))])
+    assert embeddings.shape == (len(PROSE), model.config.hidden_size)
+    assert (embeddings.cpu() - expected).abs().max().item() <= 1e-5
