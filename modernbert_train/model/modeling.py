@@ -106,7 +106,8 @@ class ModernBertModel(nn.Module):
         key = (device, self.training and self.config.attention_dropout > 0)
         if key not in self._backend_by_device:
             backend = resolve_backend(self.config.attn_backend, device, prob_dropout=key[1])
-            log.info("attention backend on %s: %s (requested %s)", device, backend, self.config.attn_backend)
+            if not torch.compiler.is_compiling():  # a logger call inside a traced region is a graph break
+                log.info("attention backend on %s: %s (requested %s)", device, backend, self.config.attn_backend)
             self._backend_by_device[key] = backend
         return self._backend_by_device[key]
 
