@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 # A second, light environment with transformers 5.x: the export is checked to load there too.
 HF5_VENV := .venv-hf5
-HF5_PACKAGES ?= torch==2.13.0 transformers==5.17.0 safetensors numpy
+HF5_PACKAGES ?= torch==2.13.0 transformers==5.17.0 safetensors numpy pytest pytest-timeout
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -26,6 +26,9 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/modernbert-train demo $(ARGS)
 
 test: $(VENV)/.installed $(HF5_VENV)/.installed
+	@echo "== model code on torch 2.13 + transformers 5.x (what GPU machines run) =="
+	$(HF5_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/model tests/bench
+	@echo "== full suite on the pinned stack (torch 2.7, composer 0.32.1, transformers 4.x) =="
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
 clean-demo:
