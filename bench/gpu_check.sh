@@ -10,9 +10,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 # Parity of every backend on the card, packing invariance, gradients, host-sync check.
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/model 2>&1 | tee "$out/gpu_tests.log"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model 2>&1 | tee "$out/gpu_tests.log"
 # ModernBERT-base, 1,024 and 8,192, fixed and variable lengths, every backend, compile off and on, vs transformers.
-timeout 420 python3 bench/step_bench.py --device cuda --preset base --seq-lens 1024,8192 --tokens 65536 \
+timeout 330 python3 bench/step_bench.py --device cuda --preset base --seq-lens 1024,8192 --tokens 65536 \
   --compile both 2>&1 | tee "$out/bench_base.txt"
-timeout 200 python3 bench/step_bench.py --device cuda --preset large --seq-lens 1024 --tokens 65536 \
+timeout 120 python3 bench/step_bench.py --device cuda --preset large --seq-lens 1024 --tokens 65536 \
   --compile on --only ours-torch_varlen-compiled,ours-flex-compiled,hf-sdpa-sparse 2>&1 | tee "$out/bench_large.txt"

@@ -47,12 +47,10 @@ MAX_POINTS_DRAWN = 4000
 
 # Leaf names of config keys worth a line in the summary, wherever the recipe nests them.
 CONFIG_HIGHLIGHTS = (
-    "run_name", "preset", "init_from", "manifest", "train_manifest", "eval_manifest", "max_seq_len",
-    "global_batch_size", "global_train_batch_size", "micro_batch_size", "device_train_microbatch_size",
-    "batch_size_warmup", "mlm_probability", "mask_probability", "lr", "betas", "weight_decay", "warmup",
-    "decay", "decay_shape", "schedule", "max_duration", "eval_interval", "save_interval", "precision",
-    "global_rope_theta", "local_rope_theta", "attn_backend", "hidden_size", "num_hidden_layers",
-    "vocab_size", "seed", "parallelism",
+    "run_name", "save_folder", "max_duration", "precision", "seed", "compile", "manifest", "tokenizer",
+    "max_seq_len", "micro_batch_size", "global_batch_size", "start_batch_size", "mlm_probability", "preset",
+    "init_from", "global_rope_theta", "local_rope_theta", "attn_backend", "hidden_size", "num_hidden_layers",
+    "vocab_size", "lr", "betas", "weight_decay", "warmup", "decay", "decay_shape", "interval", "parallelism",
 )
 
 
@@ -65,16 +63,19 @@ class PlotSpec:
     panels: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]  # (y label, series)
     percent_keys: frozenset[str] = frozenset()
     step_keys: frozenset[str] = frozenset()  # piecewise constant (batch size): drawn as steps
+    count_keys: frozenset[str] = frozenset()  # large counts: axis labelled 240k, not 240000
     log_y: bool = False
 
 
 PLOTS = (
-    PlotSpec("loss.png", "MLM loss", (("cross-entropy", (("train/loss", "train"), ("eval/loss", "eval"))),)),
+    # Log scale: the first steps (~10.8 nats) would otherwise flatten the part of the curve that matters.
+    PlotSpec("loss.png", "MLM loss", (("cross-entropy (log scale)", (("train/loss", "train"), ("eval/loss", "eval"))),),
+             log_y=True),
     PlotSpec("lr.png", "Learning rate", (("learning rate", (("lr", "lr"),)),)),
     PlotSpec("throughput.png", "Throughput",
              (("tokens/s", (("throughput/tokens_per_s", "tokens/s"),)),
               ("MFU (%)", (("throughput/mfu", "MFU"),))),
-             percent_keys=frozenset({"throughput/mfu"})),
+             percent_keys=frozenset({"throughput/mfu"}), count_keys=frozenset({"throughput/tokens_per_s"})),
     PlotSpec("batch_size.png", "Global batch size", (("sequences", (("batch_size", "batch size"),)),),
              step_keys=frozenset({"batch_size"})),
     PlotSpec("masked_accuracy.png", "Masked-token accuracy",
@@ -133,9 +134,12 @@ def _parse_record(path: Path, line_no: int, text: str) -> dict:
     for key in REQUIRED_KEYS:
         if key not in record:
             raise UserError(f"{path}:{line_no}: missing required key {key!r} (every line needs step and tokens)")
-    for key, value in record.items():
+    for key, value in list(record.items()):
         if key in REQUIRED_KEYS or key in METRIC_LABELS or key == "time_s":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if value is None and key in METRIC_LABELS:
+                # The trainer writes NaN/inf (a diverged loss) as null: keep it as a gap, not a crash.
+                record[key] = math.nan
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"{path}:{line_no}: {key!r} must be a number, got {value!r}")
     if "phase" in record and not isinstance(record["phase"], str):
         raise UserError(f"{path}:{line_no}: 'phase' must be a string, got {record['phase']!r}")
@@ -270,9 +274,9 @@ def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
-def _smooth(y: np.ndarray) -> np.ndarray:
-    """Centred moving average over ~1/50 of the phase; noisy per-step curves need it to show a trend."""
-    window = max(1, len(y) // 50)
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average; noisy per-step curves need it to show a trend."""
+    window = min(window, len(y))
     if window < 3:
         return y
     kernel = np.ones(window) / window
@@ -286,7 +290,7 @@ def _draw_plot(spec: PlotSpec, phases: Sequence[Phase], out_dir: Path) -> tuple[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     present = {key for _, series in spec.panels for key, _ in series
                if any(len(p.series(key)[0]) for p in phases)}
@@ -305,6 +309,11 @@ def _draw_plot(spec: PlotSpec, phases: Sequence[Phase], out_dir: Path) -> tuple[
                 continue
             color = colors[index % len(colors)]
             scale = 100.0 if key in spec.percent_keys else 1.0
+            # One window for all phases (~1/80 of the whole chain) so short phases are smoothed alike.
+            points = sum(len(p.series(key)[0]) for p in phases)
+            window = points // 80
+            # Eval points and short runs: markers, one style across all phases.
+            with_markers = key.startswith("eval/") or points < 40
             legend: str | None = label  # one legend entry per series, not one per phase
             for phase in phases:
                 x, y = phase.series(key)
@@ -313,16 +322,24 @@ def _draw_plot(spec: PlotSpec, phases: Sequence[Phase], out_dir: Path) -> tuple[
                 y = y * scale
                 if key in spec.step_keys:
                     ax.step(*_thin(x, y), where="post", color=color, label=legend)
-                elif key.startswith("eval/") or len(x) < 20:
+                elif with_markers:
                     ax.plot(*_thin(x, y), color=color, marker="o", markersize=3.5, linewidth=1.2, label=legend)
                 else:
                     ax.plot(*_thin(x, y), color=color, alpha=0.25, linewidth=0.8)
-                    ax.plot(*_thin(x, _smooth(y)), color=color, linewidth=1.6, label=legend)
+                    ax.plot(*_thin(x, _smooth(y, window)), color=color, linewidth=1.6, label=legend)
                 legend = None
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if spec.log_y:
             ax.set_yscale("log")
+            # Plain numbers (3, 4, 6) read better than 10^0.5 on a loss axis that spans one decade.
+            plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+        elif any(key in spec.count_keys for key, _ in series):
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_count(v)))
+        if any(key in spec.step_keys for key, _ in series):
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # sequences come in whole numbers
         handles, labels = ax.get_legend_handles_labels()
         if len(labels) > 1:
             ax.legend(loc="best", fontsize=9)
@@ -446,6 +463,13 @@ def _final_text(phase: Phase, key: str) -> str:
     return format_metric(key, float(record[key])) if record else "-"
 
 
+def _median_text(phase: Phase, key: str) -> str:
+    """Median over the phase: a single step's throughput swings with eval and checkpoint pauses."""
+    values = phase.series(key)[1]
+    values = values[np.isfinite(values)]
+    return format_metric(key, float(np.median(values))) if len(values) else "-"
+
+
 def build_summary(phases: Sequence[Phase], plots: Sequence[tuple[PlotSpec, Path]], notes: Sequence[str]) -> _Doc:
     doc = _Doc()
     chain = " → ".join(p.name for p in phases)
@@ -461,11 +485,12 @@ def build_summary(phases: Sequence[Phase], plots: Sequence[tuple[PlotSpec, Path]
     doc.heading("Phases")
     doc.table(
         ["phase", "run dir", "steps", "tokens", "stitched tokens", "wall time", "train loss", "eval loss",
-         "eval masked acc.", "tokens/s"],
+         "eval masked acc.", "median tokens/s", "median MFU"],
         [[p.name, str(p.run_dir), f"{p.steps_end:,}", human_count(p.tokens_end),
           f"{human_count(p.token_offset)} – {human_count(p.token_offset + p.tokens_end)}",
           human_duration(p.time_end), _final_text(p, "train/loss"), _final_text(p, "eval/loss"),
-          _final_text(p, "eval/masked_accuracy"), _final_text(p, "throughput/tokens_per_s")] for p in phases])
+          _final_text(p, "eval/masked_accuracy"), _median_text(p, "throughput/tokens_per_s"),
+          _median_text(p, "throughput/mfu")] for p in phases])
 
     last = phases[-1]
     doc.heading(f"Final metrics ({last.name})")
@@ -508,7 +533,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    with tqdm(total=len(run_dirs) + len(PLOTS) + 1, desc="report", unit="step") as bar:
+    with tqdm(total=len(run_dirs) + len(PLOTS) + 1, desc="report", unit="step", disable=None) as bar:
         phases = []
         for run_dir in run_dirs:
             phases.append(load_phase(run_dir))

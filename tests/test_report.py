@@ -73,11 +73,15 @@ def three_phases(tmp_path) -> tuple[list[Path], list[list[dict]]]:
     run_dirs, all_records = [], []
     for seed, (name, steps, seq_len, lr, first, last, decays) in enumerate(PHASES):
         records = _phase_records(name, steps, seq_len, lr, first, last, decays, seed)
-        config = {"run_name": name, "save_folder": f"runs/{name}",
-                  "model": {"preset": "base", "max_position_embeddings": seq_len, "global_rope_theta": 160000.0},
-                  "data": {"manifest": f"yamls/data/{name}.yaml", "max_seq_len": seq_len},
-                  "optimizer": {"lr": lr, "betas": [0.9, 0.98], "weight_decay": 1e-5},
-                  "max_duration": f"{records[-1]['tokens']}tok", "trainer_internal_flag": True}
+        # The shape of the trainer's resolved config.yaml (modernbert_train/train/recipe.py).
+        config = {"run_name": name, "seed": 17, "save_folder": f"runs/{name}", "precision": "auto",
+                  "max_duration": f"{records[-1]['tokens']}tok",
+                  "data": {"manifest": f"yamls/data/{name}.yaml", "max_seq_len": seq_len, "micro_batch_size": 8,
+                           "global_batch_size": [r for r in records if "batch_size" in r][-1]["batch_size"], "mlm_probability": 0.3},
+                  "model": {"preset": "base", "init_from": None,
+                            "config": {"global_rope_theta": 160000.0, "attention_output_dropout": 0.1}},
+                  "optimizer": {"name": "stable_adamw", "lr": lr, "betas": [0.9, 0.98], "eps": 1e-6},
+                  "logging": {"progress_bar": True}}
         run_dirs.append(_write_run(tmp_path / name, records, config))
         all_records.append(records)
     return run_dirs, all_records
@@ -109,10 +113,14 @@ def test_three_phase_report_writes_valid_pngs_and_summary(three_phases, tmp_path
     assert f"{total_steps:,} optimizer steps" in summary
     for name, *_ in PHASES:
         assert f"| {name} |" in summary
+    phase1_mfu = [r["throughput/mfu"] for r in all_records[0] if "throughput/mfu" in r]
+    assert f" | {100 * np.median(phase1_mfu):.2f}% |" in summary
     # Config highlights pick recipe keys wherever they are nested, and leave internals out.
     assert "| optimizer.lr | 0.0008 |" in summary
     assert "| data.max_seq_len | 8192 |" in summary
-    assert "trainer_internal_flag" not in summary
+    assert "| model.config.global_rope_theta | 160000.0 |" in summary
+    assert "| optimizer.betas | [0.9, 0.98] |" in summary
+    assert "progress_bar" not in summary and "optimizer.eps" not in summary and "init_from" not in summary
     for spec in PLOTS:
         assert f"]({spec.file_name})" in summary
 
@@ -153,7 +161,7 @@ def test_missing_optional_metrics_skip_plots_with_a_note(tmp_path):
     assert "loss.png: no 'eval/loss'" in summary
     assert "No config.yaml" in summary
     assert f"{records[-1]['train/loss']:.4f}" in summary
-    assert "30,000 tokens" in summary
+    assert "Total: 30k tokens (30,000), 30 optimizer steps, wall time 0m 15s." in summary
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -176,6 +184,21 @@ def test_bad_records_name_the_line(tmp_path, line, message):
         f.write(line + "\n")
     with pytest.raises(UserError, match=message):
         read_metrics(run_dir / "metrics.jsonl")
+
+
+def test_null_metric_from_a_diverged_step_is_a_gap_not_a_crash(tmp_path):
+    # The trainer writes a non-finite loss as null.
+    records = [{"step": s, "tokens": 500 * s, "time_s": float(s), "train/loss": 6.0 - s / 10,
+                "throughput/tokens_per_s": 1000.0 * s} for s in range(1, 25)]
+    records[10]["train/loss"] = None
+    records[23]["train/loss"] = None
+    run_dir = _write_run(tmp_path / "run", records)
+    phase = load_phases([run_dir])[0]
+    losses = phase.series("train/loss")[1]
+    assert np.isnan(losses[10]) and np.isnan(losses[23]) and np.isfinite(losses[:10]).all()
+    summary = write_report([run_dir], tmp_path / "out").read_text()
+    assert "| train loss | nan | 24 |" in summary
+    assert f"| {np.median([1000.0 * s for s in range(1, 25)]) / 1000:.3g}k |" in summary
 
 
 def test_unfinished_last_line_and_resume_replay_are_tolerated(tmp_path):

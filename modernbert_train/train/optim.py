@@ -57,7 +57,10 @@ def split_decay_groups(model: nn.Module, no_decay: list[str] | tuple[str, ...]) 
     return decay, no_decay_params, ParamGroupSummary(tuple(decay_names), tuple(no_decay_names))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> tuple[torch.optim.Optimizer, ParamGroupSummary]:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: str = "cpu"
+                    ) -> tuple[torch.optim.Optimizer, ParamGroupSummary]:
+    """`device` is where training will run ('cpu' | 'gpu'): the optimizer is built before composer moves
+    the model there, and optimi would otherwise pick its Triton kernels, which need a GPU."""
     decay, no_decay_params, summary = split_decay_groups(model, cfg.no_decay)
     if not decay and not no_decay_params:
         raise UserError("the model has no trainable parameters")
@@ -70,7 +73,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> tuple[torch.optim
 
         # max_lr is the peak: the schedule lowers group["lr"] and the decay follows lr / max_lr.
         optimizer = StableAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                decouple_lr=cfg.decouple_lr, max_lr=cfg.lr if cfg.decouple_lr else None)
+                                decouple_lr=cfg.decouple_lr, max_lr=cfg.lr if cfg.decouple_lr else None,
+                                triton=None if device == "gpu" else False)
     elif cfg.name == "adamw":
         # torch AdamW multiplies the decay by lr; decouple_lr rescales so the applied decay per step
         # equals weight_decay * lr / peak lr, as StableAdamW(decouple_lr=True) does.

@@ -24,31 +24,35 @@ from modernbert_train.errors import UserError, did_you_mean
 class DataConfig:
     # Mixture manifest (yamls/data/*.yaml) of the training data; relative paths resolve against the CWD.
     manifest: str = MISSING
-    # Optional tokenizer.json; when given it must be the one the shards were prepared with (sha256).
-    tokenizer: Optional[str] = None
-    # Token budget of one packed row; every chunk in the shards must fit (prep_meta max_seq_len).
+    # The tokenizer.json (or a folder holding one) the shards were prepared with (checked by sha256).
+    tokenizer: str = MISSING
+    # Longest document piece in tokens; longer shard chunks are re-split, nothing is dropped.
     max_seq_len: int = 1024
     # Rows of max_seq_len tokens in one micro-batch on one device (the packed tensor has
     # micro_batch_size * max_seq_len token slots, a static shape).
     micro_batch_size: int = 8
-    # Rows per optimizer step summed over all ranks, after batch-size warmup.
+    # Rows per optimizer step summed over all ranks, after batch-size warmup; a multiple of
+    # world_size * micro_batch_size.
     global_batch_size: int = 64
     mlm_probability: float = 0.3
-    # Fractions of masked positions replaced by [MASK] / a random token (the rest keep the original).
-    mask_replace_prob: float = 0.8
-    random_replace_prob: float = 0.1
+    # Of the masked positions: fraction replaced by [MASK], fraction by a random token; the rest keep theirs.
+    mask_token_fraction: float = 0.8
+    random_token_fraction: float = 0.1
     shuffle: bool = True
-    # Seeds the data order and the masking; None uses the recipe's seed.
+    # Seeds the data order and the masking; null uses the recipe's seed.
     seed: Optional[int] = None
     num_workers: int = 0
+    # Further MLMLoaderConfig keys (raw_batch_size, packing_lookahead_tokens, packing_max_wait,
+    # shuffle_algo, predownload, cache_limit, ...), passed through and checked by the loader.
+    loader_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class BatchWarmupConfig:
-    # Global rows per step at the start; None disables batch-size warmup.
+    # Global rows per step at the start; null disables batch-size warmup.
     start_batch_size: Optional[int] = None
-    # Time over which the batch grows linearly to data.global_batch_size ('50e9tok', '1000ba').
-    duration: str = "0tok"
+    # Real tokens over which the batch grows linearly to data.global_batch_size (e.g. 50e9).
+    tokens: float = 0.0
 
 
 @dataclass
@@ -387,8 +391,8 @@ def validate(recipe: Recipe) -> None:
         fail("data.max_seq_len", f"{data.max_seq_len} is too short for [CLS] ... [SEP] chunks")
     if not 0.0 < data.mlm_probability < 1.0:
         fail("data.mlm_probability", f"must be in (0, 1), got {data.mlm_probability}")
-    if data.mask_replace_prob < 0 or data.random_replace_prob < 0 or data.mask_replace_prob + data.random_replace_prob > 1:
-        fail("data.mask_replace_prob", "mask_replace_prob and random_replace_prob must be >= 0 and sum to at most 1")
+    if data.mask_token_fraction < 0 or data.random_token_fraction < 0 or data.mask_token_fraction + data.random_token_fraction > 1:
+        fail("data.mask_token_fraction", "mask_token_fraction and random_token_fraction must be >= 0 and sum to at most 1")
     if data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
 
@@ -397,7 +401,8 @@ def validate(recipe: Recipe) -> None:
         if not 0 < warm.start_batch_size <= data.global_batch_size:
             fail("batch_warmup.start_batch_size",
                  f"must be in 1..data.global_batch_size ({data.global_batch_size}), got {warm.start_batch_size}")
-        in_unit("batch_warmup.duration", warm.duration)
+        if not warm.tokens > 0:
+            fail("batch_warmup.tokens", "must be > 0 when batch_warmup.start_batch_size is set")
 
     choice("model.preset", recipe.model.preset, _model_presets())
     valid_model_keys = _model_config_fields()
@@ -438,7 +443,7 @@ def validate(recipe: Recipe) -> None:
     duration("logging.console_interval", recipe.logging.console_interval)
     if recipe.model.init_from is not None and not str(recipe.model.init_from).strip():
         fail("model.init_from", "is empty; use null for random initialisation")
-    for key in ("model.config", "parallelism.fsdp"):
+    for key in ("model.config", "parallelism.fsdp", "data.loader_options"):
         section, name = key.split(".")
         setattr(getattr(recipe, section), name, _plain(getattr(getattr(recipe, section), name)))
 
