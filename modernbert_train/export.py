@@ -97,9 +97,15 @@ def model_weights(composer_state: dict, checkpoint: Path) -> tuple[dict[str, tor
     except (KeyError, TypeError):
         raise UserError(f"{checkpoint} is not a composer checkpoint (it has no state.model)") from None
     inner = {key.removeprefix("model."): value for key, value in weights.items() if key.startswith("model.")}
-    timestamp = composer_state["state"].get("timestamp")
-    step = int(timestamp.batch) if hasattr(timestamp, "batch") else -1
-    return inner, step
+    return inner, checkpoint_step(composer_state)
+
+
+def checkpoint_step(composer_state: dict) -> int:
+    """Optimizer steps done at the checkpoint (composer stores its Timestamp as a state dict), or -1."""
+    timestamp = composer_state.get("state", {}).get("timestamp")
+    if isinstance(timestamp, dict) and "batch" in timestamp:
+        return int(timestamp["batch"])
+    return int(timestamp.batch) if hasattr(timestamp, "batch") else -1
 
 
 def _read_model_config(run_dir: Path) -> ModernBertConfig:
