@@ -14,6 +14,7 @@ import sys
 from modernbert_train.errors import UserError
 
 COMMANDS = {
+    "demo": ("modernbert_train.cli.demo", "run the whole job on built-in local data (corpus to HF model), on CPU"),
     "train": ("modernbert_train.cli.train", "train from a YAML recipe (one process, or per rank under a launcher)"),
     "launch": ("modernbert_train.cli.launch", "build and run the composer launcher command for N GPUs / M nodes"),
     "export": ("modernbert_train.cli.export", "write a checkpoint or run directory as a Hugging Face folder"),
@@ -21,6 +22,7 @@ COMMANDS = {
 }
 
 EPILOG = """examples:
+  modernbert-train demo
   modernbert-train train yamls/tiny/phase1.yaml max_duration=200ba
   modernbert-train launch yamls/phase1.yaml --nproc 8
   modernbert-train export runs/phase3 --out hf/my-modernbert

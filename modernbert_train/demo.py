@@ -1,0 +1,151 @@
+"""The whole job on a built-in default: local corpus -> tokenizer -> shards -> three tiny phases -> HF -> fill-mask.
+
+Each step is the same CLI a user would type (printed before it runs), and each is skipped when its output
+is already complete, so re-running the demo resumes where it stopped. Everything lands under `out_dir`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from modernbert_train.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("phase1", "phase2", "phase3")
+FILL_MASK_PROMPTS = (
+    "The [MASK] statement is used to leave a loop early.",
+    "import os\nimport [MASK]\n",
+    "def __init__(self, [MASK]):",
+)
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    corpus_mb: float  # cap on code and on prose, each
+    vocab_size: int
+    steps: tuple[int, int, int]  # optimizer steps of phase 1, 2, 3
+
+
+SIZES = {
+    "default": DemoSize(corpus_mb=6.0, vocab_size=8192, steps=(300, 60, 40)),
+    "small": DemoSize(corpus_mb=0.6, vocab_size=1024, steps=(12, 6, 6)),
+}
+
+
+def _say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def _run_cli(argv: list[str]) -> None:
+    """Run one of our CLIs in-process, exactly as typed; a failure stops the demo with its message."""
+    print("$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    program, args = argv[0], argv[1:]
+    if program == "modernbert-data":
+        from data_prep.cli import main
+    else:
+        from modernbert_train.cli.main import main
+    code = main(args)
+    if code:
+        raise UserError(f"demo step failed (exit {code}): {' '.join(argv)}")
+
+
+def _finished_steps(run_dir: Path) -> int:
+    """Optimizer steps recorded in a run's metrics.jsonl (0 when absent)."""
+    metrics = run_dir / "metrics.jsonl"
+    steps = 0
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                steps = max(steps, int(json.loads(line).get("step", 0)))
+            except (ValueError, AttributeError):
+                continue
+    return steps
+
+
+def fill_mask_examples(hf_dir: Path, prompts=FILL_MASK_PROMPTS, top_k: int = 5) -> list[tuple[str, list[tuple[str, float]]]]:
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(hf_dir), tokenizer=str(hf_dir), device="cpu")
+    mask = fill.tokenizer.mask_token
+    results = []
+    for prompt in prompts:
+        predictions = fill(prompt.replace("[MASK]", mask), top_k=top_k)
+        results.append((prompt, [(p["token_str"], float(p["score"])) for p in predictions]))
+    return results
+
+
+def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: int | None = None) -> Path:
+    if size not in SIZES:
+        raise UserError(f"--size {size!r}: choose one of {sorted(SIZES)}")
+    plan = SIZES[size]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or min(2, os.cpu_count() or 1)
+    started = time.perf_counter()
+    corpus, tokenizer_dir, shards, runs = out / "corpus", out / "tokenizer", out / "shards", out / "runs"
+
+    _say("1/7 corpus: Python standard library (code) + Python's own documentation (prose), from this machine")
+    if not (corpus / "corpus_info.json").exists():
+        _run_cli(["modernbert-data", "build-local-corpus", "--out", str(corpus), "--max-mb", str(plan.corpus_mb),
+                  "--overwrite"])
+    else:
+        print(f"reusing {corpus}")
+
+    _say("2/7 tokenizer: byte-level BPE with [CLS] [SEP] [MASK] [PAD] [UNK]")
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        _run_cli(["modernbert-data", "train-tokenizer", str(corpus), "--vocab-size", str(plan.vocab_size),
+                  "--out", str(tokenizer_dir)])
+    else:
+        print(f"reusing {tokenizer_dir / 'tokenizer.json'}")
+
+    _say("3/7 shards: tokenized MDS shards per source (resumes by itself)")
+    for source in ("code", "prose"):
+        if (shards / source / "prep_meta.json").exists():
+            print(f"reusing {shards / source}")
+            continue
+        _run_cli(["modernbert-data", "prepare", str(corpus / source), "--tokenizer", str(tokenizer_dir),
+                  "--out", str(shards / source), "--source", source, "--max-seq-len", "512",
+                  "--workers", str(workers)])
+    manifest = out / "mixture.yaml"
+    manifest.write_text(_demo_manifest(out))
+
+    _say("4-6/7 training: the three tiny phases (1: 128 tokens; 2: 512 tokens, theta 160k; 3: decay)")
+    previous = None
+    for phase, steps in zip(PHASES, plan.steps):
+        run_dir = runs / f"tiny-{phase}"
+        if _finished_steps(run_dir) >= steps:
+            print(f"reusing {run_dir} ({steps} steps done)")
+        else:
+            overrides = [f"run_name=tiny-{phase}", f"save_folder={run_dir}", f"max_duration={steps}ba",
+                         f"data.manifest={manifest}", f"data.tokenizer={tokenizer_dir}"]
+            if previous is not None:
+                overrides.append(f"model.init_from={previous}")
+            _run_cli(["modernbert-train", "train", str(REPO / "yamls" / "tiny" / f"{phase}.yaml"), *overrides])
+        previous = run_dir
+
+    _say("7/7 export to Hugging Face, fill-mask, report")
+    hf_dir = out / "hf"
+    _run_cli(["modernbert-train", "export", str(previous), "--out", str(hf_dir), "--overwrite"])
+    report_dir = out / "report"
+    _run_cli(["modernbert-train", "report", *[str(runs / f"tiny-{p}") for p in PHASES], "--out", str(report_dir)])
+    for prompt, predictions in fill_mask_examples(hf_dir):
+        shown = ", ".join(f"{token!r} {score:.2f}" for token, score in predictions)
+        print(f"fill-mask {prompt!r}: {shown}")
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\ndone in {minutes:.1f} min. Hugging Face model: {hf_dir}  report: {report_dir / 'report.md'}"
+          f"\nload it with: transformers.AutoModelForMaskedLM.from_pretrained({str(hf_dir)!r})")
+    return hf_dir
+
+
+def _demo_manifest(out: Path) -> str:
+    """yamls/data/demo.yaml (paths under demo_out/) re-rooted at this demo's output folder."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "yamls" / "data" / "demo.yaml").read_text())
+    for source in spec["sources"]:
+        source["local"] = str(out / Path(source["local"]).relative_to("demo_out"))
+    return yaml.safe_dump(spec, sort_keys=False)
