@@ -77,8 +77,8 @@ class OptimizerConfig:
     # True: the decay is scaled by lr / peak lr (composer's "decoupled" convention, as the
     # ModernBERT authors trained); False: by lr (torch AdamW convention).
     decouple_lr: bool = True
-    # Parameter kinds that get no weight decay: any of norms, biases, embeddings.
-    no_decay: list[str] = field(default_factory=lambda: ["norms", "biases", "embeddings"])
+    # Parameter kinds that get no weight decay: any of norms, biases, embeddings (the paper: norms, biases).
+    no_decay: list[str] = field(default_factory=lambda: ["norms", "biases"])
     # Clip the global gradient norm to this value; null disables clipping.
     grad_clip_norm: Optional[float] = None
 
@@ -109,7 +109,7 @@ class EvalConfig:
     # Held-out mixture manifest; null disables evaluation.
     manifest: Optional[str] = None
     interval: str = "1000ba"
-    # Batches per evaluation (each is one step's worth of rows); -1 runs the whole set.
+    # Micro-batches per evaluation (data.micro_batch_size rows each); -1 runs the whole held-out set.
     max_batches: int = 20
 
 
@@ -391,8 +391,10 @@ def validate(recipe: Recipe) -> None:
         fail("data.max_seq_len", f"{data.max_seq_len} is too short for [CLS] ... [SEP] chunks")
     if not 0.0 < data.mlm_probability < 1.0:
         fail("data.mlm_probability", f"must be in (0, 1), got {data.mlm_probability}")
-    if data.mask_token_fraction < 0 or data.random_token_fraction < 0 or data.mask_token_fraction + data.random_token_fraction > 1:
-        fail("data.mask_token_fraction", "mask_token_fraction and random_token_fraction must be >= 0 and sum to at most 1")
+    fractions = (data.mask_token_fraction, data.random_token_fraction)
+    if min(fractions) < 0 or sum(fractions) > 1:
+        fail("data.mask_token_fraction", "mask_token_fraction and random_token_fraction must be >= 0 and sum to "
+                                         "at most 1")
     if data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
 
@@ -408,8 +410,7 @@ def validate(recipe: Recipe) -> None:
     valid_model_keys = _model_config_fields()
     for key in recipe.model.config:
         if key not in valid_model_keys:
-            fail(f"model.config.{key}" if f"model.config.{key}" in recipe._sources else "model.config",
-                 f"unknown model config key {key!r}{did_you_mean(str(key), valid_model_keys)}")
+            fail(f"model.config.{key}", f"unknown model config key {key!r}{did_you_mean(str(key), valid_model_keys)}")
 
     opt = recipe.optimizer
     choice("optimizer.name", opt.name, OPTIMIZERS)
@@ -431,7 +432,9 @@ def validate(recipe: Recipe) -> None:
     warmup = in_unit("scheduler.warmup", sched.warmup)
     decay = in_unit("scheduler.decay", sched.decay)
     if warmup + decay > total:
-        fail("scheduler.decay", f"warmup ({sched.warmup}) + decay ({sched.decay}) exceed max_duration ({recipe.max_duration})")
+        set_at = recipe.where("max_duration").rstrip(": ")
+        fail("scheduler.decay", f"warmup ({sched.warmup}) + decay ({sched.decay}) exceed max_duration "
+                                f"({recipe.max_duration}{', set at ' + set_at if set_at else ''})")
 
     ckpt = recipe.checkpoint
     duration("checkpoint.interval", ckpt.interval)
