@@ -25,9 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-port", type=int, default=None, metavar="P",
                         help="rendezvous port on node 0 (default: 29500 multi-node, a free port single-node)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    # Overrides usually come after the options (`RECIPE --nproc 8 lr=1e-4`); plain parse_args would stop
-    # the positional list at the first option and reject the overrides after it.
-    parser.parse_args = parser.parse_intermixed_args
 
 
 def run(args: argparse.Namespace) -> int:

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"modernbert-train {name}", description=COMMANDS[name][1],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=getattr(module, "EPILOG", None))
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    # Intermixed: overrides may follow options (`RECIPE --nproc 8 optimizer.lr=1e-4`) in every command.
+    args = parser.parse_intermixed_args(rest)
     try:
         return int(module.run(args) or 0)
     except UserError as err:

@@ -65,6 +65,9 @@ class ModernBertConfig:
         for name in ("hidden_activation", "classifier_activation"):
             if getattr(self, name) != "gelu":
                 raise UserError(f"{name}={getattr(self, name)!r}: only 'gelu' (exact erf GELU) is implemented")
+        for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise UserError(f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size={self.vocab_size})")
         if self.global_rope_theta <= 0 or self.local_rope_theta <= 0:
             # The reference repo exported theta=-1 and got NaN logits; refuse it at the source.
             raise UserError("global_rope_theta and local_rope_theta must be positive")

@@ -89,8 +89,10 @@ class ModernBertMLM(ComposerModel):
         self.eval_metrics = _metric_set()
 
     def forward(self, batch: Mapping[str, Any]):
+        # num_masked is a host-side count from the packer: the model selects masked rows without a sync.
         return self.model(input_ids=batch["input_ids"], cu_seqlens=batch["cu_seqlens"],
-                          max_seqlen=int(batch["max_seqlen"]), labels=batch["labels"])
+                          max_seqlen=int(batch["max_seqlen"]), labels=batch["labels"],
+                          num_masked=int(batch["num_masked"]))
 
     def loss(self, outputs, batch: Mapping[str, Any], *args, **kwargs) -> torch.Tensor:
         if int(batch["num_masked"]) == 0:

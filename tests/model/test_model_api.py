@@ -35,6 +35,8 @@ def test_unknown_preset_or_key_is_a_clear_error():
         ModernBertConfig.preset("tiny", hiden_size=64)
     with pytest.raises(UserError, match="attn_backend"):
         ModernBertConfig.preset("tiny", attn_backend="flash")
+    with pytest.raises(UserError, match="pad_token_id=50283 is outside the vocabulary"):
+        ModernBertConfig.preset("tiny", vocab_size=1024)
     with pytest.raises(UserError, match="positive"):
         ModernBertConfig.preset("tiny", global_rope_theta=-1)
 
@@ -62,7 +64,7 @@ def test_init_is_truncated_normal_with_scaled_output_projections():
 
 
 def test_config_round_trips_through_hf_dict_and_5x_form():
-    config = ModernBertConfig.preset("tiny", global_rope_theta=10_000.0, vocab_size=512)
+    config = ModernBertConfig.preset("tiny", global_rope_theta=10_000.0, vocab_size=50432)
     as_dict = config_to_hf_dict(config)
     assert config_from_hf_dict(as_dict) == config.replace(attn_backend="auto")
     only_5x = {k: v for k, v in as_dict.items()

@@ -1,0 +1,394 @@
+"""The training and eval loaders: streaming samples -> re-split pieces -> best-fit packs -> masked micro-batches.
+
+Per optimizer step every rank: tops its packer buffer up to one full step plus a lookahead; joins one small
+CPU all-reduce (are we out of this epoch's samples? how many real tokens did the last step hold?); when any
+rank ran out, all ranks start the next epoch together (streaming's epoch start is a collective, and the
+tail samples of the other ranks are skipped, like drop_last); packs as many micro-batches as the batch-size
+warmup allows; masks them. The state is (epoch, samples consumed, buffer references, tokens seen) per rank,
+gathered to every rank by `state_dict()` so the rank-0 checkpoint holds all of them.
+
+Resume: streaming restarts at the largest whole raw batch every rank had consumed (its resume unit is a
+global batch), each rank then skips its few extra samples, and the buffer is re-read by sample id.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from modernbert_train.data.config import BatchSizeWarmup, MLMLoaderConfig
+from modernbert_train.data.dataset import (DistInfo, build_raw_dataloader, build_streaming_dataset,
+                                           cpu_process_group, initialize_distributed,
+                                           prepare_streaming_environment, stream_of_sample)
+from modernbert_train.data.manifest import Manifest, load_manifest
+from modernbert_train.data.masking import IGNORE_INDEX, Masker, MaskingConfig, document_key
+from modernbert_train.data.packing import BestFitPacker, Piece, assemble, split_sample
+from modernbert_train.errors import UserError
+
+STATE_FORMAT = "modernbert_train.data.loader/1"
+# Settings that fix the sample sequence: a resume with any of them changed cannot continue exactly.
+RESUME_KEYS = ("seed", "max_seq_len", "micro_batch_size", "raw_batch_size", "shuffle", "shuffle_algo")
+
+
+def _special_ids(tok, roles) -> set[int]:
+    ids = {i for i in (roles.cls_id, roles.sep_id, roles.pad_id, roles.mask_id, roles.unk_id) if i is not None}
+    ids.update(i for i, added in tok.get_added_tokens_decoder().items() if added.special)
+    return ids
+
+
+class _LoaderBase:
+    """Shared set-up: distributed, shm hygiene, tokenizer checks, dataset, raw DataLoader, packer, masker."""
+
+    def __init__(self, config: MLMLoaderConfig, *, rank: int | None, world_size: int | None, shuffle: bool,
+                 lookahead_steps: int, sampling_method: str = "balanced"):
+        from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256
+
+        self.config = config
+        self.manifest: Manifest = (config.manifest if isinstance(config.manifest, Manifest)
+                                   else load_manifest(config.manifest))
+        self.dist: DistInfo = initialize_distributed()
+        for name, given, actual in (("rank", rank, self.dist.rank), ("world_size", world_size, self.dist.world_size)):
+            if given is not None and given != actual:
+                raise UserError(f"{name}={given} was passed but torch.distributed / the launcher environment "
+                                f"says {actual}")
+        config.validate(self.dist.world_size)
+        self._group = cpu_process_group()
+        prepare_streaming_environment(self.dist, self._group)
+
+        tokenizer = load_tokenizer(config.tokenizer)
+        self.special_token_ids = special_token_ids(tokenizer, config.tokenizer)
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._check_shards_match_tokenizer(tokenizer_sha256(config.tokenizer))
+        self.masker = Masker(MaskingConfig(config.mlm_probability, config.mask_token_fraction,
+                                           config.random_token_fraction),
+                             mask_id=self.special_token_ids.mask_id, vocab_size=self.vocab_size,
+                             special_ids=_special_ids(tokenizer, self.special_token_ids))
+
+        num_nodes = max(1, self.dist.world_size // max(1, self.dist.local_world_size))
+        self._num_canonical_nodes = config.num_canonical_nodes or (
+            64 * num_nodes if config.shuffle_algo in ("py1s", "py2s") else num_nodes)
+        self.dataset = build_streaming_dataset(
+            self.manifest, batch_size=config.raw_batch_size, shuffle=shuffle, seed=config.seed,
+            shuffle_algo=config.shuffle_algo, num_canonical_nodes=self._num_canonical_nodes,
+            shuffle_block_size=config.shuffle_block_size, predownload=config.predownload,
+            cache_limit=config.cache_limit, download_timeout=config.download_timeout,
+            sampling_method=sampling_method)
+        self._raw_loader = build_raw_dataloader(self.dataset, batch_size=config.raw_batch_size,
+                                                num_workers=config.num_workers,
+                                                prefetch_factor=config.prefetch_factor)
+        self.tokens_per_micro_batch = config.tokens_per_micro_batch
+        lookahead = config.packing_lookahead_tokens
+        self._lookahead_tokens = (4 * self.tokens_per_micro_batch if lookahead is None else lookahead)
+        self._target_tokens = lookahead_steps * self.tokens_per_micro_batch + self._lookahead_tokens
+        # By default a piece waits at most about two buffer turnovers.
+        max_wait = config.packing_max_wait or 2 * -(-self._target_tokens // self.tokens_per_micro_batch)
+        self.packer = BestFitPacker(self.tokens_per_micro_batch, max_wait=max_wait)
+        self._raw_iter: Iterator | None = None
+        self._pending: deque = deque()
+        self.epoch = 0
+        self.raw_consumed = 0
+
+    @property
+    def source_names(self) -> list[str]:
+        return self.manifest.source_names()
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+    def _check_shards_match_tokenizer(self, sha: str) -> None:
+        roles = self.special_token_ids.as_dict()
+        for source in self.manifest.sources:
+            meta = source.prep_meta()
+            if meta is None:
+                continue
+            where = f"source {source.name!r} ({source.local}/prep_meta.json)"
+            if self.config.check_tokenizer_hash and meta.get("tokenizer_sha256") not in (None, sha):
+                raise UserError(f"{where} was prepared with another tokenizer (sha256 {meta['tokenizer_sha256'][:12]}"
+                                f"...) than {self.config.tokenizer} (sha256 {sha[:12]}...); re-prepare the shards or "
+                                f"set check_tokenizer_hash: false if the vocabularies are truly identical")
+            if meta.get("vocab_size") is not None and int(meta["vocab_size"]) > self.vocab_size:
+                raise UserError(f"{where} has vocab_size {meta['vocab_size']} but {self.config.tokenizer} has "
+                                f"{self.vocab_size}")
+            saved = meta.get("special_token_ids") or {}
+            for role, value in saved.items():
+                if role in roles and value is not None and roles[role] is not None and int(value) != roles[role]:
+                    raise UserError(f"{where} has {role}={value} but {self.config.tokenizer} has {roles[role]}")
+
+    # --- raw samples -------------------------------------------------------------------------------
+    def _read_raw(self) -> tuple[int, np.ndarray] | None:
+        """Next raw sample of this rank in this epoch, or None when the epoch's partition is used up."""
+        while not self._pending:
+            if self._raw_iter is None:
+                return None
+            try:
+                sample_ids, arrays = next(self._raw_iter)
+            except StopIteration:
+                return None
+            self._pending.extend(zip(sample_ids.tolist(), arrays))
+        self.raw_consumed += 1
+        return self._pending.popleft()
+
+    def _start_raw(self) -> None:
+        """Begin this rank's pass over the current streaming epoch, fetching its first raw batch now.
+
+        Streaming's epoch start is a barrier across all ranks of the node, so every rank must enter it at
+        the same step, even one whose buffer is full and would not read for a while.
+        """
+        self._pending.clear()
+        self._raw_iter = iter(self._raw_loader)
+        try:
+            sample_ids, arrays = next(self._raw_iter)
+        except StopIteration:
+            return
+        self._pending.extend(zip(sample_ids.tolist(), arrays))
+
+    def _restart_raw(self) -> None:
+        self.raw_consumed = 0
+        self._start_raw()
+
+    def _pieces_of(self, sample_id: int, tokens: np.ndarray, epoch: int) -> list[Piece]:
+        ids = self.special_token_ids
+        return [Piece(tokens=piece, sample_id=sample_id, piece_index=i, epoch=epoch,
+                      key=document_key(self.config.seed, epoch, sample_id, i))
+                for i, piece in enumerate(split_sample(np.asarray(tokens), self.config.max_seq_len, ids.cls_id, ids.sep_id))]
+
+    def _top_up(self, target_tokens: int, mask_epoch: int) -> bool:
+        """Read samples until the buffer holds `target_tokens`; True if the epoch ran out first."""
+        while self.packer.buffered_tokens < target_tokens:
+            item = self._read_raw()
+            if item is None:
+                return True
+            for piece in self._pieces_of(item[0], item[1], mask_epoch):
+                self.packer.add(piece)
+        return False
+
+    # --- collectives ---------------------------------------------------------------------------------
+    def _all_reduce_sum(self, values: list[int]) -> list[int]:
+        if self.dist.world_size == 1:
+            return list(values)
+        import torch.distributed as torch_dist
+
+        tensor = torch.tensor(values, dtype=torch.int64)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=self._group)
+        return tensor.tolist()
+
+    # --- micro-batches -------------------------------------------------------------------------------
+    def _micro_batch(self, pieces: list[Piece]) -> dict[str, Any]:
+        budget = self.tokens_per_micro_batch
+        input_ids, cu_seqlens, lengths = assemble(pieces, budget, self.special_token_ids.pad_id)
+        used = int(lengths.sum())
+        labels = np.full(budget, IGNORE_INDEX, dtype=np.int64)
+        if used:
+            keys = np.fromiter((p.key for p in pieces), dtype=np.uint64, count=len(pieces))
+            input_ids[:used], labels[:used] = self.masker.mask(input_ids[:used], keys, lengths)
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),
+            "cu_seqlens": torch.from_numpy(cu_seqlens),
+            "max_seqlen": int(np.diff(cu_seqlens).max()),
+            "labels": torch.from_numpy(labels),
+            "num_tokens": used,
+            "num_masked": int(np.count_nonzero(labels != IGNORE_INDEX)),
+            "num_docs": len(pieces),
+        }
+        if self.config.return_provenance:
+            sample_ids = np.fromiter((p.sample_id for p in pieces), dtype=np.int64, count=len(pieces))
+            batch["sample_ids"] = sample_ids
+            batch["piece_indices"] = np.fromiter((p.piece_index for p in pieces), dtype=np.int64, count=len(pieces))
+            batch["epochs"] = np.fromiter((p.epoch for p in pieces), dtype=np.int64, count=len(pieces))
+            batch["source_ids"] = stream_of_sample(self.dataset, sample_ids)
+        return batch
+
+
+class MLMLoader(_LoaderBase):
+    """Infinite training loader; iterate for `{"micro_batches": [...], "num_tokens": int, ...}` per step.
+
+    Attributes the trainer uses: `special_token_ids`, `vocab_size`, `tokens_per_micro_batch`, `warmup`,
+    `tokens_seen` (real tokens of all ranks in the steps before the one just yielded: the warmup position),
+    `state_dict()`, `load_state_dict()`. Each step item also carries `num_tokens` (this rank's real tokens),
+    `num_sequences` (rows: micro-batches x micro_batch_size), `tokens_seen_before` and `epoch`.
+    Iterating again continues where it stopped (it never restarts from scratch).
+    """
+
+    def __init__(self, config: MLMLoaderConfig, *, rank: int | None = None, world_size: int | None = None):
+        probe_world = initialize_distributed().world_size
+        config.validate(probe_world)
+        self.warmup = BatchSizeWarmup(full=config.global_batch_size, start=config.batch_size_warmup_start,
+                                      warmup_tokens=float(config.batch_size_warmup_tokens or 0),
+                                      unit=probe_world * config.micro_batch_size)
+        super().__init__(config, rank=rank, world_size=world_size, shuffle=config.shuffle,
+                         lookahead_steps=self.warmup.max_micro_batches_per_rank)
+        self.tokens_seen = 0         # real tokens of all ranks in all steps whose counts were reduced
+        self._pending_tokens = 0     # this rank's real tokens of the last step, reduced at the next step
+        self.steps = 0
+        self._skip = 0
+
+    def __iter__(self) -> "MLMLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._raw_iter is None:
+            self._start_raw()
+        while self._skip > 0:
+            self._skip -= 1
+            if self._read_raw() is None:
+                raise RuntimeError("resume position lies beyond the end of the epoch: the shards changed since "
+                                   "the checkpoint was written")
+        exhausted = self._top_up(self._target_tokens, self.epoch)
+        reduced = self._all_reduce_sum([int(exhausted), self._pending_tokens, 0])
+        self.tokens_seen += reduced[1]
+        self._pending_tokens = 0
+        while reduced[0]:
+            # Some rank used up its share of this epoch: everyone starts the next one now, together.
+            self.epoch += 1
+            self._restart_raw()
+            exhausted = self._top_up(self._target_tokens, self.epoch)
+            reduced = self._all_reduce_sum([int(exhausted), 0, int(self.raw_consumed == 0 and not self._pending)])
+            if reduced[2]:
+                raise UserError(f"manifest {self.manifest.path}: an epoch gives no samples to some rank "
+                                f"(world size {self.world_size}); the data is too small for this many ranks")
+        num_micro_batches = self.warmup.micro_batches_per_rank(self.tokens_seen)
+        micro_batches = [self._micro_batch(self.packer.pack()) for _ in range(num_micro_batches)]
+        num_tokens = sum(mb["num_tokens"] for mb in micro_batches)
+        self._pending_tokens = num_tokens
+        self.steps += 1
+        return {
+            "micro_batches": micro_batches,
+            "num_tokens": num_tokens,
+            "num_sequences": num_micro_batches * self.config.micro_batch_size,
+            "tokens_seen_before": self.tokens_seen,
+            "epoch": self.epoch,
+        }
+
+    # --- state ---------------------------------------------------------------------------------------
+    def _local_state(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "epoch": self.epoch,
+            "raw_consumed": self.raw_consumed,
+            "tokens_seen": self.tokens_seen,
+            "pending_tokens": self._pending_tokens,
+            "steps": self.steps,
+            "buffer": np.asarray(self.packer.references(), dtype=np.int64).reshape(-1, 5),
+            "packer": self.packer.counters(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Picklable state of every rank (a collective when distributed: call it on all ranks together)."""
+        local = self._local_state()
+        if self.world_size > 1:
+            import torch.distributed as torch_dist
+
+            gathered: list[Any] = [None] * self.world_size
+            torch_dist.all_gather_object(gathered, local, group=self._group)
+        else:
+            gathered = [local]
+        return {
+            "format": STATE_FORMAT,
+            "world_size": self.world_size,
+            "num_canonical_nodes": self._num_canonical_nodes,
+            "config": {key: getattr(self.config, key) for key in RESUME_KEYS},
+            "sources": self.source_names,
+            "ranks": gathered,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was saved (same world size, seed, lengths and sources)."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise UserError(f"data loader state is not a {STATE_FORMAT} state (got keys "
+                            f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
+        if state["world_size"] != self.world_size:
+            raise UserError(f"the checkpoint's data state was written by {state['world_size']} ranks, this run has "
+                            f"{self.world_size}; exact data resume needs the same number of ranks")
+        for key in RESUME_KEYS:
+            if state["config"][key] != getattr(self.config, key):
+                raise UserError(f"data config {key} was {state['config'][key]!r} in the checkpoint and is "
+                                f"{getattr(self.config, key)!r} now; exact data resume needs it unchanged")
+        if state["sources"] != self.source_names:
+            raise UserError(f"the checkpoint's manifest sources {state['sources']} differ from this run's "
+                            f"{self.source_names}")
+        ranks = state["ranks"]
+        mine = ranks[self.rank]
+        batch = self.config.raw_batch_size
+        common_batches = min(int(r["raw_consumed"]) // batch for r in ranks)
+        self.dataset.load_state_dict({
+            "epoch": int(mine["epoch"]),
+            "sample_in_epoch": common_batches * batch * self.world_size,
+            "num_canonical_nodes": int(state["num_canonical_nodes"]),
+            "shuffle_seed": self.config.seed,
+            "initial_physical_nodes": max(1, self.world_size // max(1, self.dist.local_world_size)),
+        })
+        # A loader that already iterated holds a newer epoch counter in shared memory; rewind it so streaming
+        # takes the resume state above instead of calling it stale.
+        self.dataset.next_epoch = int(mine["epoch"])
+        self._pending.clear()
+        self._raw_iter = None
+        self.epoch = int(mine["epoch"])
+        self.raw_consumed = common_batches * batch
+        self._skip = int(mine["raw_consumed"]) - self.raw_consumed
+        self.tokens_seen = int(mine["tokens_seen"])
+        self._pending_tokens = int(mine["pending_tokens"])
+        self.steps = int(mine["steps"])
+        self.packer.restore(self._reread_buffer(np.asarray(mine["buffer"], dtype=np.int64).reshape(-1, 5)),
+                            mine["packer"])
+
+    def _reread_buffer(self, references: np.ndarray) -> list[Piece]:
+        pieces: list[Piece] = []
+        cache: dict[tuple[int, int], list[Piece]] = {}
+        for sample_id, piece_index, epoch, seq, arrival in references.tolist():
+            if (sample_id, epoch) not in cache:
+                cache[(sample_id, epoch)] = self._pieces_of(sample_id, self.dataset[sample_id]["input_ids"], epoch)
+            split = cache[(sample_id, epoch)]
+            if piece_index >= len(split):
+                raise UserError(f"checkpoint refers to piece {piece_index} of sample {sample_id}, which has only "
+                                f"{len(split)} pieces now: the shards changed since the checkpoint was written")
+            source = split[piece_index]
+            pieces.append(Piece(tokens=source.tokens, sample_id=sample_id, piece_index=piece_index, epoch=epoch,
+                                key=source.key, seq=seq, arrival=arrival))
+        return pieces
+
+
+class EvalMLMLoader(_LoaderBase):
+    """One finite pass over the eval manifest, unshuffled, fixed masking (epoch 0 keys), no warmup.
+
+    Yields contract-4 micro-batches. With several ranks all ranks yield the same number; a rank whose share
+    ran out yields padding-only micro-batches (num_tokens == num_masked == 0) that must weigh nothing.
+    """
+
+    def __init__(self, config: MLMLoaderConfig, *, rank: int | None = None, world_size: int | None = None):
+        # "fixed" sampling: a source weighted below 1x gives the same samples on every pass.
+        super().__init__(config, rank=rank, world_size=world_size, shuffle=False, lookahead_steps=1,
+                         sampling_method="fixed")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.packer.restore([], {"next_seq": 0, "budgets_packed": 0})
+        self._restart_raw()
+        exhausted = False
+        while True:
+            if not exhausted:
+                exhausted = self._top_up(self._target_tokens, 0)
+            if self._all_reduce_sum([len(self.packer)])[0] == 0:
+                return
+            yield self._micro_batch(self.packer.pack())
+
+
+def build_mlm_loader(config: MLMLoaderConfig, *, rank: int | None = None, world_size: int | None = None,
+                     infinite: bool = True) -> MLMLoader | EvalMLMLoader:
+    """The training loader (infinite=True) or a one-pass eval loader (infinite=False).
+
+    Starts torch.distributed first when WORLD_SIZE > 1 and cleans stale streaming shared memory.
+    """
+    if infinite:
+        return MLMLoader(config, rank=rank, world_size=world_size)
+    return EvalMLMLoader(config, rank=rank, world_size=world_size)
+
+
+def build_eval_loader(config: MLMLoaderConfig, *, rank: int | None = None,
+                      world_size: int | None = None) -> EvalMLMLoader:
+    return EvalMLMLoader(config, rank=rank, world_size=world_size)

@@ -1,0 +1,175 @@
+"""Best-fit packing of whole documents into fixed token budgets, and re-splitting of long samples.
+
+A *piece* is what the model sees as one document: [CLS] tokens [SEP], at most `max_seq_len` ids. Shards hold
+chunks of up to 8192 ids; when training at a shorter length a chunk is re-split into consecutive pieces (each
+wrapped again, no token lost). The packer keeps a lookahead buffer of pieces and fills each budget
+(micro_batch_size x max_seq_len tokens) by repeatedly taking the largest piece that still fits, so padding only
+ever appears as one tail segment. Ties go to the oldest piece, and a piece that has waited longer than
+`max_wait` budgets goes first, so nothing starves. The buffer is described by small references
+(sample id, piece index, ...) for checkpoints; the tokens are re-read on restore.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Piece:
+    tokens: np.ndarray  # [CLS] ... [SEP], at most max_seq_len ids
+    sample_id: int      # global streaming sample index
+    piece_index: int    # which piece of that sample
+    epoch: int          # epoch the sample was read in (feeds the mask key)
+    key: int            # masking key, see masking.document_key
+    seq: int = -1       # arrival number in the packer (set by the packer)
+    arrival: int = -1   # budget count when it arrived (set by the packer)
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def reference(self) -> tuple[int, int, int, int, int]:
+        return (self.sample_id, self.piece_index, self.epoch, self.seq, self.arrival)
+
+
+def split_sample(tokens: np.ndarray, max_seq_len: int, cls_id: int, sep_id: int) -> list[np.ndarray]:
+    """Re-split one [CLS] ... [SEP] chunk into pieces of at most `max_seq_len` ids, each wrapped again.
+
+    A chunk that already fits comes back unchanged. A missing leading [CLS] / trailing [SEP] is added.
+    """
+    if max_seq_len < 3:
+        raise ValueError(f"max_seq_len must be at least 3 ([CLS] token [SEP]), got {max_seq_len}")
+    n = tokens.shape[0]
+    has_cls = n > 0 and tokens[0] == cls_id
+    has_sep = n > 1 and tokens[-1] == sep_id
+    if has_cls and has_sep and n <= max_seq_len:
+        return [tokens]
+    body = tokens[1 if has_cls else 0: n - 1 if has_sep else n]
+    # Full-length pieces tile packed budgets exactly; only a short remainder (under half a piece) is
+    # balanced with the piece before it, so that no piece is a useless stub of a few tokens.
+    step = max_seq_len - 2
+    total = body.shape[0]
+    bounds = list(range(0, total, step)) + [total] if total else [0, 0]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < step // 2:
+        bounds[-2] = (bounds[-3] + total + 1) // 2
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        part = body[start:end]
+        piece = np.empty(part.shape[0] + 2, dtype=tokens.dtype)
+        piece[0] = cls_id
+        piece[1:-1] = part
+        piece[-1] = sep_id
+        pieces.append(piece)
+    return pieces
+
+
+def pieces_count(num_tokens: int, max_seq_len: int) -> int:
+    """How many pieces `split_sample` makes of a [CLS] ... [SEP] chunk of `num_tokens` ids."""
+    if num_tokens <= max_seq_len:
+        return 1
+    body = num_tokens - 2
+    return -(-body // (max_seq_len - 2))
+
+
+class BestFitPacker:
+    """Lookahead buffer of pieces; `pack()` returns the pieces of one budget, largest-that-fits first."""
+
+    def __init__(self, budget: int, max_wait: int | None = None):
+        if budget < 1:
+            raise ValueError("budget must be positive")
+        self.budget = int(budget)
+        self.max_wait = max_wait
+        self._keys: list[tuple[int, int]] = []  # (length, -seq): the last one of a length is the oldest
+        self._pieces: dict[int, Piece] = {}
+        self._arrivals: deque[int] = deque()    # seqs in arrival order (lazily pruned)
+        self.buffered_tokens = 0
+        self.next_seq = 0
+        self.budgets_packed = 0
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def add(self, piece: Piece, *, keep_identity: bool = False) -> None:
+        if piece.length > self.budget:
+            raise ValueError(f"piece of {piece.length} tokens exceeds the budget {self.budget}")
+        if not keep_identity:
+            piece.seq = self.next_seq
+            piece.arrival = self.budgets_packed
+            self.next_seq += 1
+        bisect.insort(self._keys, (piece.length, -piece.seq))
+        self._pieces[piece.seq] = piece
+        self._arrivals.append(piece.seq)
+        self.buffered_tokens += piece.length
+
+    def _take(self, index: int) -> Piece:
+        length, neg_seq = self._keys.pop(index)
+        piece = self._pieces.pop(-neg_seq)
+        self.buffered_tokens -= length
+        return piece
+
+    def _oldest(self) -> Piece | None:
+        while self._arrivals and self._arrivals[0] not in self._pieces:
+            self._arrivals.popleft()
+        return self._pieces[self._arrivals[0]] if self._arrivals else None
+
+    def pack(self) -> list[Piece]:
+        """Pieces for one budget (empty only when the buffer is empty)."""
+        chosen: list[Piece] = []
+        room = self.budget
+        if self.max_wait is not None:
+            # Overdue pieces go first, oldest first, so that small pieces (the gap fillers) are not held back
+            # and the emitted mixture tracks the read mixture within a bounded delay.
+            oldest = self._oldest()
+            while (oldest is not None and self.budgets_packed - oldest.arrival > self.max_wait
+                   and oldest.length <= room):
+                chosen.append(self._take(bisect.bisect_left(self._keys, (oldest.length, -oldest.seq))))
+                room -= oldest.length
+                oldest = self._oldest()
+        while self._keys and room > 0:
+            index = bisect.bisect_right(self._keys, (room, 1)) - 1
+            if index < 0:
+                break
+            piece = self._take(index)
+            chosen.append(piece)
+            room -= piece.length
+        self.budgets_packed += 1
+        return chosen
+
+    def references(self) -> list[tuple[int, int, int, int, int]]:
+        """The buffer, in arrival order, as (sample_id, piece_index, epoch, seq, arrival) tuples."""
+        return [self._pieces[seq].reference() for seq in sorted(self._pieces)]
+
+    def counters(self) -> dict[str, int]:
+        return {"next_seq": self.next_seq, "budgets_packed": self.budgets_packed}
+
+    def restore(self, pieces: list[Piece], counters: dict[str, int]) -> None:
+        """Replace the buffer with `pieces` (seq/arrival already set) and the counters."""
+        self._keys.clear()
+        self._pieces.clear()
+        self._arrivals.clear()
+        self.buffered_tokens = 0
+        for piece in sorted(pieces, key=lambda p: p.seq):
+            self.add(piece, keep_identity=True)
+        self.next_seq = int(counters["next_seq"])
+        self.budgets_packed = int(counters["budgets_packed"])
+
+
+def assemble(pieces: list[Piece], budget: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate pieces into a (budget,) int64 stream padded at the tail.
+
+    Returns (input_ids, cu_seqlens int32 incl. the padding segment, lengths of the real pieces).
+    """
+    lengths = np.fromiter((p.length for p in pieces), dtype=np.int64, count=len(pieces))
+    used = int(lengths.sum())
+    if used > budget:
+        raise ValueError(f"pieces hold {used} tokens, more than the budget {budget}")
+    input_ids = np.full(budget, pad_id, dtype=np.int64)
+    if pieces:
+        input_ids[:used] = np.concatenate([p.tokens for p in pieces])
+    boundaries = np.concatenate([[0], np.cumsum(lengths)])
+    if used < budget:
+        boundaries = np.concatenate([boundaries, [budget]])
+    return input_ids, boundaries.astype(np.int32), lengths
