@@ -1,0 +1,233 @@
+"""The training loader on real prepared shards (three sources): contract 4, fill, document boundaries,
+masking statistics, mixture proportions, batch-size warmup, epochs, eval pass, state round trip."""
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+from conftest import write_manifest
+from modernbert_train.data import MLMLoaderConfig, build_eval_loader, build_mlm_loader, split_sample
+from modernbert_train.data.packing import pieces_count
+from modernbert_train.errors import UserError
+
+SPECIALS = {0, 1, 2, 3, 4}  # [UNK] [CLS] [SEP] [PAD] [MASK] of the test tokenizer
+MASK_ID, PAD_ID, CLS_ID, SEP_ID = 4, 3, 1, 2
+
+
+def _config(corpus, manifest, **overrides) -> MLMLoaderConfig:
+    values = dict(manifest=str(manifest), tokenizer=corpus["tokenizer"], max_seq_len=256, micro_batch_size=8,
+                  global_batch_size=16, return_provenance=True)
+    values.update(overrides)
+    return MLMLoaderConfig(**values)
+
+
+def _original_tokens(mb) -> np.ndarray:
+    labels = mb["labels"].numpy()
+    return np.where(labels != -100, labels, mb["input_ids"].numpy())
+
+
+@pytest.fixture
+def mixed(corpus_copy):
+    manifest = write_manifest(corpus_copy["tmp"] / "mix.yaml", corpus_copy["shards"],
+                              {"code": {"proportion": 0.5}, "prose": {"proportion": 0.2},
+                               "docstrings": {"proportion": 0.3}})
+    return corpus_copy, manifest
+
+
+def test_micro_batches_follow_contract_and_hold_whole_pieces(mixed):
+    corpus, manifest = mixed
+    loader = build_mlm_loader(_config(corpus, manifest))
+    budget = 8 * 256
+    assert loader.tokens_per_micro_batch == budget and loader.vocab_size == 3000
+    assert loader.special_token_ids.mask_id == MASK_ID
+    real = capacity = 0
+    for _, step in zip(range(40), loader):
+        assert len(step["micro_batches"]) == 2  # 16 rows / (1 rank x 8 rows)
+        for mb in step["micro_batches"]:
+            ids, cu, labels = mb["input_ids"], mb["cu_seqlens"], mb["labels"]
+            assert ids.dtype.is_floating_point is False and ids.shape == (budget,) and str(ids.dtype) == "torch.int64"
+            assert labels.shape == (budget,) and str(labels.dtype) == "torch.int64"
+            assert str(cu.dtype) == "torch.int32" and cu[0] == 0 and cu[-1] == budget
+            lengths = np.diff(cu.numpy())
+            assert (lengths > 0).all() and mb["max_seqlen"] == lengths.max()
+            used = mb["num_tokens"]
+            assert mb["num_docs"] == len(mb["sample_ids"])
+            # Padding only as one final segment.
+            assert int(cu[mb["num_docs"]]) == used
+            assert len(lengths) == mb["num_docs"] + (used < budget)
+            assert (ids[used:] == PAD_ID).all() and (labels[used:] == -100).all()
+            assert mb["num_masked"] == int((labels != -100).sum())
+            # Each segment is exactly one piece of one sample: [CLS] ... [SEP], re-read from the shards.
+            original = _original_tokens(mb)
+            for doc, (sample_id, piece) in enumerate(zip(mb["sample_ids"], mb["piece_indices"])):
+                segment = original[cu[doc]:cu[doc + 1]]
+                raw = loader.dataset[int(sample_id)]["input_ids"]
+                expected = split_sample(np.asarray(raw), 256, CLS_ID, SEP_ID)[int(piece)]
+                np.testing.assert_array_equal(segment, expected)
+                assert segment[0] == CLS_ID and segment[-1] == SEP_ID
+                assert not np.isin(segment[1:-1], [CLS_ID, SEP_ID]).any()
+            real += used
+            capacity += budget
+    assert real / capacity >= 0.99, f"fill {real / capacity:.4f}"
+
+
+def test_long_chunks_are_resplit_without_losing_tokens(corpus_copy):
+    manifest = write_manifest(corpus_copy["tmp"] / "code.yaml", corpus_copy["shards"])
+    loader = build_mlm_loader(_config(corpus_copy, manifest, max_seq_len=128, shuffle=False))
+    pieces: dict[int, dict[int, np.ndarray]] = {}
+    for _, step in zip(range(30), loader):
+        for mb in step["micro_batches"]:
+            original, cu = _original_tokens(mb), mb["cu_seqlens"].numpy()
+            for doc, (sample_id, piece) in enumerate(zip(mb["sample_ids"], mb["piece_indices"])):
+                pieces.setdefault(int(sample_id), {})[int(piece)] = original[cu[doc]:cu[doc + 1]]
+    complete = 0
+    for sample_id, parts in pieces.items():
+        raw = np.asarray(loader.dataset[sample_id]["input_ids"])
+        if len(raw) <= 128 or len(parts) < pieces_count(len(raw), 128):
+            continue
+        body = np.concatenate([parts[i][1:-1] for i in sorted(parts)])
+        np.testing.assert_array_equal(body, raw[1:-1])
+        assert all(len(p) <= 128 for p in parts.values())
+        complete += 1
+    assert complete >= 5, "expected several long samples seen in full"
+
+
+def test_masking_statistics_and_specials_on_loader_output(mixed):
+    corpus, manifest = mixed
+    loader = build_mlm_loader(_config(corpus, manifest, global_batch_size=32))
+    counts = {"maskable": 0, "selected": 0, "mask": 0, "random": 0, "keep": 0}
+    for _, step in zip(range(60), loader):
+        for mb in step["micro_batches"]:
+            used = mb["num_tokens"]
+            ids, labels = mb["input_ids"].numpy()[:used], mb["labels"].numpy()[:used]
+            original = _original_tokens(mb)[:used]
+            special = np.isin(original, list(SPECIALS))
+            selected = labels != -100
+            assert not (selected & special).any(), "a special token was masked"
+            assert (ids[~selected] == original[~selected]).all()
+            counts["maskable"] += int((~special).sum())
+            counts["selected"] += int(selected.sum())
+            replaced = ids[selected]
+            counts["mask"] += int((replaced == MASK_ID).sum())
+            counts["keep"] += int((replaced == original[selected]).sum())
+            randoms = (replaced != MASK_ID) & (replaced != original[selected])
+            counts["random"] += int(randoms.sum())
+            assert not np.isin(replaced[randoms], list(SPECIALS)).any()
+            assert (replaced < 3000).all()
+    rate = counts["selected"] / counts["maskable"]
+    n = counts["maskable"]
+    assert abs(rate - 0.3) < 5 * math.sqrt(0.21 / n) + 1e-3, f"masked rate {rate:.4f} over {n} tokens"
+    selected = counts["selected"]
+    # A random replacement equal to the original counts as "keep": expected 0.1 + 0.1/2995.
+    for kind, expected in (("mask", 0.8), ("random", 0.1), ("keep", 0.1)):
+        share = counts[kind] / selected
+        assert abs(share - expected) < 5 * math.sqrt(expected * (1 - expected) / selected) + 1e-3, (kind, share)
+
+
+def test_mixture_proportions_follow_the_manifest(mixed):
+    corpus, manifest = mixed
+    loader = build_mlm_loader(_config(corpus, manifest, global_batch_size=64))
+    samples_per_source = np.zeros(3)
+    for _, step in zip(range(60), loader):
+        for mb in step["micro_batches"]:
+            first_pieces = mb["piece_indices"] == 0
+            samples_per_source += np.bincount(mb["source_ids"][first_pieces], minlength=3)
+    total = samples_per_source.sum()
+    assert total > 1200
+    for index, expected in enumerate((0.5, 0.2, 0.3)):
+        share = samples_per_source[index] / total
+        sigma = math.sqrt(expected * (1 - expected) / total)
+        assert abs(share - expected) < 4 * sigma, (loader.source_names[index], share, expected)
+
+
+def test_batch_size_warmup_grows_with_real_tokens(mixed):
+    corpus, manifest = mixed
+    loader = build_mlm_loader(_config(corpus, manifest, global_batch_size=32, batch_size_warmup_start=8,
+                                      batch_size_warmup_tokens=40_000))
+    counts, seen = [], 0
+    for _, step in zip(range(25), loader):
+        assert step["tokens_seen_before"] == seen == loader.tokens_seen
+        expected_rows = loader.warmup.sequences(seen)
+        assert len(step["micro_batches"]) * 8 == expected_rows == step["num_sequences"]
+        assert step["num_tokens"] == sum(mb["num_tokens"] for mb in step["micro_batches"])
+        counts.append(len(step["micro_batches"]))
+        seen += step["num_tokens"]
+    assert counts[0] == 1 and counts[-1] == 4 and counts == sorted(counts) and len(set(counts)) == 4
+    assert loader.warmup.sequences(0) == 8 and loader.warmup.sequences(20_000) == 16
+    assert loader.warmup.sequences(40_000) == 32
+
+
+def test_epochs_roll_over_and_change_the_masks(corpus_copy):
+    manifest = write_manifest(corpus_copy["tmp"] / "small.yaml", corpus_copy["shards"],
+                              {"code": {"choose": 4}, "prose": {"choose": 4}, "docstrings": {"choose": 16}})
+    loader = build_mlm_loader(_config(corpus_copy, manifest, shuffle=False))
+    masks: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+    for _, step in zip(range(80), loader):
+        for mb in step["micro_batches"]:
+            cu, labels = mb["cu_seqlens"].numpy(), mb["labels"].numpy()
+            for doc, (sid, piece, epoch) in enumerate(zip(mb["sample_ids"], mb["piece_indices"], mb["epochs"])):
+                masks.setdefault((int(sid), int(piece)), {})[int(epoch)] = labels[cu[doc]:cu[doc + 1]] != -100
+    assert loader.epoch >= 3
+    repeated = [m for m in masks.values() if len(m) >= 2]
+    assert len(repeated) >= 10
+    differing = sum(not np.array_equal(m[min(m)], m[max(m)]) for m in repeated)
+    assert differing >= 0.9 * len(repeated)
+
+
+def test_state_round_trip_in_process_continues_identically(mixed):
+    corpus, manifest = mixed
+    config = _config(corpus, manifest, global_batch_size=32, batch_size_warmup_start=8, batch_size_warmup_tokens=20_000)
+    loader = build_mlm_loader(config)
+    for _ in range(7):
+        next(loader)
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    assert len(pickle.dumps(state)) < 64_000
+    expected = [next(loader) for _ in range(6)]
+    loader.load_state_dict(state)
+    for want in expected:
+        got = next(loader)
+        assert len(got["micro_batches"]) == len(want["micro_batches"])
+        for a, b in zip(got["micro_batches"], want["micro_batches"]):
+            for key in ("input_ids", "cu_seqlens", "labels"):
+                assert a[key].equal(b[key])
+
+
+def test_load_state_rejects_a_changed_setup(mixed):
+    corpus, manifest = mixed
+    loader = build_mlm_loader(_config(corpus, manifest))
+    next(loader)
+    state = loader.state_dict()
+    state["config"]["max_seq_len"] = 512
+    with pytest.raises(UserError, match="max_seq_len"):
+        loader.load_state_dict(state)
+    with pytest.raises(UserError, match="not a"):
+        loader.load_state_dict({"epoch": 0})
+
+
+def test_eval_loader_is_one_fixed_pass(corpus_copy):
+    manifest = write_manifest(corpus_copy["tmp"] / "eval.yaml", corpus_copy["shards"],
+                              {"code": {"choose": 5}, "prose": {"choose": 5}, "docstrings": {"choose": 20}})
+    loader = build_eval_loader(_config(corpus_copy, manifest))
+    first = list(loader)
+    second = list(loader)
+    assert len(first) == len(second) > 0
+    for a, b in zip(first, second):
+        assert a["input_ids"].equal(b["input_ids"]) and a["labels"].equal(b["labels"])
+    seen = {(int(s), int(p)) for mb in first for s, p in zip(mb["sample_ids"], mb["piece_indices"])}
+    assert len({s for s, _ in seen}) == 30  # every chosen sample once
+    assert len(seen) == sum(mb["num_docs"] for mb in first)  # no piece twice
+
+
+def test_bad_config_and_mismatched_tokenizer_are_user_errors(mixed, tmp_path):
+    corpus, manifest = mixed
+    with pytest.raises(UserError, match="global_batch_size 12 must be a multiple"):
+        build_mlm_loader(_config(corpus, manifest, global_batch_size=12))
+    with pytest.raises(UserError, match="did you mean: micro_batch_size"):
+        MLMLoaderConfig.from_dict({"manifest": "m.yaml", "tokenizer": "t.json", "micro_batch_sise": 4})
+    other = tmp_path / "other.json"
+    other.write_text(open(corpus["tokenizer"]).read().replace('"[MASK]"', '"[MASK2]"', 1))
+    with pytest.raises(UserError):
+        build_mlm_loader(_config(corpus, manifest, tokenizer=str(other)))

@@ -1,0 +1,149 @@
+"""Manifest validation, masking and packing on their own (no streaming)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_manifest
+from modernbert_train.data import (BestFitPacker, Masker, MaskingConfig, Piece, assemble, document_key,
+                                   load_manifest, split_sample)
+from modernbert_train.data.dataset import clean_stale_streaming_shm
+from modernbert_train.errors import UserError
+
+
+# --- manifest -------------------------------------------------------------------------------------------
+def test_manifest_loads_sources_and_weights(prepared_corpus, tmp_path):
+    shards = prepared_corpus["root"] / "shards"
+    path = write_manifest(tmp_path / "m.yaml", shards, {"code": {"proportion": 0.5, "target_tokens": 1.2e9},
+                                                         "prose": {"proportion": 0.25},
+                                                         "docstrings": {"proportion": 0.25}})
+    manifest = load_manifest(path)
+    assert manifest.name == "test-mix" and manifest.source_names() == ["code", "prose", "docstrings"]
+    assert manifest.sources[0].stream_weight_kwargs() == {"proportion": 0.5}
+    assert manifest.sources[0].target_tokens == 1.2e9 and manifest.sources[0].remote is None
+
+
+@pytest.mark.parametrize("weights,message", [
+    ({"code": {"proportoin": 0.5}}, "did you mean: proportion"),
+    ({"code": {"proportion": -1}, "prose": {"proportion": 1}, "docstrings": {"proportion": 1}}, "must be > 0"),
+    ({"code": {"proportion": 0.5, "repeat": 2}}, "at most one of"),
+    ({"code": {"proportion": 0.5}}, "every source needs one"),
+    ({"code": {"remote": "ftp://x"}}, "object-store URL"),
+])
+def test_manifest_errors_name_the_problem(prepared_corpus, tmp_path, weights, message):
+    path = write_manifest(tmp_path / "m.yaml", prepared_corpus["root"] / "shards", weights)
+    with pytest.raises(UserError, match=message) as err:
+        load_manifest(path)
+    assert str(path) in str(err.value)
+
+
+def test_manifest_missing_folder_names_source_and_path(tmp_path):
+    path = write_manifest(tmp_path / "m.yaml", tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"source 'code': local folder .*nowhere/code does not exist"):
+        load_manifest(path)
+    (tmp_path / "bad.yaml").write_text("name: x\nsources: [\n")
+    with pytest.raises(UserError, match="bad.yaml line"):
+        load_manifest(tmp_path / "bad.yaml")
+
+
+# --- masking --------------------------------------------------------------------------------------------
+SPECIAL = {0, 1, 2, 3, 4}
+
+
+def _masker(**kwargs) -> Masker:
+    return Masker(MaskingConfig(**kwargs), mask_id=4, vocab_size=3000, special_ids=SPECIAL)
+
+
+def _documents(count=400, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 600, count)
+    docs = [np.concatenate([[1], rng.integers(5, 3000, n - 2), [2]]) for n in lengths]
+    return np.concatenate(docs), lengths, np.array([document_key(7, 0, i, 0) for i in range(count)], dtype=np.uint64)
+
+
+def test_mask_rate_split_and_specials():
+    tokens, lengths, keys = _documents()
+    tokens[::50] = 3  # some [PAD] and [UNK] inside: never masked either
+    tokens[7::50] = 0
+    masked, labels = _masker().mask(tokens, keys, lengths)
+    selected = labels != -100
+    special = np.isin(tokens, list(SPECIAL))
+    assert not (selected & special).any()
+    assert (labels[selected] == tokens[selected]).all() and (masked[~selected] == tokens[~selected]).all()
+    rate = selected.sum() / (~special).sum()
+    assert abs(rate - 0.3) < 0.01
+    replaced = masked[selected]
+    mask_share = (replaced == 4).mean()
+    keep_share = (replaced == tokens[selected]).mean()
+    assert abs(mask_share - 0.8) < 0.01 and abs(keep_share - 0.1) < 0.01
+    assert not np.isin(replaced[(replaced != 4) & (replaced != tokens[selected])], list(SPECIAL)).any()
+
+
+def test_mask_is_a_pure_function_of_document_key_not_of_packing():
+    tokens, lengths, keys = _documents(50)
+    masker = _masker()
+    together, _ = masker.mask(tokens, keys, lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    # The same documents masked alone, in reverse order, give the same result per document.
+    for i in reversed(range(50)):
+        alone, _ = masker.mask(tokens[starts[i]:starts[i + 1]], keys[i:i + 1], lengths[i:i + 1])
+        np.testing.assert_array_equal(alone, together[starts[i]:starts[i + 1]])
+    other_epoch = np.array([document_key(7, 1, i, 0) for i in range(50)], dtype=np.uint64)
+    assert not np.array_equal(masker.mask(tokens, other_epoch, lengths)[0], together)
+    assert _masker(mlm_probability=0.15).mask(tokens, keys, lengths)[1].__ne__(-100).mean() < 0.2
+
+
+def test_masking_config_is_validated():
+    with pytest.raises(UserError, match="must be <= 1"):
+        _masker(mask_token_fraction=0.9, random_token_fraction=0.2)
+    with pytest.raises(UserError, match="outside the tokenizer's vocabulary"):
+        _masker().mask(np.array([1, 5000, 2]), np.array([1], dtype=np.uint64), np.array([3]))
+
+
+# --- packing --------------------------------------------------------------------------------------------
+def test_split_sample_keeps_every_token_and_wraps_pieces():
+    for n in (3, 10, 128, 129, 130, 256, 257, 1000, 1024):
+        tokens = np.concatenate([[1], np.arange(10, 10 + n - 2), [2]]).astype(np.uint16)
+        pieces = split_sample(tokens, 128, 1, 2)
+        assert all(len(p) <= 128 and p[0] == 1 and p[-1] == 2 for p in pieces)
+        np.testing.assert_array_equal(np.concatenate([p[1:-1] for p in pieces]), tokens[1:-1])
+        assert min(len(p) for p in pieces) >= min(n, 64)  # no stub pieces
+
+
+def test_best_fit_packer_fills_budgets_and_keeps_documents_whole():
+    rng = np.random.default_rng(1)
+    packer = BestFitPacker(2048, max_wait=40)
+    lengths = iter(np.minimum(rng.lognormal(5.0, 1.0, 20000).astype(int) + 3, 512))
+    used, seen, added = [], [], 0
+    for _ in range(400):
+        while packer.buffered_tokens < 8 * 2048:  # the loader's top-up
+            packer.add(Piece(tokens=np.full(next(lengths), 7, dtype=np.uint16), sample_id=added, piece_index=0,
+                             epoch=0, key=added))
+            added += 1
+        pieces = packer.pack()
+        ids, cu, piece_lengths = assemble(pieces, 2048, pad_id=3)
+        assert cu[0] == 0 and cu[-1] == 2048 and (np.diff(cu) > 0).all()
+        assert (ids[piece_lengths.sum():] == 3).all() and (ids[:piece_lengths.sum()] == 7).all()
+        used.append(piece_lengths.sum())
+        seen += [p.sample_id for p in pieces]
+    assert np.mean(used) / 2048 >= 0.99
+    assert len(seen) == len(set(seen))
+    waits = [packer.budgets_packed - ref[4] for ref in packer.references()]
+    assert max(waits) <= 40 + 2
+
+
+def test_stale_shm_cleaner_removes_only_unmapped_streaming_files(tmp_path):
+    from multiprocessing import shared_memory
+
+    live = shared_memory.SharedMemory(create=True, size=16, name="999990_barrier")
+    stale = tmp_path / "999991_barrier"
+    stale.write_bytes(b"x")
+    other = tmp_path / "999992_not_streaming"
+    other.write_bytes(b"x")
+    try:
+        removed = clean_stale_streaming_shm(tmp_path)
+        assert removed == ["999991_barrier"] and other.exists()
+        assert "999990_barrier" not in clean_stale_streaming_shm()
+    finally:
+        live.close()
+        live.unlink()
