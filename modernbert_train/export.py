@@ -103,8 +103,9 @@ def model_weights(composer_state: dict, checkpoint: Path) -> tuple[dict[str, tor
 def checkpoint_step(composer_state: dict) -> int:
     """Optimizer steps done at the checkpoint (composer stores its Timestamp as a state dict), or -1."""
     timestamp = composer_state.get("state", {}).get("timestamp")
-    if isinstance(timestamp, dict) and "batch" in timestamp:
-        return int(timestamp["batch"])
+    if isinstance(timestamp, dict):
+        timestamp = timestamp.get("Timestamp", timestamp)  # composer nests it under the class name
+        return int(timestamp.get("batch", -1))
     return int(timestamp.batch) if hasattr(timestamp, "batch") else -1
 
 
@@ -122,7 +123,7 @@ def validate_folder(model: ModernBertForMaskedLM, folder: Path, token_rows: list
     """Max |logits(ours) - logits(transformers)| over real tokens of a padded batch; raises above tolerance."""
     from transformers import AutoModelForMaskedLM
 
-    theirs = AutoModelForMaskedLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    theirs = AutoModelForMaskedLM.from_pretrained(str(folder)).float().eval()
     ours = model.float().eval()
     width = max(len(row) for row in token_rows)
     ids = torch.full((len(token_rows), width), model.config.pad_token_id)
