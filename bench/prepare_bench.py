@@ -3,12 +3,16 @@
     .venv/bin/python bench/prepare_bench.py --workers 1 2 --max-mb 12
 
 Builds the offline local corpus (stdlib code + Python prose) unless --corpus is given, trains a tokenizer on it
-unless --tokenizer is given (neither is timed), then in one process and one run:
-  raw      : Tokenizer.encode_batch over every document, already in memory, one core
-             (TOKENIZERS_PARALLELISM=false), best of --repeats
-  prepare  : the whole `prepare` call per worker count (planning, reading, tokenizing, chunking, MDS writing
-             with zstd, index merge, worker start-up), into a fresh folder, best of --repeats
-Tokens are content tokens ([CLS]/[SEP] of chunks excluded) so both sides count the same thing.
+unless --tokenizer is given (neither is timed), then, in one process and one run, for each worker count N:
+  raw x N  : Tokenizer.encode_batch over every document (already in memory), split over N single-threaded
+             processes (TOKENIZERS_PARALLELISM=false); N=1 is the plain one-core rate
+  prepare  : the whole `prepare` call with N workers (planning, reading files, tokenizing, chunking, MDS
+             writing with zstd, index merge, worker start-up) into a fresh folder
+Each pair runs back to back; the table gives the best of --repeats and the median of the per-repeat
+prepare/raw ratios, so load from other processes on a shared machine hits both sides alike. Tokens are content tokens ([CLS]/[SEP] excluded): both sides count the same.
+CPU-s rates (user+system of the process and its workers) are less disturbed by other load; the last line
+alternates prepare's per-unit work and encode_batch unit by unit in one process (CPU seconds), the
+comparison least disturbed by other processes on a shared machine.
 Target: prepare tokens/s per worker >= 0.8x the raw one-core rate, and rising with workers.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -52,13 +57,29 @@ def load_documents(inputs: list[str]) -> tuple[list[str], int]:
     return texts, sum(len(t.encode("utf-8")) for t in texts)
 
 
-def time_raw(tokenizer_path: str, texts: list[str]) -> tuple[float, int]:
+_RAW: dict = {}
+
+
+def _encode_slice(index: int) -> int:
+    tok, texts, n = _RAW["tok"], _RAW["texts"], _RAW["n"]
+    return sum(len(e.ids) for e in tok.encode_batch(texts[index::n], add_special_tokens=False))
+
+
+def time_raw(tokenizer_path: str, texts: list[str], processes: int) -> tuple[float, float, int]:
+    """encode_batch over all texts, split across `processes` single-threaded processes (1: in this process)."""
+    import multiprocessing as mp
+
     from data_prep.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
     tok.encode_special_tokens = True  # as prepare does: "[MASK]" in a text is text
+    _RAW.update(tok=tok, texts=texts, n=processes)
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    if processes == 1:
+        tokens = _encode_slice(0)
+    else:
+        with mp.get_context("fork").Pool(processes) as pool:
+            tokens = sum(pool.map(_encode_slice, range(processes)))
     return time.perf_counter() - start, _cpu_seconds() - cpu_start, tokens
 
 
@@ -83,28 +104,60 @@ def time_prepare(tokenizer_path: str, inputs: list[str], out: Path, workers: int
                      "documents": meta["documents"], "chunks": meta["chunks"]}
 
 
-def measure(tokenizer_path: str, inputs: list[str], texts: list[str], scratch: Path, args) -> tuple[dict, list]:
-    """Best of --repeats, raw and prepare interleaved so a busy machine hurts both sides alike."""
-    raw_times, raw_cpu, prep_times, prep_cpu, prep_info = [], [], {w: [] for w in args.workers}, \
-        {w: [] for w in args.workers}, {}
+def interleaved_core(tokenizer_path: str, inputs: list[str], scratch: Path, args) -> dict:
+    """CPU seconds of prepare's per-unit work (read, tokenize, chunk, MDS write) against encode_batch on the
+    same unit's texts, alternating unit by unit: the per-core comparison least disturbed by other load."""
+    from data_prep.prepare import UnitWriter, mds_columns, token_dtype  # noqa: F401 - same code as prepare
+    from data_prep.sources import Document, expand_inputs, plan_units, read_unit
+    from data_prep.tokenizer import load_tokenizer, special_token_ids, vocab_size
+
+    tok = load_tokenizer(tokenizer_path)
+    tok.encode_special_tokens = True
+    vocab = vocab_size(tok)
+    settings = {"source": "bench", "vocab_size": vocab, "dtype": token_dtype(vocab), "max_seq_len": args.max_seq_len,
+                "text_field": "text", "shard_size_limit": 1 << 26,
+                "policies": {"on_error": "fail", "on_binary": "skip"}}
+    out = scratch / "interleaved"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    writer = UnitWriter(tok, special_token_ids(tok), settings, out, report=lambda nbytes, ntokens: None)
+    raw_cpu = unit_cpu = 0.0
     tokens = 0
     for _ in range(args.repeats):
-        elapsed, cpu, tokens = time_raw(tokenizer_path, texts)
-        raw_times.append(elapsed)
-        raw_cpu.append(cpu)
+        for unit in plan_units(expand_inputs(inputs), "auto", int(args.unit_mb * (1 << 20))):
+            texts = [item.text for item in read_unit(unit) if isinstance(item, Document)]
+            start = time.process_time()
+            tokens += sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+            raw_cpu += time.process_time() - start
+            start = time.process_time()
+            writer.run(unit)
+            unit_cpu += time.process_time() - start
+    return {"tokens": tokens, "raw_cpu_s": raw_cpu, "prepare_unit_cpu_s": unit_cpu, "ratio": raw_cpu / unit_cpu}
+
+
+def measure(tokenizer_path: str, inputs: list[str], texts: list[str], scratch: Path, args) -> list[dict]:
+    """Best of --repeats; raw xN and prepare with N workers run back to back, so load from other processes on
+    the machine hits both sides of each comparison alike."""
+    times: dict = {}
+    for _ in range(args.repeats):
         for w in args.workers:
-            elapsed, prep_info[w] = time_prepare(tokenizer_path, inputs, scratch / f"out_w{w}", w, args)
-            prep_times[w].append(elapsed)
-            prep_cpu[w].append(prep_info[w].pop("cpu_seconds"))
-    raw = {"tokens": tokens, "seconds": min(raw_times), "tokens_per_s": tokens / min(raw_times),
-           "tokens_per_cpu_s": tokens / min(raw_cpu), "all_seconds": raw_times}
-    runs = []
-    for w in args.workers:
-        best = min(prep_times[w])
-        runs.append(dict(prep_info[w], workers=w, seconds=best, tokens_per_s=prep_info[w]["tokens"] / best,
-                         tokens_per_s_per_worker=prep_info[w]["tokens"] / best / w,
-                         tokens_per_cpu_s=prep_info[w]["tokens"] / min(prep_cpu[w]), all_seconds=prep_times[w]))
-    return raw, runs
+            elapsed, cpu, tokens = time_raw(tokenizer_path, texts, w)
+            times.setdefault(("raw", w), []).append((elapsed, cpu, {"tokens": tokens}))
+            elapsed, info = time_prepare(tokenizer_path, inputs, scratch / f"out_w{w}", w, args)
+            cpu = info.pop("cpu_seconds")
+            times.setdefault(("prepare", w), []).append((elapsed, cpu, info))
+    rows = []
+    for (kind, w), runs in times.items():
+        best = min(r[0] for r in runs)
+        best_cpu = min(r[1] for r in runs)
+        info = runs[-1][2]
+        # Ratio of each prepare run to the raw run just before it: robust to load that changes over minutes.
+        paired = [raw[0] / run[0] for raw, run in zip(times[("raw", w)], runs)]
+        rows.append(dict(info, run=kind, workers=w, seconds=best, tokens_per_s=info["tokens"] / best,
+                         tokens_per_s_per_worker=info["tokens"] / best / w,
+                         tokens_per_cpu_s=info["tokens"] / best_cpu, all_seconds=[r[0] for r in runs],
+                         median_paired_ratio=statistics.median(paired)))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -127,15 +180,19 @@ def main(argv=None) -> int:
             tokenizer_path = str(save_tokenizer(train_tokenizer(texts, args.vocab_size, show_progress=False),
                                                 scratch / "tokenizer"))
         texts, nbytes = load_documents(inputs)
-        raw, runs = measure(tokenizer_path, inputs, texts, scratch, args)
-        for run in runs:
-            if run["tokens"] != raw["tokens"]:
-                raise SystemExit(f"token counts differ: raw {raw['tokens']} vs prepare {run['tokens']}")
-            run["per_worker_vs_raw"] = run["tokens_per_s_per_worker"] / raw["tokens_per_s"]
-            run["per_cpu_s_vs_raw"] = run["tokens_per_cpu_s"] / raw["tokens_per_cpu_s"]
+        rows = measure(tokenizer_path, inputs, texts, scratch, args)
+        core = interleaved_core(tokenizer_path, inputs, scratch, args)
+        raw1 = next(r for r in rows if r["run"] == "raw" and r["workers"] == 1)
+        for row in rows:
+            if row["tokens"] != raw1["tokens"]:
+                raise SystemExit(f"token counts differ: raw {raw1['tokens']} vs {row['run']} {row['tokens']}")
+            raw_same = next(r for r in rows if r["run"] == "raw" and r["workers"] == row["workers"])
+            row["per_worker_vs_raw1"] = row["tokens_per_s_per_worker"] / raw1["tokens_per_s"]
+            row["vs_raw_same_processes"] = row["tokens_per_s"] / raw_same["tokens_per_s"]
+            row["per_cpu_s_vs_raw1"] = row["tokens_per_cpu_s"] / raw1["tokens_per_cpu_s"]
         import tokenizers
 
-        result = {"documents": len(texts), "input_mb": nbytes / 1e6, "raw": raw, "prepare": runs,
+        result = {"documents": len(texts), "input_mb": nbytes / 1e6, "rows": rows, "interleaved_core": core,
                   "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                   "python": platform.python_version(), "tokenizers": tokenizers.__version__,
                   "max_seq_len": args.max_seq_len, "unit_mb": args.unit_mb,
@@ -144,17 +201,20 @@ def main(argv=None) -> int:
         if args.workdir is None:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"{result['documents']:,} documents, {result['input_mb']:.1f} MB, {raw['tokens']:,} tokens; "
-          f"{result['cpu_count']} CPUs; tokenizers {result['tokenizers']}")
-    print(f"load average after the run: {', '.join(f'{x:.1f}' for x in result['load_average_after'])}")
-    print("| run | workers | wall s | tokens/s | tokens/s per worker | per worker vs raw | tokens per CPU-s | vs raw |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| raw encode_batch | 1 | {raw['seconds']:.2f} | {raw['tokens_per_s']:,.0f} | "
-          f"{raw['tokens_per_s']:,.0f} | 1.00x | {raw['tokens_per_cpu_s']:,.0f} | 1.00x |")
-    for run in runs:
-        print(f"| prepare | {run['workers']} | {run['seconds']:.2f} | {run['tokens_per_s']:,.0f} | "
-              f"{run['tokens_per_s_per_worker']:,.0f} | {run['per_worker_vs_raw']:.2f}x | "
-              f"{run['tokens_per_cpu_s']:,.0f} | {run['per_cpu_s_vs_raw']:.2f}x |")
+    print(f"{result['documents']:,} documents, {result['input_mb']:.1f} MB, {raw1['tokens']:,} tokens; "
+          f"{result['cpu_count']} CPUs; tokenizers {result['tokenizers']}; load average after: "
+          f"{', '.join(f'{x:.1f}' for x in result['load_average_after'])}")
+    print("| run | workers | wall s (best) | tokens/s | per worker | per worker / raw x1 | / raw same N "
+          "| median paired / raw same N | tokens per CPU-s | / raw x1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in sorted(rows, key=lambda r: (r["workers"], r["run"] != "raw")):
+        name = f"raw encode_batch x{row['workers']}" if row["run"] == "raw" else "prepare"
+        print(f"| {name} | {row['workers']} | {row['seconds']:.2f} | {row['tokens_per_s']:,.0f} | "
+              f"{row['tokens_per_s_per_worker']:,.0f} | {row['per_worker_vs_raw1']:.2f}x | "
+              f"{row['vs_raw_same_processes']:.2f}x | {row['median_paired_ratio']:.2f}x | "
+              f"{row['tokens_per_cpu_s']:,.0f} | {row['per_cpu_s_vs_raw1']:.2f}x |")
+    print(f"interleaved per work unit, CPU seconds: encode_batch {core['raw_cpu_s']:.2f} s, prepare's unit work "
+          f"{core['prepare_unit_cpu_s']:.2f} s -> prepare runs at {core['ratio']:.2f}x the raw per-core rate")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
     return 0

@@ -1,0 +1,9 @@
+"""Raw files -> tokenizer.json + MDS shards, for ModernBERT pretraining (CLI: `modernbert-data`).
+
+    tokenizer.py     load_tokenizer, special_token_ids, train_tokenizer, save_tokenizer (contract 1)
+    sources.py       input discovery, work units, readers that turn bad records into counted Problems
+    prepare.py       prepare(PrepareConfig): parallel, resumable tokenize + chunk + MDS write (contract 2)
+    stats.py         iter_samples, folder_stats, length histograms
+    local_corpus.py  the offline demo corpus (stdlib code + Python prose)
+    cli.py           `modernbert-data train-tokenizer | prepare | stats | build-local-corpus`
+"""

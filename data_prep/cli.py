@@ -1,0 +1,233 @@
+"""`modernbert-data COMMAND ...`: tokenizer training, shard preparation, statistics, the local demo corpus.
+
+Exit codes: 0 success; 1 the work failed; 2 bad input (argument, file, record), printed as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from modernbert_train.errors import UserError, did_you_mean
+
+EPILOG = """examples:
+  modernbert-data build-local-corpus --out demo_out/corpus --max-mb 4
+  modernbert-data train-tokenizer demo_out/corpus/code demo_out/corpus/prose --out demo_out/tokenizer --vocab-size 32768
+  modernbert-data prepare demo_out/corpus/code --format code --language python \\
+      --tokenizer demo_out/tokenizer --out demo_out/shards/code
+  modernbert-data prepare demo_out/corpus/prose --tokenizer demo_out/tokenizer --out demo_out/shards/prose
+  modernbert-data stats yamls/data/demo.yaml
+exit codes: 0 ok, 1 failure, 2 bad input"""
+
+TRAIN_TOKENIZER_EPILOG = """example:
+  modernbert-data train-tokenizer corpus/code corpus/prose/*.jsonl --out tok --vocab-size 50368
+writes tok/tokenizer.json (+ tokenizer_config.json, special_tokens_map.json for transformers.AutoTokenizer)
+with [UNK]=0 [CLS]=1 [SEP]=2 [PAD]=3 [MASK]=4, and checks that transformers loads it and agrees on ids."""
+
+PREPARE_EPILOG = """examples:
+  modernbert-data prepare data/web/*.jsonl.zst --text-field text --tokenizer tok --out shards/web --workers 16
+  modernbert-data prepare ~/src/repos --format code --language python --language rust \\
+      --exclude '*/tests/*' --tokenizer tok --out shards/code
+  modernbert-data prepare papers.parquet --text-field body --tokenizer tok --out shards/science --max-seq-len 8192
+formats: jsonl (.jsonl .jsonl.gz .jsonl.zst, one JSON object per line, --text-field), parquet (--text-field
+column), text (one document per file), code (one document per file, by --language/--extension).
+Re-running on the same --out resumes: finished work units are kept, changed inputs are redone; different
+settings (tokenizer, --max-seq-len, ...) are refused unless --overwrite.
+bad records: malformed JSON, missing/non-string text field, invalid UTF-8 and unreadable files follow
+--on-error (default fail); binary files met in code/text directories follow --on-binary (default skip);
+empty documents are always skipped and counted. prep_summary.json accounts for every record read."""
+
+STATS_EPILOG = """examples:
+  modernbert-data stats demo_out/shards/code demo_out/shards/prose
+  modernbert-data stats yamls/data/demo.yaml --scan
+--scan recounts from the shards themselves and checks prep_meta.json."""
+
+CORPUS_EPILOG = """example:
+  modernbert-data build-local-corpus --out demo_out/corpus --max-mb 8
+code = this interpreter's standard library (.py, tests excluded); prose = pydoc topics, stdlib docstrings
+and the Python docs' .txt sources when installed. Nothing is downloaded."""
+
+
+def _add_input_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or globs (quote globs)")
+    parser.add_argument("--format", default="auto",
+                        help="auto (by suffix: .jsonl[.gz|.zst], .parquet, .txt/.md/.rst, code extensions such as "
+                             ".py) | jsonl | parquet | text | code")
+    parser.add_argument("--text-field", default="text", help="jsonl key / parquet column holding the text")
+    parser.add_argument("--language", action="append", default=[], help="code: a language (repeatable)")
+    parser.add_argument("--extension", action="append", default=[], help="code: a file extension (repeatable)")
+    parser.add_argument("--exclude", action="append", default=[],
+                        help="glob on paths relative to an input directory (repeatable), e.g. '*/tests/*'")
+
+
+def _expand(args) -> list[str]:
+    from data_prep.sources import expand_inputs
+
+    return expand_inputs(args.inputs, args.format, args.language, args.extension, args.exclude)
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+def add_train_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_input_selection(parser)
+    parser.add_argument("--out", required=True, help="folder for tokenizer.json and the transformers files")
+    parser.add_argument("--vocab-size", type=int, default=50368, help="vocabulary size incl. specials (50368)")
+    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (2)")
+    parser.add_argument("--max-mb", type=float, default=None, help="train on at most this many MB of text")
+    parser.add_argument("--model-max-length", type=int, default=8192, help="written to tokenizer_config.json")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train_tokenizer(args) -> int:
+    from data_prep.tokenizer import iter_training_texts, save_tokenizer, train_tokenizer, verify_saved_tokenizer
+
+    files = _expand(args)
+    skipped: dict[str, int] = {}
+    max_chars = int(args.max_mb * 1e6) if args.max_mb else None
+    start = time.perf_counter()
+    texts = iter_training_texts(files, args.format, args.text_field, max_chars, skipped)
+    tok = train_tokenizer(texts, args.vocab_size, args.min_frequency, show_progress=not args.no_progress)
+    path = save_tokenizer(tok, args.out, args.model_max_length)
+    sample = next(iter_training_texts(files[:1], args.format, args.text_field, 100_000), "")
+    verify_saved_tokenizer(args.out, [sample, "def f(x):\n    return x  # [MASK] stays text\n\n"])
+    skipped_text = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) or "none"
+    print(f"wrote {path} (vocab {tok.get_vocab_size():,}) from {len(files):,} files in "
+          f"{time.perf_counter() - start:.1f}s; skipped records: {skipped_text}; transformers loads it and agrees")
+    return 0
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_input_selection(parser)
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding one")
+    parser.add_argument("--out", required=True, help="output folder for this source's shards")
+    parser.add_argument("--source", default=None, help="source name written in every sample (default: --out name)")
+    parser.add_argument("--max-seq-len", type=int, default=8192,
+                        help="ids per chunk incl. [CLS]/[SEP]; longer documents are split (8192)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    parser.add_argument("--on-error", default="fail", choices=("skip", "fail"), help="malformed records (fail)")
+    parser.add_argument("--on-binary", default="skip", choices=("skip", "fail"), help="binary files (skip)")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing output with other settings")
+    parser.add_argument("--unit-mb", type=float, default=None,
+                        help="input MB per work unit, the resume granularity (default: about 4 units per worker, "
+                             "1-64 MB; a resumed run keeps its plan's)")
+    parser.add_argument("--shard-mb", type=float, default=64, help="uncompressed MB per MDS shard")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_prepare(args) -> int:
+    from data_prep.prepare import PrepareConfig, format_summary, prepare
+
+    cfg = PrepareConfig(
+        inputs=args.inputs, out=args.out, tokenizer=args.tokenizer, source=args.source, format=args.format,
+        text_field=args.text_field, languages=tuple(args.language), extensions=tuple(args.extension),
+        exclude=tuple(args.exclude), max_seq_len=args.max_seq_len, workers=args.workers,
+        on_error=args.on_error, on_binary=args.on_binary, overwrite=args.overwrite,
+        unit_bytes=max(1, int(args.unit_mb * (1 << 20))) if args.unit_mb else None, shard_size_limit=max(1 << 16, int(args.shard_mb * (1 << 20))),
+        progress=not args.no_progress)
+    print(format_summary(prepare(cfg)))
+    print(f"wrote {args.out}/index.json, prep_meta.json, prep_summary.json")
+    return 0
+
+
+def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="FOLDER_OR_MANIFEST",
+                        help="prepared shard folders, or a mixture manifest .yaml")
+    parser.add_argument("--scan", action="store_true", help="recount from the shards and check prep_meta.json")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _folders_of(paths: list[str]) -> list[str]:
+    folders = []
+    for path in paths:
+        if path.endswith((".yaml", ".yml")):
+            from modernbert_train.data.manifest import load_manifest
+
+            for source in load_manifest(path).sources:
+                folders.append(str(source.local))
+        else:
+            folders.append(path)
+    return folders
+
+
+def run_stats(args) -> int:
+    from data_prep.stats import folder_stats, format_stats
+
+    stats = [folder_stats(folder, scan=args.scan, progress=args.scan and not args.json)
+             for folder in _folders_of(args.paths)]
+    print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
+    return 0 if all(s.get("scan_matches_meta", True) for s in stats) else 1
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder for code/ and prose/")
+    parser.add_argument("--max-mb", type=float, default=None, help="cap on code and on prose, each (MB)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild an existing corpus folder")
+
+
+def run_corpus(args) -> int:
+    from data_prep.local_corpus import build_local_corpus
+
+    max_bytes = int(args.max_mb * 1e6) if args.max_mb is not None else None
+    info = build_local_corpus(args.out, max_bytes, overwrite=args.overwrite)
+    prose_bytes = sum(part.get("bytes", 0) for part in info["prose"].values())
+    print(f"wrote {args.out}/code ({info['code']['files']:,} files, {info['code']['bytes'] / 1e6:.1f} MB) and "
+          f"{args.out}/prose ({prose_bytes / 1e6:.1f} MB); details in {args.out}/corpus_info.json")
+    return 0
+
+
+COMMANDS = {
+    "train-tokenizer": (add_train_tokenizer_arguments, run_train_tokenizer, TRAIN_TOKENIZER_EPILOG,
+                        "train a lossless byte-level BPE tokenizer with ModernBERT's special tokens"),
+    "prepare": (add_prepare_arguments, run_prepare, PREPARE_EPILOG,
+                "tokenize a source into MDS shards (parallel, resumable, every record accounted)"),
+    "stats": (add_stats_arguments, run_stats, STATS_EPILOG,
+              "documents, tokens, chunks and length histograms of prepared sources"),
+    "build-local-corpus": (add_corpus_arguments, run_corpus, CORPUS_EPILOG,
+                           "write the offline demo corpus (stdlib code + Python prose)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modernbert-data", description="Prepare data for ModernBERT pretraining.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_arguments, _, epilog, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        parser.error(f"unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(COMMANDS[args.command][1](args) or 0)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns failures into a line
+        if debug:
+            raise
+        print(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""A real corpus built offline from this machine: Python standard library code + English prose.
+
+    OUT/code/...            the running interpreter's stdlib .py files (tests and site-packages left out),
+                            copied byte for byte: a `--format code` source
+    OUT/prose/pydoc_topics.jsonl   the language reference topics shipped in `pydoc_data.topics`
+    OUT/prose/docstrings.jsonl     per stdlib module, its module/class/function docstrings
+    OUT/prose/python_docs/*.txt    the reStructuredText sources of the Python docs, when the Debian
+                                   package python3.11-doc is installed
+    OUT/corpus_info.json           what was written, with byte counts
+
+Every prose file is jsonl or .txt, so the prose folder is a `--format auto` source.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from modernbert_train.errors import UserError
+
+PYTHON_DOC_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
+# Directories of the stdlib that are tests, third-party installs or build leftovers, not library code.
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "_bundled",
+                 "lib2to3_tests"}
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_python_files(root: Path | None = None) -> list[Path]:
+    """The stdlib's .py files in a deterministic order, test directories and site-packages excluded."""
+    root = root or stdlib_dir()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS and not d.startswith(("config-", ".")))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    return found
+
+
+def _docstrings_of(source: str) -> list[str]:
+    tree = ast.parse(source)
+    docs = []
+    for node in [tree, *ast.walk(tree)]:
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and doc.strip():
+                docs.append(doc)
+    return list(dict.fromkeys(docs))  # the module appears twice (tree and ast.walk's first node)
+
+
+# Below this many bytes left, stop looking for items small enough to fit (and stop parsing modules for them).
+NEARLY_FULL_BYTES = 2048
+
+
+class _Budget:
+    def __init__(self, max_bytes: int | None):
+        self.left = max_bytes
+
+    def nearly_full(self) -> bool:
+        return self.left is not None and self.left < NEARLY_FULL_BYTES
+
+    def take(self, nbytes: int) -> bool:
+        if self.left is None:
+            return True
+        if nbytes > self.left:
+            return False  # skipped; smaller items later in the (sorted, deterministic) order may still fit
+        self.left -= nbytes
+        return True
+
+
+def _write_jsonl(path: Path, records: Iterable[dict], budget: _Budget) -> tuple[int, int]:
+    written = nbytes = 0
+    with path.open("w", encoding="utf-8") as fh:
+        for record in records:
+            if budget.nearly_full():
+                break
+            line = json.dumps(record, ensure_ascii=False) + "\n"
+            size = len(line.encode("utf-8"))
+            if not budget.take(size):
+                continue
+            fh.write(line)
+            written += 1
+            nbytes += size
+    return written, nbytes
+
+
+def build_code(out: Path, max_bytes: int | None = None) -> dict:
+    root = stdlib_dir()
+    budget = _Budget(max_bytes)
+    files = nbytes = 0
+    for src in stdlib_python_files(root):
+        size = src.stat().st_size
+        if not budget.take(size):
+            continue
+        dest = out / src.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        files += 1
+        nbytes += size
+    return {"files": files, "bytes": nbytes, "from": str(root)}
+
+
+def build_prose(out: Path, max_bytes: int | None = None) -> dict:
+    from pydoc_data.topics import topics
+
+    out.mkdir(parents=True, exist_ok=True)
+    budget = _Budget(max_bytes)
+    info: dict = {}
+    records = [{"text": topics[name], "id": f"pydoc_topics/{name}"} for name in sorted(topics)]
+    # Under a cap the reference topics get at most half, so docstrings (a different register) are in too.
+    docs, nbytes = _write_jsonl(out / "pydoc_topics.jsonl", records, _Budget(max_bytes and max_bytes // 2))
+    budget.take(nbytes)
+    info["pydoc_topics"] = {"documents": docs, "bytes": nbytes}
+
+    root = stdlib_dir()
+    unparsable = []
+
+    def docstring_records() -> Iterator[dict]:  # lazy: a capped corpus parses only the modules it needs
+        for src in stdlib_python_files(root):
+            try:
+                docstrings = _docstrings_of(src.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                unparsable.append(str(src))
+                continue
+            if docstrings:
+                yield {"text": "\n\n".join(docstrings), "id": str(src.relative_to(root))}
+
+    docs, nbytes = _write_jsonl(out / "docstrings.jsonl", docstring_records(), budget)
+    info["docstrings"] = {"documents": docs, "bytes": nbytes, "modules_unparsable": len(unparsable)}
+
+    if PYTHON_DOC_SOURCES.is_dir():
+        dest_dir = out / "python_docs"
+        files = nbytes = 0
+        for src in sorted(PYTHON_DOC_SOURCES.rglob("*.txt")):
+            size = src.stat().st_size
+            if not budget.take(size):
+                continue
+            dest = dest_dir / src.relative_to(PYTHON_DOC_SOURCES)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+            files += 1
+            nbytes += size
+        info["python_docs"] = {"files": files, "bytes": nbytes, "from": str(PYTHON_DOC_SOURCES)}
+    return info
+
+
+def build_local_corpus(out_dir: str | os.PathLike, max_bytes: int | None = None, overwrite: bool = False) -> dict:
+    """Write the demo corpus under out_dir (code/ and prose/); `max_bytes` caps each of the two separately."""
+    out = Path(out_dir)
+    if max_bytes is not None and max_bytes <= 0:
+        raise UserError(f"--max-mb must be positive (got {max_bytes} bytes)")
+    existing = [p for p in ("code", "prose", "corpus_info.json") if (out / p).exists()]
+    if existing:
+        if not overwrite:
+            raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to rebuild it")
+        for name in existing:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"code": build_code(out / "code", max_bytes), "prose": build_prose(out / "prose", max_bytes),
+            "max_bytes_per_kind": max_bytes}
+    (out / "corpus_info.json").write_text(json.dumps(info, indent=1))
+    return info

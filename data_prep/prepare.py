@@ -1,0 +1,525 @@
+"""`prepare`: raw inputs -> tokenized, chunked MDS shards (contract 2), in parallel, resumable per work unit.
+
+Layout of an output folder (one per source):
+    plan.json               settings + work units of the run (what a resume is checked against)
+    part-00000/ ...         one folder per work unit: its own MDS index.json, shards, unit_summary.json;
+                            written as .tmp-part-00000 and renamed when complete, so a part is all or nothing
+    index.json              merged MDS index over all parts (written last: its presence means complete)
+    prep_meta.json          tokenizer hash, vocab, max_seq_len, special ids, documents, chunks, tokens, histograms
+    prep_summary.json       every input record accounted: read = written + chunked + skipped (per reason, per file)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from data_prep.sources import REASON_POLICY, Document, Problem, WorkUnit, expand_inputs, plan_units, read_unit
+from data_prep.stats import Histogram
+from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256, vocab_size
+from modernbert_train.errors import UserError
+
+PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE = "plan.json", "index.json", "prep_meta.json", "prep_summary.json"
+UNIT_SUMMARY_FILE = "unit_summary.json"
+PART_PREFIX, TMP_PREFIX = "part-", ".tmp-part-"
+LAYOUT_VERSION = 1
+POLICIES = ("skip", "fail")
+# doc_id = unit index * 2**32 + order of the document inside its unit: unique, deterministic, and assignable
+# by each worker without knowing how many documents the units before it hold.
+DOC_ID_UNIT_STRIDE = 1 << 32
+# Texts handed to one encode_batch call: large enough to amortize the call, small enough to stream.
+BATCH_TEXT_BYTES = 4 << 20
+BATCH_MAX_DOCS = 4096
+MAX_PROBLEMS_KEPT = 20
+MIN_AUTO_UNIT_BYTES, MAX_AUTO_UNIT_BYTES = 1 << 20, 64 << 20
+
+
+def token_dtype(vocab: int) -> str:
+    return "uint16" if vocab <= 65536 else "uint32"
+
+
+def mds_columns(vocab: int) -> dict[str, str]:
+    return {"input_ids": f"ndarray:{token_dtype(vocab)}", "doc_id": "int64", "chunk_index": "int32", "source": "str"}
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str]
+    out: str
+    tokenizer: str
+    source: str | None = None  # the `source` column and manifest name; default: the --out folder name
+    format: str = "auto"
+    text_field: str = "text"
+    languages: tuple[str, ...] = ()
+    extensions: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_seq_len: int = 8192
+    workers: int = 1
+    on_error: str = "fail"  # malformed json, missing field, invalid UTF-8, unreadable file
+    on_binary: str = "skip"  # binary (or undecodable) files met in code/text directories
+    overwrite: bool = False
+    unit_bytes: int | None = None  # None: reuse the existing plan's, else auto_unit_bytes()
+    shard_size_limit: int = 1 << 26
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.on_error not in POLICIES:
+            raise UserError(f"--on-error must be skip or fail, not {self.on_error!r}")
+        if self.on_binary not in POLICIES:
+            raise UserError(f"--on-binary must be skip or fail, not {self.on_binary!r}")
+        if self.max_seq_len < 3:
+            raise UserError(f"--max-seq-len {self.max_seq_len} leaves no room for a token between [CLS] and [SEP]")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, not {self.workers}")
+        if self.unit_bytes is not None and self.unit_bytes < 1:
+            raise UserError("--unit-mb must be positive")
+        if not self.inputs:
+            raise UserError("prepare needs at least one input file, directory or glob")
+
+
+@dataclass
+class UnitResult:
+    index: int
+    identity: list
+    read: int = 0
+    written: int = 0  # documents that fit one chunk
+    chunked: int = 0  # documents split into several chunks
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    chunks: int = 0
+    tokens: int = 0  # ids in the shards, [CLS]/[SEP] included
+    content_tokens: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+    files: dict = field(default_factory=dict)  # file -> {read, written, chunked, skipped}; see _file_entry
+    problems: list = field(default_factory=list)  # the first MAX_PROBLEMS_KEPT, as text
+    chunk_hist: dict = field(default_factory=dict)
+    doc_hist: dict = field(default_factory=dict)
+
+
+class _Stopped(Exception):
+    """Another worker failed; this one abandons its unit."""
+
+
+def _file_entry(result: UnitResult, path: str) -> dict:
+    entry = result.files.get(path)
+    if entry is None:
+        entry = result.files[path] = {"read": 0, "written": 0, "chunked": 0, "skipped": {}}
+    return entry
+
+
+class UnitWriter:
+    """Tokenizes the records of one work unit and writes them as one MDS part folder."""
+
+    def __init__(self, tok, specials, settings: dict, out: Path, report: Callable[[int, int], None],
+                 should_stop: Callable[[], bool] = lambda: False):
+        self.tok, self.specials, self.settings, self.out = tok, specials, settings, out
+        self.report, self.should_stop = report, should_stop
+        self.dtype = np.dtype(settings["dtype"])
+        self.content_len = settings["max_seq_len"] - 2
+
+    def run(self, unit: WorkUnit) -> dict:
+        from streaming import MDSWriter
+
+        start = time.perf_counter()
+        result = UnitResult(index=unit.index, identity=unit.identity)
+        chunk_hist, doc_hist = Histogram(), Histogram()
+        tmp = self.out / f"{TMP_PREFIX}{unit.index:05d}"
+        final = self.out / f"{PART_PREFIX}{unit.index:05d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        batch: list[Document] = []
+        batch_bytes = 0
+        pending_progress = 0
+        try:
+            with MDSWriter(out=str(tmp), columns=mds_columns(self.settings["vocab_size"]), compression="zstd",
+                           size_limit=self.settings["shard_size_limit"]) as writer:
+                for item in read_unit(unit, self.settings["text_field"]):
+                    result.read += 1
+                    result.input_bytes += item.consumed
+                    pending_progress += item.consumed
+                    entry = _file_entry(result, item.file)
+                    entry["read"] += 1
+                    if isinstance(item, Problem):
+                        self._handle_problem(item, result, entry)
+                        continue
+                    batch.append(item)
+                    batch_bytes += len(item.text)
+                    if batch_bytes >= BATCH_TEXT_BYTES or len(batch) >= BATCH_MAX_DOCS:
+                        self._write_batch(batch, writer, result, chunk_hist, doc_hist, pending_progress)
+                        batch, batch_bytes, pending_progress = [], 0, 0
+                self._write_batch(batch, writer, result, chunk_hist, doc_hist, pending_progress)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        result.seconds = time.perf_counter() - start
+        result.chunk_hist, result.doc_hist = chunk_hist.to_json(), doc_hist.to_json()
+        # Code/text sources can hold millions of files: keep per-file entries only where something was skipped.
+        if unit.kind in ("text", "code"):
+            result.files = {f: e for f, e in result.files.items() if e["skipped"]}
+        summary = asdict(result)
+        (tmp / UNIT_SUMMARY_FILE).write_text(json.dumps(summary))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        return summary
+
+    def _handle_problem(self, problem: Problem, result: UnitResult, entry: dict) -> None:
+        policy = REASON_POLICY[problem.reason]
+        if policy != "always_skip" and self.settings["policies"][policy] == "fail":
+            flag = "--on-error" if policy == "on_error" else "--on-binary"
+            raise UserError(f"{problem.describe()} (pass {flag} skip to skip and count such records)")
+        result.skipped[problem.reason] = result.skipped.get(problem.reason, 0) + 1
+        entry["skipped"][problem.reason] = entry["skipped"].get(problem.reason, 0) + 1
+        if len(result.problems) < MAX_PROBLEMS_KEPT:
+            result.problems.append(problem.describe())
+
+    def _write_batch(self, batch: list[Document], writer, result: UnitResult, chunk_hist: "Histogram",
+                     doc_hist: "Histogram", progress_bytes: int) -> None:
+        if self.should_stop():
+            raise _Stopped()
+        tokens_before = result.tokens
+        if batch:
+            encodings = self.tok.encode_batch_fast([doc.text for doc in batch], add_special_tokens=False)
+            source = self.settings["source"]
+            cls_id, sep_id = self.specials.cls_id, self.specials.sep_id
+            for doc, encoding in zip(batch, encodings):
+                ids = np.asarray(encoding.ids, dtype=self.dtype)
+                entry = result.files[doc.file]
+                if ids.size == 0:
+                    self._handle_problem(Problem("empty", doc.file, doc.line, "text encodes to no tokens"),
+                                         result, entry)
+                    continue
+                doc_id = result.index * DOC_ID_UNIT_STRIDE + result.written + result.chunked
+                n_chunks = -(-ids.size // self.content_len)
+                for k in range(n_chunks):
+                    piece = ids[k * self.content_len:(k + 1) * self.content_len]
+                    chunk = np.empty(piece.size + 2, dtype=self.dtype)
+                    chunk[0], chunk[1:-1], chunk[-1] = cls_id, piece, sep_id
+                    writer.write({"input_ids": chunk, "doc_id": doc_id, "chunk_index": k, "source": source})
+                    chunk_hist.add(chunk.size)
+                result.chunks += n_chunks
+                result.tokens += ids.size + 2 * n_chunks
+                result.content_tokens += ids.size
+                doc_hist.add(int(ids.size))
+                kind = "written" if n_chunks == 1 else "chunked"
+                setattr(result, kind, getattr(result, kind) + 1)
+                entry[kind] += 1
+        self.report(progress_bytes, result.tokens - tokens_before)
+
+
+# ------------------------------------------------------------------------------------- output folder state
+
+def _our_entry(name: str) -> bool:
+    return (name in (PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE)
+            or name.startswith(PART_PREFIX) or name.startswith(TMP_PREFIX))
+
+
+def _normalized(obj):
+    return json.loads(json.dumps(obj))
+
+
+def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite: bool) -> dict[int, dict]:
+    """Decide what an existing --out holds: {unit index: summary} of finished parts to keep.
+
+    Refuses (UserError, nothing changed) on a folder we did not write, or one prepared with other settings
+    unless `overwrite`. Parts whose inputs changed since they were written are removed and redone.
+    """
+    if not out.exists():
+        out.mkdir(parents=True)
+        return {}
+    if not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    names = [p.name for p in out.iterdir()]
+    if not names:
+        return {}
+    foreign = [n for n in names if not _our_entry(n)]
+    if not (out / PLAN_FILE).is_file() or foreign:
+        what = f"holds files prepare did not write ({', '.join(sorted(foreign)[:3])})" if foreign \
+            else "has no plan.json from `modernbert-data prepare`"
+        raise UserError(f"--out {out} is not empty and {what}; choose a new or empty folder (nothing was changed)")
+    old = json.loads((out / PLAN_FILE).read_text())
+    changed = [k for k in sorted(set(settings) | set(old.get("settings", {})))
+               if _normalized(settings.get(k)) != old.get("settings", {}).get(k)]
+    if changed or overwrite:
+        if not overwrite:
+            key = changed[0]
+            raise UserError(
+                f"--out {out} was prepared with different settings ({key}: {old['settings'].get(key)!r} now "
+                f"{settings.get(key)!r}); pass --overwrite to delete its shards and start over, or choose "
+                f"another --out (nothing was changed)")
+        for name in names:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return {}
+    kept: dict[int, dict] = {}
+    for name in names:
+        path = out / name
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)  # a unit interrupted mid-write
+        elif name.startswith(PART_PREFIX):
+            summary_file = path / UNIT_SUMMARY_FILE
+            summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+            index = summary["index"] if summary else -1
+            if summary and index < len(units) and summary["identity"] == _normalized(units[index].identity) \
+                    and name == f"{PART_PREFIX}{index:05d}":
+                kept[index] = summary
+            else:
+                shutil.rmtree(path)  # its inputs changed or it no longer exists in the plan
+    return kept
+
+
+def merge_part_indexes(out: Path, n_units: int) -> int:
+    """Write out/index.json listing every part's shards (paths relative to out); return the sample count."""
+    shards = []
+    for index in range(n_units):
+        part = f"{PART_PREFIX}{index:05d}"
+        part_index = json.loads((out / part / INDEX_FILE).read_text())
+        for shard in part_index["shards"]:
+            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
+            shards.append(shard)
+    tmp = out / (INDEX_FILE + ".tmp")
+    tmp.write_text(json.dumps({"version": 2, "shards": shards}))
+    os.replace(tmp, out / INDEX_FILE)
+    return sum(s["samples"] for s in shards)
+
+
+# ------------------------------------------------------------------------------------------ worker processes
+
+_WORKER: dict = {}
+# fork starts workers in milliseconds with streaming already imported (spawn re-imports torch: seconds per
+# worker). It is safe here because workers never use tokenizers' thread pool (TOKENIZERS_PARALLELISM=false,
+# and tokenizers disables a pool inherited across fork); elsewhere spawn is the only choice.
+START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+
+
+def _init_worker(tokenizer_path: str, settings: dict, out: str, queue, stop_event) -> None:
+    # Each worker is one core: tokenizers' own thread pool would oversubscribe the machine.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = load_tokenizer(tokenizer_path)
+    tok.encode_special_tokens = True  # "[MASK]" written in a document is text, never the mask id
+    _WORKER["writer"] = UnitWriter(tok, special_token_ids(tok, tokenizer_path), settings, Path(out),
+                                   report=lambda b, t: queue.put((b, t)), should_stop=stop_event.is_set)
+
+
+def _run_unit_in_worker(unit_json: dict) -> dict:
+    return _WORKER["writer"].run(WorkUnit(**unit_json))
+
+
+class _Progress:
+    def __init__(self, total_bytes: int, enabled: bool, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                        disable=not enabled, dynamic_ncols=True)
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def update(self, nbytes: int, ntokens: int) -> None:
+        self.tokens += ntokens
+        self.bar.update(nbytes)
+        rate = self.tokens / max(1e-9, time.perf_counter() - self.start)
+        self.bar.set_postfix_str(f"{self.tokens / 1e6:.2f}M tok, {rate / 1e3:.1f}k tok/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_in_process(units: list[WorkUnit], tok, settings: dict, out: Path, progress: _Progress) -> list[dict]:
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # same one-core-per-worker rule as the pool
+    try:
+        writer = UnitWriter(tok, special_token_ids(tok), settings, out, report=progress.update)
+        return [writer.run(unit) for unit in units]
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, settings: dict, out: Path,
+                 progress: _Progress) -> list[dict]:
+    import multiprocessing as mp
+    import queue as queue_module
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context(START_METHOD)
+    progress_queue, stop_event = ctx.Queue(), ctx.Event()
+    results: list[dict] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                progress.update(*progress_queue.get_nowait())
+            except queue_module.Empty:
+                return
+
+    import streaming  # noqa: F401 - imported once here so forked workers start with it loaded
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(tokenizer_path, settings, str(out), progress_queue, stop_event)) as pool:
+        pending = {pool.submit(_run_unit_in_worker, unit.to_json()) for unit in units}
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                drain()
+                for future in done:
+                    results.append(future.result())  # re-raises a worker's UserError here
+        except BaseException:
+            stop_event.set()
+            for future in pending:
+                future.cancel()
+            raise
+        finally:
+            drain()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+
+def _sum_counts(summaries: list[dict]) -> dict:
+    totals = {"read": 0, "written": 0, "chunked": 0, "skipped": {}, "chunks": 0, "tokens": 0,
+              "content_tokens": 0, "input_bytes": 0}
+    for s in summaries:
+        for key in ("read", "written", "chunked", "chunks", "tokens", "content_tokens", "input_bytes"):
+            totals[key] += s[key]
+        for reason, n in s["skipped"].items():
+            totals["skipped"][reason] = totals["skipped"].get(reason, 0) + n
+    return totals
+
+
+def _merge_files(summaries: list[dict]) -> dict:
+    files: dict = {}
+    for s in summaries:
+        for path, entry in s["files"].items():
+            merged = files.setdefault(path, {"read": 0, "written": 0, "chunked": 0, "skipped": {}})
+            for key in ("read", "written", "chunked"):
+                merged[key] += entry[key]
+            for reason, n in entry["skipped"].items():
+                merged["skipped"][reason] = merged["skipped"].get(reason, 0) + n
+    return files
+
+
+def auto_unit_bytes(files: list[str], workers: int) -> int:
+    """About 4 units per worker (so all workers stay busy to the end), between 1 MiB and 64 MiB."""
+    total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    return int(min(MAX_AUTO_UNIT_BYTES, max(MIN_AUTO_UNIT_BYTES, total // (4 * workers))))
+
+
+def _previous_unit_bytes(out: Path) -> int | None:
+    """A resumed run keeps the unit size it was planned with, whatever --workers is now."""
+    try:
+        return int(json.loads((out / PLAN_FILE).read_text())["settings"]["unit_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run (or resume) one source's preparation; return the summary also written to prep_summary.json."""
+    cfg.validate()
+    tok = load_tokenizer(cfg.tokenizer)
+    tok.encode_special_tokens = True  # "[MASK]" written in a document is text, never the mask id
+    specials = special_token_ids(tok, cfg.tokenizer)
+    vocab = vocab_size(tok)
+    out = Path(cfg.out)
+    source = cfg.source or out.resolve().name
+    settings = {
+        "layout_version": LAYOUT_VERSION, "source": source, "tokenizer_sha256": tokenizer_sha256(cfg.tokenizer),
+        "vocab_size": vocab, "dtype": token_dtype(vocab), "max_seq_len": cfg.max_seq_len,
+        "special_token_ids": specials.as_dict(), "format": cfg.format, "text_field": cfg.text_field,
+        "shard_size_limit": cfg.shard_size_limit,
+    }
+    files = expand_inputs(cfg.inputs, cfg.format, cfg.languages, cfg.extensions, cfg.exclude)
+    settings["unit_bytes"] = (cfg.unit_bytes or (None if cfg.overwrite else _previous_unit_bytes(out))
+                              or auto_unit_bytes(files, cfg.workers))
+    units = plan_units(files, cfg.format, settings["unit_bytes"])
+    kept = reconcile_output(out, settings, units, cfg.overwrite)
+    todo = [u for u in units if u.index not in kept]
+    if not todo and (out / INDEX_FILE).is_file() and (out / SUMMARY_FILE).is_file():
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        summary["this_run"] = {"units_done": 0, "units_kept": len(kept), "note": "already complete"}
+        return summary
+    for name in (INDEX_FILE, META_FILE, SUMMARY_FILE):
+        (out / name).unlink(missing_ok=True)  # the folder is incomplete until the end of this run
+    plan = {"settings": settings, "inputs": files, "units": [u.to_json() for u in units]}
+    (out / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+
+    run_settings = dict(settings, policies={"on_error": cfg.on_error, "on_binary": cfg.on_binary})
+    progress = _Progress(sum(u.size for u in todo), cfg.progress, desc=f"prepare {source}")
+    start = time.perf_counter()
+    try:
+        if cfg.workers == 1 or len(todo) <= 1:
+            new = _run_in_process(todo, tok, run_settings, out, progress)
+        else:
+            new = _run_in_pool(todo, min(cfg.workers, len(todo)), cfg.tokenizer, run_settings, out, progress)
+    except UserError as err:
+        finished = sum(1 for p in out.iterdir() if p.name.startswith(PART_PREFIX))
+        raise UserError(f"{err}. {finished} of {len(units)} work units are finished and kept in {out}; "
+                        f"re-run the same command to resume") from None
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - start
+
+    summaries = sorted(list(kept.values()) + new, key=lambda s: s["index"])
+    totals = _sum_counts(summaries)
+    accounted = totals["written"] + totals["chunked"] + sum(totals["skipped"].values())
+    if accounted != totals["read"]:
+        raise RuntimeError(f"accounting bug: read {totals['read']} but accounted {accounted}")
+    samples = merge_part_indexes(out, len(units))
+    if samples != totals["chunks"]:
+        raise RuntimeError(f"index lists {samples} samples but {totals['chunks']} chunks were written")
+
+    chunk_hist, doc_hist = Histogram(), Histogram()
+    for s in summaries:
+        chunk_hist.merge(s["chunk_hist"])
+        doc_hist.merge(s["doc_hist"])
+    new_tokens = sum(s["tokens"] for s in new)
+    meta = dict(
+        settings, documents=totals["written"] + totals["chunked"], chunks=totals["chunks"], tokens=totals["tokens"],
+        content_tokens=totals["content_tokens"], tokenizer_path=str(cfg.tokenizer),
+        tokens_count="all ids in the shards, [CLS] and [SEP] of every chunk included",
+        doc_id_scheme=f"unit index * {DOC_ID_UNIT_STRIDE} + document order within the unit",
+        input_files=len(files), units=len(units),
+        length_histograms={"chunk_tokens": chunk_hist.to_json(), "document_tokens": doc_hist.to_json()},
+    )
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    problems = [p for s in summaries for p in s["problems"]]
+    summary = {
+        "source": source, **{k: totals[k] for k in ("read", "written", "chunked", "skipped")},
+        "documents": meta["documents"], "chunks": totals["chunks"], "tokens": totals["tokens"],
+        "input_bytes": totals["input_bytes"], "input_files": len(files), "units": len(units),
+        "problems": problems[:200], "files": _merge_files(summaries),
+        "this_run": {"units_done": len(new), "units_kept": len(kept), "seconds": round(elapsed, 3),
+                     "tokens": new_tokens, "tokens_per_s": round(new_tokens / max(elapsed, 1e-9), 1),
+                     "workers": cfg.workers},
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable accounting printed at the end of `prepare`."""
+    skipped = summary["skipped"]
+    run = summary["this_run"]
+    lines = [
+        f"source {summary['source']}: {summary['documents']:,} documents -> {summary['chunks']:,} chunks, "
+        f"{summary['tokens']:,} tokens from {summary['input_files']:,} files ({summary['units']} work units; "
+        f"this run: {run['units_done']} done, {run['units_kept']} kept)",
+        f"  read {summary['read']:,} = written {summary['written']:,} + chunked {summary['chunked']:,} "
+        f"+ skipped {sum(skipped.values()):,}" + (
+            f" ({', '.join(f'{r} {n:,}' for r, n in sorted(skipped.items()))})" if skipped else ""),
+    ]
+    if run.get("tokens"):
+        lines.append(f"  {run['tokens_per_s'] / 1e3:,.1f}k tokens/s over {run['seconds']:.1f}s "
+                     f"with {run['workers']} worker(s)")
+    for problem in summary["problems"][:10]:
+        lines.append(f"  skipped {problem}")
+    if len(summary["problems"]) > 10:
+        lines.append(f"  ... see prep_summary.json for all {sum(skipped.values()):,} skipped records")
+    return "\n".join(lines)

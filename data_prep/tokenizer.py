@@ -1,0 +1,203 @@
+"""Tokenizers: load any `tokenizer.json`, find its special tokens, train a lossless code-friendly BPE.
+
+`load_tokenizer` and `special_token_ids` are the one way the rest of the project takes a tokenizer (contract 1).
+A trained tokenizer is byte-level BPE whose pre-tokenizer keeps whitespace runs and indentation as their own
+pieces and never adds a prefix space, so `decode(encode(text)) == text` for every string.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from modernbert_train.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+# Our trained tokenizers put the specials first, in this order (contract 1: [UNK]=0 ... [MASK]=4).
+SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
+
+# Accepted spellings per role, first match wins: the BERT family, then the RoBERTa/GPT family.
+_ROLE_SPELLINGS = {
+    "cls_id": ("[CLS]", "<s>", "<cls>"),
+    "sep_id": ("[SEP]", "</s>", "<sep>"),
+    "pad_id": ("[PAD]", "<pad>"),
+    "mask_id": ("[MASK]", "<mask>"),
+    "unk_id": ("[UNK]", "<unk>"),
+}
+
+# A GPT-4-like split, lossless and code-friendly: words take at most one leading non-letter, numbers split
+# in groups of three, punctuation runs stop at the line end, and whitespace runs (indentation, blank lines)
+# are pieces of their own, so line structure never hides inside a word piece.
+CODE_FRIENDLY_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    cls_id: int
+    sep_id: int
+    pad_id: int
+    mask_id: int
+    unk_id: int | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
+    """`path` itself if it is a file, else `path/tokenizer.json`; UserError naming the path if neither exists."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / TOKENIZER_FILE
+        if not candidate.is_file():
+            raise UserError(f"tokenizer folder {path} has no {TOKENIZER_FILE}")
+        return candidate
+    if not path.is_file():
+        raise UserError(f"tokenizer file {path} does not exist (give a tokenizer.json or a folder holding one)")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a `tokenizers` tokenizer.json (or a folder with one, e.g. a Hugging Face model folder)."""
+    file = resolve_tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception with the serde message
+        raise UserError(f"{file} is not a valid tokenizer.json: {err}") from err
+
+
+def tokenizer_sha256(path: str | os.PathLike) -> str:
+    """Hash of the tokenizer.json bytes: shards record it so a mismatched tokenizer is caught later."""
+    return hashlib.sha256(resolve_tokenizer_file(path).read_bytes()).hexdigest()
+
+
+def special_token_ids(tok: Tokenizer, source: str | os.PathLike | None = None) -> SpecialTokenIds:
+    """Ids of [CLS] [SEP] [PAD] [MASK] [UNK] (or <s> </s> <pad> <mask> <unk>), found by token string.
+
+    `source` only names the file in the error message. [UNK] may be absent (byte-level BPE never needs it).
+    """
+    found: dict[str, int | None] = {}
+    for role, spellings in _ROLE_SPELLINGS.items():
+        found[role] = next((tid for tid in map(tok.token_to_id, spellings) if tid is not None), None)
+    missing = [_ROLE_SPELLINGS[role][0] for role, tid in found.items() if tid is None and role != "unk_id"]
+    if missing:
+        where = f"tokenizer {source}" if source is not None else "the tokenizer"
+        raise UserError(
+            f"{where} lacks the special token(s) {', '.join(missing)} "
+            f"(accepted spellings: {'; '.join('/'.join(s) for s in _ROLE_SPELLINGS.values())})")
+    return SpecialTokenIds(**found)
+
+
+def vocab_size(tok: Tokenizer) -> int:
+    """Number of ids the tokenizer can emit, added tokens included."""
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+def build_untrained_tokenizer() -> Tokenizer:
+    """The byte-level BPE pipeline (before training): lossless, code-friendly, [CLS] ... [SEP] wrapping."""
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CODE_FRIENDLY_SPLIT), behavior="isolated"),
+        # The split above already chose the pieces; the byte-level step only maps bytes to symbols.
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _wrap_with_cls_sep(tok: Tokenizer) -> None:
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    show_progress: bool = True, length: int | None = None) -> Tokenizer:
+    """Train a byte-level BPE with ModernBERT's specials at ids 0-4 on an iterator of documents."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
+                        f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
+    tok = build_untrained_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    _wrap_with_cls_sep(tok)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, model_max_length: int = 8192) -> Path:
+    """Write tokenizer.json plus the files `transformers.AutoTokenizer` needs; return the tokenizer.json path."""
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specials = special_token_ids(tok)
+    id_to_token = tok.id_to_token
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        cls_token=id_to_token(specials.cls_id),
+        sep_token=id_to_token(specials.sep_id),
+        pad_token=id_to_token(specials.pad_id),
+        mask_token=id_to_token(specials.mask_id),
+        unk_token=id_to_token(specials.unk_id) if specials.unk_id is not None else None,
+        model_max_length=model_max_length,
+        # Cleaning would glue " ." back to "." on decode and break the lossless round trip.
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    hf_tok.save_pretrained(str(out_dir))
+    # save_pretrained writes tokenizer.json itself; re-save ours so the bytes are the tokenizers-native form.
+    tok.save(str(out_dir / TOKENIZER_FILE))
+    return out_dir / TOKENIZER_FILE
+
+
+def verify_saved_tokenizer(folder: str | os.PathLike, samples: list[str]) -> None:
+    """Check that `transformers.AutoTokenizer` loads `folder` offline and gives the same ids as `tokenizers`."""
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tok = load_tokenizer(folder)
+    for text in samples:
+        ours = tok.encode(text).ids
+        theirs = hf_tok(text)["input_ids"]
+        if ours != theirs:
+            raise RuntimeError(f"transformers and tokenizers disagree on {text[:60]!r}: {theirs[:12]} vs {ours[:12]}")
+
+
+def iter_training_texts(files: Iterable[str], fmt: str = "auto", text_field: str = "text",
+                        max_chars: int | None = None, skipped: dict | None = None) -> Iterator[str]:
+    """Documents for tokenizer training, read like `prepare` reads them; bad records are counted in `skipped`."""
+    from data_prep.sources import Document, WorkUnit, file_kind, read_unit
+
+    used = 0
+    for path in files:
+        unit = WorkUnit(index=0, kind=file_kind(path, fmt), files=[path])
+        for item in read_unit(unit, text_field):
+            if not isinstance(item, Document):
+                if skipped is not None:
+                    skipped[item.reason] = skipped.get(item.reason, 0) + 1
+                continue
+            yield item.text
+            used += len(item.text)
+            if max_chars is not None and used >= max_chars:
+                return
