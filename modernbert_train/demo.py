@@ -31,7 +31,7 @@ class DemoSize:
 
 
 SIZES = {
-    "default": DemoSize(corpus_mb=6.0, vocab_size=8192, steps=(300, 60, 40)),
+    "default": DemoSize(corpus_mb=6.0, vocab_size=8192, steps=(400, 80, 60)),
     "small": DemoSize(corpus_mb=0.6, vocab_size=1024, steps=(12, 6, 6)),
 }
 
@@ -110,13 +110,13 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: i
         _run_cli(["modernbert-data", "prepare", str(corpus / source), "--tokenizer", str(tokenizer_dir),
                   "--out", str(shards / source), "--source", source, "--max-seq-len", "512",
                   "--workers", str(workers)])
-    manifest = out / "mixture.yaml"
-    manifest.write_text(_demo_manifest(out))
 
     _say("4-6/7 training: the three tiny phases (1: 128 tokens; 2: 512 tokens, theta 160k; 3: decay)")
     previous = None
     for phase, steps in zip(PHASES, plan.steps):
         run_dir = runs / f"tiny-{phase}"
+        recipe = REPO / "yamls" / "tiny" / f"{phase}.yaml"
+        manifest = _rerooted_manifest(recipe, out)
         if _finished_steps(run_dir) >= steps:
             print(f"reusing {run_dir} ({steps} steps done)")
         else:
@@ -124,7 +124,7 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: i
                          f"data.manifest={manifest}", f"data.tokenizer={tokenizer_dir}"]
             if previous is not None:
                 overrides.append(f"model.init_from={previous}")
-            _run_cli(["modernbert-train", "train", str(REPO / "yamls" / "tiny" / f"{phase}.yaml"), *overrides])
+            _run_cli(["modernbert-train", "train", str(recipe), *overrides])
         previous = run_dir
 
     _say("7/7 export to Hugging Face, fill-mask, report")
@@ -141,11 +141,14 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: i
     return hf_dir
 
 
-def _demo_manifest(out: Path) -> str:
-    """yamls/data/demo.yaml (paths under demo_out/) re-rooted at this demo's output folder."""
+def _rerooted_manifest(recipe: Path, out: Path) -> Path:
+    """The recipe's demo manifest (paths under demo_out/) re-rooted at this demo's output folder."""
     import yaml
 
-    spec = yaml.safe_load((REPO / "yamls" / "data" / "demo.yaml").read_text())
+    manifest = REPO / yaml.safe_load(recipe.read_text())["data"]["manifest"]
+    spec = yaml.safe_load(manifest.read_text())
     for source in spec["sources"]:
         source["local"] = str(out / Path(source["local"]).relative_to("demo_out"))
-    return yaml.safe_dump(spec, sort_keys=False)
+    target = out / manifest.name
+    target.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return target
