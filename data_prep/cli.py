@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from modernbert_train.errors import UserError, did_you_mean
+from modernbert_train.errors import did_you_mean, run_command
 
 EPILOG = """examples:
   modernbert-data build-local-corpus --out demo_out/corpus --max-mb 4
@@ -212,22 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return int(COMMANDS[args.command][1](args) or 0)
-    except UserError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - the one place that turns failures into a line
-        if debug:
-            raise
-        print(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
-
+    return run_command(COMMANDS[args.command][1], args, debug)
 
 if __name__ == "__main__":
     sys.exit(main())
