@@ -91,13 +91,17 @@ def _write_jsonl(path: Path, records: Iterable[dict], budget: _Budget) -> tuple[
 
 def build_code(out: Path, max_bytes: int | None = None) -> dict:
     root = stdlib_dir()
-    budget = _Budget(max_bytes)
+    return _copy_within_budget(stdlib_python_files(root), root, out, _Budget(max_bytes))
+
+
+def _copy_within_budget(sources, root: Path, dest_dir: Path, budget: "_Budget") -> dict:
+    """Copy files (keeping their paths under `root`) while the byte budget lasts; what was copied."""
     files = nbytes = 0
-    for src in stdlib_python_files(root):
+    for src in sources:
         size = src.stat().st_size
         if not budget.take(size):
             continue
-        dest = out / src.relative_to(root)
+        dest = dest_dir / src.relative_to(root)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
         files += 1
@@ -134,18 +138,8 @@ def build_prose(out: Path, max_bytes: int | None = None) -> dict:
     info["docstrings"] = {"documents": docs, "bytes": nbytes, "modules_unparsable": len(unparsable)}
 
     if PYTHON_DOC_SOURCES.is_dir():
-        dest_dir = out / "python_docs"
-        files = nbytes = 0
-        for src in sorted(PYTHON_DOC_SOURCES.rglob("*.txt")):
-            size = src.stat().st_size
-            if not budget.take(size):
-                continue
-            dest = dest_dir / src.relative_to(PYTHON_DOC_SOURCES)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest)
-            files += 1
-            nbytes += size
-        info["python_docs"] = {"files": files, "bytes": nbytes, "from": str(PYTHON_DOC_SOURCES)}
+        info["python_docs"] = _copy_within_budget(sorted(PYTHON_DOC_SOURCES.rglob("*.txt")), PYTHON_DOC_SOURCES,
+                                                  out / "python_docs", budget)
     return info
 
 
