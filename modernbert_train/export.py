@@ -82,13 +82,31 @@ def find_checkpoint(source: Path) -> tuple[Path, Path]:
 def _load_composer_state(checkpoint: Path) -> dict:
     # Composer checkpoints are pickles: export only checkpoints you trust.
     if checkpoint.is_dir():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
         with tempfile.TemporaryDirectory() as tmp:
-            merged = Path(tmp) / "merged.pt"
-            dcp_to_torch_save(str(checkpoint), str(merged))
+            merged = convert_sharded_checkpoint(checkpoint, Path(tmp) / "merged.pt")
             return torch.load(merged, map_location="cpu", weights_only=False)
     return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def convert_sharded_checkpoint(sharded_dir: str | Path, out_file: str | Path, *, overwrite: bool = False) -> Path:
+    """An FSDP sharded checkpoint folder (.metadata + .distcp files) as one composer-style .pt file.
+
+    The file holds the same nested state (state.model, state.optimizers, timestamp, callbacks) with full,
+    unsharded tensors; `export`, `model.init_from` and torch.load read it like a full-state-dict checkpoint.
+    """
+    sharded_dir, out_file = Path(sharded_dir), Path(out_file)
+    if not sharded_dir.is_dir() or not (sharded_dir / ".metadata").is_file():
+        raise UserError(f"{sharded_dir} is not a sharded checkpoint folder (it needs a .metadata file and "
+                        f".distcp shards)")
+    if out_file.exists() and not overwrite:
+        raise UserError(f"{out_file} exists (pass --overwrite to replace it)")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_file.with_name(out_file.name + ".partial")
+    dcp_to_torch_save(str(sharded_dir), str(partial))
+    partial.replace(out_file)
+    return out_file
 
 
 def model_weights(composer_state: dict, checkpoint: Path) -> tuple[dict[str, torch.Tensor], int]:

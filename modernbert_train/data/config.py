@@ -28,6 +28,11 @@ class MLMLoaderConfig:
     packing_max_wait: a piece waiting longer than this many micro-batches is packed next (default: about two
         turnovers of the buffer), which bounds how far the emitted mixture lags the read one.
     return_provenance: add `sample_ids`, `piece_indices`, `source_ids` (numpy) to each micro-batch.
+    world_invariant: every rank reads the whole global sample stream (streaming's `replication`), packs the
+        whole optimizer step and keeps its own slice of micro-batches, so each step trains on the same data
+        for any number of ranks (1-process and N-process runs agree, and a run may resume on another
+        number of ranks). Costs world_size x the reading and packing work; batch-size warmup must round the
+        same way for the world sizes compared (warmup steps in multiples of world_size x micro_batch_size).
     """
 
     manifest: str | Manifest
@@ -55,6 +60,7 @@ class MLMLoaderConfig:
     download_timeout: float = 60.0
     check_tokenizer_hash: bool = True
     return_provenance: bool = False
+    world_invariant: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "data") -> "MLMLoaderConfig":

@@ -181,8 +181,12 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
                             shuffle_algo: str = "py1e", num_canonical_nodes: int | None = None,
                             shuffle_block_size: int | None = None, predownload: int | None = None,
                             cache_limit: int | str | None = None, download_timeout: float = 60.0,
-                            sampling_method: str = "balanced"):
-    """One `Stream` per manifest source, weights as the manifest says, deterministic shuffle by `seed`."""
+                            sampling_method: str = "balanced", replication: int | None = None):
+    """One `Stream` per manifest source, weights as the manifest says, deterministic shuffle by `seed`.
+
+    replication=N: N consecutive ranks get the same samples (N = world size: every rank sees the stream a
+    single process would).
+    """
     from streaming import Stream
 
     streams = [Stream(remote=source.remote, local=source.local, download_timeout=download_timeout,
@@ -192,7 +196,8 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
             streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed, shuffle_algo=shuffle_algo,
             num_canonical_nodes=num_canonical_nodes, shuffle_block_size=shuffle_block_size,
             predownload=predownload, cache_limit=cache_limit, epoch_size=manifest.epoch_size,
-            sampling_method=sampling_method, partition_algo="relaxed", batching_method="random")
+            sampling_method=sampling_method, partition_algo="relaxed", batching_method="random",
+            replication=replication)
     except ValueError as err:
         if "Reused local directory" in str(err):
             raise UserError(f"manifest {manifest.path}: a shard folder is already in use by another dataset in "

@@ -42,7 +42,7 @@ class _LoaderBase:
     """Shared set-up: distributed, shm hygiene, tokenizer checks, dataset, raw DataLoader, packer, masker."""
 
     def __init__(self, config: MLMLoaderConfig, *, rank: int | None, world_size: int | None, shuffle: bool,
-                 lookahead_steps: int, sampling_method: str = "balanced"):
+                 lookahead_steps: int, sampling_method: str = "balanced", world_invariant: bool = False):
         from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256
 
         self.config = config
@@ -66,7 +66,9 @@ class _LoaderBase:
                              mask_id=self.special_token_ids.mask_id, vocab_size=self.vocab_size,
                              special_ids=_special_ids(tokenizer, self.special_token_ids))
 
-        num_nodes = max(1, self.dist.world_size // max(1, self.dist.local_world_size))
+        self.world_invariant = world_invariant
+        # A world-invariant stream is the one a single process on one node would read.
+        num_nodes = 1 if world_invariant else max(1, self.dist.world_size // max(1, self.dist.local_world_size))
         self._num_canonical_nodes = config.num_canonical_nodes or (
             64 * num_nodes if config.shuffle_algo in ("py1s", "py2s") else num_nodes)
         self.dataset = build_streaming_dataset(
@@ -74,7 +76,7 @@ class _LoaderBase:
             shuffle_algo=config.shuffle_algo, num_canonical_nodes=self._num_canonical_nodes,
             shuffle_block_size=config.shuffle_block_size, predownload=config.predownload,
             cache_limit=config.cache_limit, download_timeout=config.download_timeout,
-            sampling_method=sampling_method)
+            sampling_method=sampling_method, replication=self.dist.world_size if world_invariant else None)
         self._raw_loader = build_raw_dataloader(self.dataset, batch_size=config.raw_batch_size,
                                                 num_workers=config.num_workers,
                                                 prefetch_factor=config.prefetch_factor)
@@ -222,8 +224,11 @@ class MLMLoader(_LoaderBase):
         self.warmup = BatchSizeWarmup(full=config.global_batch_size, start=config.batch_size_warmup_start,
                                       warmup_tokens=float(config.batch_size_warmup_tokens or 0),
                                       unit=probe_world * config.micro_batch_size)
+        # World-invariant: this rank packs the whole step (every rank's micro-batches) and keeps its own.
+        self._packing_ranks = probe_world if config.world_invariant else 1
         super().__init__(config, rank=rank, world_size=world_size, shuffle=config.shuffle,
-                         lookahead_steps=self.warmup.max_micro_batches_per_rank)
+                         lookahead_steps=self.warmup.max_micro_batches_per_rank * self._packing_ranks,
+                         world_invariant=config.world_invariant)
         self.tokens_seen = 0         # real tokens of all ranks in all steps whose counts were reduced
         self._pending_tokens = 0     # this rank's real tokens of the last step, reduced at the next step
         self.steps = 0
@@ -254,7 +259,11 @@ class MLMLoader(_LoaderBase):
                 raise UserError(f"manifest {self.manifest.path}: an epoch gives no samples to some rank "
                                 f"(world size {self.world_size}); the data is too small for this many ranks")
         num_micro_batches = self.warmup.micro_batches_per_rank(self.tokens_seen)
-        micro_batches = [self._micro_batch(self.packer.pack()) for _ in range(num_micro_batches)]
+        micro_batches = []
+        for index in range(num_micro_batches * self._packing_ranks):
+            pieces = self.packer.pack()
+            if index // num_micro_batches == self.rank % self._packing_ranks:
+                micro_batches.append(self._micro_batch(pieces))
         num_tokens = sum(mb["num_tokens"] for mb in micro_batches)
         self._pending_tokens = num_tokens
         self.steps += 1
@@ -292,6 +301,7 @@ class MLMLoader(_LoaderBase):
         return {
             "format": STATE_FORMAT,
             "world_size": self.world_size,
+            "world_invariant": self.world_invariant,
             "num_canonical_nodes": self._num_canonical_nodes,
             "config": {key: getattr(self.config, key) for key in RESUME_KEYS},
             "sources": self.source_names,
@@ -303,9 +313,14 @@ class MLMLoader(_LoaderBase):
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise UserError(f"data loader state is not a {STATE_FORMAT} state (got keys "
                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
-        if state["world_size"] != self.world_size:
+        saved_invariant = bool(state.get("world_invariant", False))
+        if saved_invariant != self.world_invariant:
+            raise UserError(f"data config world_invariant was {saved_invariant} in the checkpoint and is "
+                            f"{self.world_invariant} now; exact data resume needs it unchanged")
+        if state["world_size"] != self.world_size and not self.world_invariant:
             raise UserError(f"the checkpoint's data state was written by {state['world_size']} ranks, this run has "
-                            f"{self.world_size}; exact data resume needs the same number of ranks")
+                            f"{self.world_size}; exact data resume needs the same number of ranks (or "
+                            f"world_invariant: true in the data loader options of both runs)")
         for key in RESUME_KEYS:
             if state["config"][key] != getattr(self.config, key):
                 raise UserError(f"data config {key} was {state['config'][key]!r} in the checkpoint and is "
@@ -314,15 +329,23 @@ class MLMLoader(_LoaderBase):
             raise UserError(f"the checkpoint's manifest sources {state['sources']} differ from this run's "
                             f"{self.source_names}")
         ranks = state["ranks"]
-        mine = ranks[self.rank]
+        pending_tokens = None
+        if self.world_invariant:
+            # Every saved rank read and packed the same stream; only the last step's token counts differ.
+            # They are reduced at the next step, so whichever rank carries their sum gives the same total.
+            mine = ranks[0]
+            pending_tokens = sum(int(r["pending_tokens"]) for r in ranks) if self.rank == 0 else 0
+        else:
+            mine = ranks[self.rank]
         batch = self.config.raw_batch_size
         common_batches = min(int(r["raw_consumed"]) // batch for r in ranks)
+        readers = 1 if self.world_invariant else self.world_size
         self.dataset.load_state_dict({
             "epoch": int(mine["epoch"]),
-            "sample_in_epoch": common_batches * batch * self.world_size,
+            "sample_in_epoch": common_batches * batch * readers,
             "num_canonical_nodes": int(state["num_canonical_nodes"]),
             "shuffle_seed": self.config.seed,
-            "initial_physical_nodes": max(1, self.world_size // max(1, self.dist.local_world_size)),
+            "initial_physical_nodes": 1 if self.world_invariant else max(1, self.world_size // max(1, self.dist.local_world_size)),
         })
         # A loader that already iterated holds a newer epoch counter in shared memory; rewind it so streaming
         # takes the resume state above instead of calling it stale.
@@ -333,7 +356,7 @@ class MLMLoader(_LoaderBase):
         self.raw_consumed = common_batches * batch
         self._skip = int(mine["raw_consumed"]) - self.raw_consumed
         self.tokens_seen = int(mine["tokens_seen"])
-        self._pending_tokens = int(mine["pending_tokens"])
+        self._pending_tokens = int(mine["pending_tokens"]) if pending_tokens is None else pending_tokens
         self.steps = int(mine["steps"])
         self.packer.restore(self._reread_buffer(np.asarray(mine["buffer"], dtype=np.int64).reshape(-1, 5)),
                             mine["packer"])

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,12 @@ class ExactResumeState(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved_world = int(state["world_size"])
-        if saved_world != dist.get_world_size():
+        # A world-invariant data stream (data.loader_options.world_invariant) continues on any number of
+        # processes; the loader checks that both runs use it.
+        if saved_world != dist.get_world_size() and not state["loader"].get("world_invariant", False):
             raise UserError(f"the checkpoint was written by {saved_world} processes but this run has "
-                            f"{dist.get_world_size()}; resume with the same number of processes")
+                            f"{dist.get_world_size()}; resume with the same number of processes, or train with "
+                            f"data.loader_options.world_invariant=true to be able to change it")
         self.loader.load_state_dict(state["loader"])
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
@@ -180,7 +184,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-_CHECKPOINT_FILE = re.compile(r"^ep\d+-ba(\d+)-rank\d+\.pt$")
+# Full checkpoints are files ep<E>-ba<B>-rank<R>.pt; FSDP sharded ones are folders ep<E>-ba<B>.
+_CHECKPOINT_FILE = re.compile(r"^ep\d+-ba(\d+)(-rank\d+\.pt)?$")
 
 
 class PruneCheckpoints(Callback):
@@ -202,14 +207,17 @@ class PruneCheckpoints(Callback):
         by_step: dict[int, list[Path]] = {}
         for path in self.run_dir.iterdir():
             match = _CHECKPOINT_FILE.match(path.name)
-            if match and path.is_file():
+            if match and (path.is_file() or path.is_dir()) and not path.is_symlink():
                 by_step.setdefault(int(match.group(1)), []).append(path)
         keep = set(sorted(by_step)[-self.keep_last:])
         latest_target = self.latest.resolve() if self.latest.exists() else None
         for step, paths in by_step.items():
             for path in paths:
                 if step not in keep and path.resolve() != latest_target:
-                    path.unlink(missing_ok=True)
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self.prune()

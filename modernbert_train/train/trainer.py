@@ -23,7 +23,8 @@ log = logging.getLogger("modernbert_train")
 
 CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
 LATEST_NAME = "latest-rank{rank}.pt"
-_CHECKPOINT_STEP = re.compile(r"^ep\d+-ba(\d+)-rank0\.pt$")
+# A full checkpoint is the rank-0 file; an FSDP sharded one is the folder composer names ep<E>-ba<B>.
+_CHECKPOINT_STEP = re.compile(r"^ep\d+-ba(\d+)(-rank0\.pt)?$")
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,11 @@ def latest_checkpoint(path: Path) -> Path:
 
 def load_model_weights_from_checkpoint(model: torch.nn.Module, checkpoint: Path, where: str = "") -> int:
     """Copy the `model.*` weights of a composer checkpoint into `model`; returns the checkpoint's step."""
-    # Composer checkpoints are pickles: only load runs you trust (your own previous phase).
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    from modernbert_train.export import _load_composer_state
+
+    # Composer checkpoints are pickles: only load runs you trust (your own previous phase). A sharded FSDP
+    # checkpoint (a folder of .distcp files) is merged first.
+    state = _load_composer_state(checkpoint)
     try:
         weights = state["state"]["model"]
     except (KeyError, TypeError):
@@ -259,13 +263,16 @@ def build_trainer(recipe: Recipe):
     from modernbert_train.train.callbacks import ExactResumeState, MetricsJsonl, PruneCheckpoints
     from modernbert_train.train.composer_model import ModernBertMLM, make_data_spec
     from modernbert_train.train.optim import build_optimizer
-    from modernbert_train.train.parallel import attach_wrap_policies, composer_parallelism_config
+    from modernbert_train.train.parallel import (attach_wrap_policies, check_even_shards,
+                                                 composer_parallelism_config, install_gloo_workarounds,
+                                                 shard_group_size)
     from modernbert_train.train.schedule import LRSchedule, WarmupStableDecay
 
     device, precision = resolve_device_and_precision(recipe)
-    parallelism = composer_parallelism_config(recipe.parallelism.fsdp, recipe.where("parallelism.fsdp"))
     # Before any StreamingDataset exists (see REFERENCE: streaming otherwise builds its own group).
     dist_info = initialize_distributed()
+    # After torch.distributed is up: HYBRID_SHARD builds its device mesh here.
+    parallelism = composer_parallelism_config(recipe.parallelism.fsdp, recipe.where("parallelism.fsdp"))
     run_dir = Path(recipe.save_folder)
     if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
         raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
@@ -320,6 +327,9 @@ def build_trainer(recipe: Recipe):
     if parallelism:
         from modernbert_train.model.modeling import ModernBertEncoderLayer
         attach_wrap_policies(model, ModernBertEncoderLayer)
+        check_even_shards(model, shard_group_size(parallelism), recipe.optimizer.name, recipe.where("parallelism.fsdp"))
+        # Only gloo groups are affected; a single process gets its (gloo) group from composer later.
+        install_gloo_workarounds()
 
     trainer = Trainer(
         model=composer_model,
