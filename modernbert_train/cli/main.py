@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from modernbert_train.errors import UserError
+from modernbert_train.errors import run_command
 
 COMMANDS = {
     "demo": ("modernbert_train.cli.demo", "run the whole job on built-in local data (corpus to HF model), on CPU"),
@@ -69,22 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     # Intermixed: overrides may follow options (`RECIPE --nproc 8 optimizer.lr=1e-4`) in every command.
     args = parser.parse_intermixed_args(rest)
-    try:
-        return int(module.run(args) or 0)
-    except UserError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - the one place that turns failures into a line
-        if debug:
-            raise
-        print(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
-
+    return run_command(module.run, args, debug)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,8 +253,19 @@ def _add_file_log(run_dir: Path) -> None:
         logger.setLevel(logging.INFO)
 
 
+def _has_file_descriptor(stream) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
 def build_trainer(recipe: Recipe):
     """Everything but `fit()`: returns (trainer, run_dir). Tests call it to inspect the set-up."""
+    # composer's progress bar needs a real stream (it asks stderr for its file descriptor); when stderr is
+    # captured (a notebook cell, a test, a wrapper), metrics go to the console log instead.
+    progress_bar = recipe.logging.progress_bar and _has_file_descriptor(sys.stderr)
     from composer import Trainer
     from composer.algorithms import GradientClipping
     from composer.core import Evaluator
@@ -345,8 +357,8 @@ def build_trainer(recipe: Recipe):
         callbacks=callbacks,
         loggers=loggers,
         run_name=recipe.run_name,
-        progress_bar=recipe.logging.progress_bar,
-        log_to_console=not recipe.logging.progress_bar,
+        progress_bar=progress_bar,
+        log_to_console=not progress_bar,
         console_log_interval=composer_duration(recipe.logging.console_interval, "logging.console_interval"),
         save_folder=str(run_dir),
         save_filename=CHECKPOINT_NAME,
