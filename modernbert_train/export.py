@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from modernbert_train.checkpoints import find_checkpoint, load_model_weights_from_checkpoint
 from modernbert_train.errors import UserError
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
@@ -63,68 +64,6 @@ def write_sentence_transformers_files(out_dir: Path, config: ModernBertConfig) -
         "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}, indent=2) + "\n")
-
-
-def find_checkpoint(source: Path) -> tuple[Path, Path]:
-    """(checkpoint file or sharded folder, run directory) for a checkpoint, sharded folder or run directory."""
-    if not source.exists():
-        raise UserError(f"{source} does not exist")
-    if source.is_dir() and any(source.glob("*.distcp")):
-        return source, source.parent
-    if source.is_file():
-        return source, source.parent
-    from modernbert_train.train.trainer import latest_checkpoint
-
-    checkpoint = latest_checkpoint(source)
-    return checkpoint, source
-
-
-def _load_composer_state(checkpoint: Path) -> dict:
-    # Composer checkpoints are pickles: export only checkpoints you trust.
-    if checkpoint.is_dir():
-        with tempfile.TemporaryDirectory() as tmp:
-            merged = convert_sharded_checkpoint(checkpoint, Path(tmp) / "merged.pt")
-            return torch.load(merged, map_location="cpu", weights_only=False)
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)
-
-
-def convert_sharded_checkpoint(sharded_dir: str | Path, out_file: str | Path, *, overwrite: bool = False) -> Path:
-    """An FSDP sharded checkpoint folder (.metadata + .distcp files) as one composer-style .pt file.
-
-    The file holds the same nested state (state.model, state.optimizers, timestamp, callbacks) with full,
-    unsharded tensors; `export`, `model.init_from` and torch.load read it like a full-state-dict checkpoint.
-    """
-    sharded_dir, out_file = Path(sharded_dir), Path(out_file)
-    if not sharded_dir.is_dir() or not (sharded_dir / ".metadata").is_file():
-        raise UserError(f"{sharded_dir} is not a sharded checkpoint folder (it needs a .metadata file and "
-                        f".distcp shards)")
-    if out_file.exists() and not overwrite:
-        raise UserError(f"{out_file} exists (pass --overwrite to replace it)")
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_file.with_name(out_file.name + ".partial")
-    dcp_to_torch_save(str(sharded_dir), str(partial))
-    partial.replace(out_file)
-    return out_file
-
-
-def model_weights(composer_state: dict, checkpoint: Path) -> tuple[dict[str, torch.Tensor], int]:
-    try:
-        weights = composer_state["state"]["model"]
-    except (KeyError, TypeError):
-        raise UserError(f"{checkpoint} is not a composer checkpoint (it has no state.model)") from None
-    inner = {key.removeprefix("model."): value for key, value in weights.items() if key.startswith("model.")}
-    return inner, checkpoint_step(composer_state)
-
-
-def checkpoint_step(composer_state: dict) -> int:
-    """Optimizer steps done at the checkpoint (composer stores its Timestamp as a state dict), or -1."""
-    timestamp = composer_state.get("state", {}).get("timestamp")
-    if isinstance(timestamp, dict):
-        timestamp = timestamp.get("Timestamp", timestamp)  # composer nests it under the class name
-        return int(timestamp.get("batch", -1))
-    return int(timestamp.batch) if hasattr(timestamp, "batch") else -1
 
 
 def _read_model_config(run_dir: Path) -> ModernBertConfig:
@@ -189,13 +128,8 @@ def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float
         tokenizer_file = None
         log.warning("no tokenizer in %s: the folder will hold weights and config only", run_dir)
 
-    weights, step = model_weights(_load_composer_state(checkpoint), checkpoint)
     model = ModernBertForMaskedLM(config.replace(attn_backend="auto"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [key for key in missing if key != "decoder.weight"]
-    if missing or unexpected:
-        raise UserError(f"{checkpoint}: weights do not match {run_dir / MODEL_CONFIG_FILE} "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    step = load_model_weights_from_checkpoint(model, checkpoint, where=f"{run_dir / MODEL_CONFIG_FILE}: ")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from modernbert_train.export import convert_sharded_checkpoint
+    from modernbert_train.checkpoints import convert_sharded_checkpoint
 
     out = convert_sharded_checkpoint(Path(args.sharded_dir).resolve(), args.out, overwrite=args.overwrite)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) from {args.sharded_dir}")

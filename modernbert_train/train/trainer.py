@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,14 @@ from typing import Any
 import torch
 import yaml
 
+from modernbert_train.checkpoints import (LATEST_NAME, has_checkpoints, latest_checkpoint,
+                                          load_model_weights_from_checkpoint)
 from modernbert_train.errors import UserError
 from modernbert_train.train.recipe import Recipe, parse_duration
 
 log = logging.getLogger("modernbert_train")
 
 CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"
-LATEST_NAME = "latest-rank{rank}.pt"
-# A full checkpoint is the rank-0 file; an FSDP sharded one is the folder composer names ep<E>-ba<B>.
-_CHECKPOINT_STEP = re.compile(r"^ep\d+-ba(\d+)(-rank0\.pt)?$")
 
 
 @dataclass(frozen=True)
@@ -113,53 +111,6 @@ def model_config_values(recipe: Recipe, facts: DataFacts) -> dict[str, Any]:
     return values
 
 
-def latest_checkpoint(path: Path) -> Path:
-    """The newest rank-0 checkpoint of a run directory (or `path` itself when it is a file)."""
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise UserError(f"{path} is neither a checkpoint file nor a run directory")
-    latest = path / LATEST_NAME.format(rank=0)
-    if latest.exists():
-        return latest.resolve()
-    candidates = [(int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT_STEP.match(p.name))]
-    if not candidates:
-        raise UserError(f"run directory {path} holds no checkpoint ({LATEST_NAME.format(rank=0)} or ep*-ba*-rank0.pt)")
-    return max(candidates)[1]
-
-
-def load_model_weights_from_checkpoint(model: torch.nn.Module, checkpoint: Path, where: str = "") -> int:
-    """Copy the `model.*` weights of a composer checkpoint into `model`; returns the checkpoint's step."""
-    from modernbert_train.export import _load_composer_state
-
-    # Composer checkpoints are pickles: only load runs you trust (your own previous phase). A sharded FSDP
-    # checkpoint (a folder of .distcp files) is merged first.
-    state = _load_composer_state(checkpoint)
-    try:
-        weights = state["state"]["model"]
-    except (KeyError, TypeError):
-        raise UserError(f"{where}{checkpoint} is not a composer checkpoint (no state.model)") from None
-    prefix = "model."
-    inner = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(inner))
-    unexpected = sorted(set(inner) - set(own))
-    mismatched = [k for k in own if k in inner and tuple(inner[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        details = []
-        if mismatched:
-            k = mismatched[0]
-            details.append(f"{k} is {tuple(inner[k].shape)} there but {tuple(own[k].shape)} here")
-        for label, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                details.append(f"{label} {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
-        raise UserError(f"{where}weights of {checkpoint} do not fit this recipe's model ({'; '.join(details)}); "
-                        f"the phase's model.preset / model.config must describe the same architecture")
-    model.load_state_dict(inner, strict=True)
-    timestamp = state["state"].get("timestamp") or {}
-    return int(timestamp.get("Timestamp", {}).get("batch", -1))
-
-
 def build_model(recipe: Recipe, facts: DataFacts):
     """ModernBertForMaskedLM from the recipe, with its starting weights (random, previous phase or HF)."""
     from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
@@ -216,10 +167,6 @@ def resolve_device_and_precision(recipe: Recipe) -> tuple[str, str]:
 def composer_duration(text: str, key: str) -> str:
     value, unit = parse_duration(text, key)
     return f"{int(value)}{unit}"
-
-
-def has_checkpoints(folder: Path) -> bool:
-    return folder.is_dir() and any(_CHECKPOINT_STEP.match(p.name) for p in folder.iterdir())
 
 
 def wandb_logger(recipe: Recipe, run_dir: Path):
@@ -437,5 +384,5 @@ def train(recipe: Recipe) -> TrainResult:
 
 
 __all__ = ["train", "build_trainer", "build_model", "read_data_facts", "DataFacts", "TrainResult",
-           "latest_checkpoint", "load_model_weights_from_checkpoint", "model_config_values",
+           "model_config_values",
            "resolve_device_and_precision"]

@@ -15,7 +15,8 @@ import torch
 
 from modernbert_train.train.recipe import load_recipe
 from modernbert_train.train.schedule import WarmupStableDecay
-from modernbert_train.train.trainer import build_model, latest_checkpoint, read_data_facts, train
+from modernbert_train.checkpoints import latest_checkpoint
+from modernbert_train.train.trainer import build_model, read_data_facts, train
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -1,0 +1,117 @@
+"""Composer checkpoint files: where a run keeps them, reading them (single file or FSDP sharded folder),
+and the model weights and step inside.
+
+Composer checkpoints are pickles (loaded with weights_only=False): load only checkpoints you trust.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from modernbert_train.errors import UserError
+
+LATEST_NAME = "latest-rank{rank}.pt"
+# A full checkpoint is the rank-0 file; an FSDP sharded one is the folder composer names ep<E>-ba<B>.
+_CHECKPOINT_STEP = re.compile(r"^ep\d+-ba(\d+)(-rank0\.pt)?$")
+
+
+def latest_checkpoint(path: Path) -> Path:
+    """The newest rank-0 checkpoint of a run directory (or `path` itself when it is a file)."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise UserError(f"{path} is neither a checkpoint file nor a run directory")
+    latest = path / LATEST_NAME.format(rank=0)
+    if latest.exists():
+        return latest.resolve()
+    candidates = [(int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT_STEP.match(p.name))]
+    if not candidates:
+        raise UserError(f"run directory {path} holds no checkpoint ({LATEST_NAME.format(rank=0)} or ep*-ba*-rank0.pt)")
+    return max(candidates)[1]
+
+
+def has_checkpoints(folder: Path) -> bool:
+    return folder.is_dir() and any(_CHECKPOINT_STEP.match(p.name) for p in folder.iterdir())
+
+
+def find_checkpoint(source: Path) -> tuple[Path, Path]:
+    """(checkpoint file or sharded folder, run directory) for a checkpoint, sharded folder or run directory."""
+    if not source.exists():
+        raise UserError(f"{source} does not exist")
+    if source.is_dir() and any(source.glob("*.distcp")):
+        return source, source.parent
+    if source.is_file():
+        return source, source.parent
+    checkpoint = latest_checkpoint(source)
+    return checkpoint, source
+
+
+def load_composer_state(checkpoint: Path) -> dict:
+    # Composer checkpoints are pickles: export only checkpoints you trust.
+    if checkpoint.is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            merged = convert_sharded_checkpoint(checkpoint, Path(tmp) / "merged.pt")
+            return torch.load(merged, map_location="cpu", weights_only=False)
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def convert_sharded_checkpoint(sharded_dir: str | Path, out_file: str | Path, *, overwrite: bool = False) -> Path:
+    """An FSDP sharded checkpoint folder (.metadata + .distcp files) as one composer-style .pt file.
+
+    The file holds the same nested state (state.model, state.optimizers, timestamp, callbacks) with full,
+    unsharded tensors; `export`, `model.init_from` and torch.load read it like a full-state-dict checkpoint.
+    """
+    sharded_dir, out_file = Path(sharded_dir), Path(out_file)
+    if not sharded_dir.is_dir() or not (sharded_dir / ".metadata").is_file():
+        raise UserError(f"{sharded_dir} is not a sharded checkpoint folder (it needs a .metadata file and "
+                        f".distcp shards)")
+    if out_file.exists() and not overwrite:
+        raise UserError(f"{out_file} exists (pass --overwrite to replace it)")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_file.with_name(out_file.name + ".partial")
+    dcp_to_torch_save(str(sharded_dir), str(partial))
+    partial.replace(out_file)
+    return out_file
+
+
+def checkpoint_step(composer_state: dict) -> int:
+    """Optimizer steps done at the checkpoint (composer stores its Timestamp as a state dict), or -1."""
+    timestamp = composer_state.get("state", {}).get("timestamp")
+    if isinstance(timestamp, dict):
+        timestamp = timestamp.get("Timestamp", timestamp)  # composer nests it under the class name
+        return int(timestamp.get("batch", -1))
+    return int(timestamp.batch) if hasattr(timestamp, "batch") else -1
+
+
+def load_model_weights_from_checkpoint(model: torch.nn.Module, checkpoint: Path, where: str = "") -> int:
+    """Copy the `model.*` weights of a composer checkpoint into `model`; returns the checkpoint's step."""
+    # Composer checkpoints are pickles: only load runs you trust (your own previous phase). A sharded FSDP
+    # checkpoint (a folder of .distcp files) is merged first.
+    state = load_composer_state(checkpoint)
+    try:
+        weights = state["state"]["model"]
+    except (KeyError, TypeError):
+        raise UserError(f"{where}{checkpoint} is not a composer checkpoint (no state.model)") from None
+    prefix = "model."
+    inner = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(inner))
+    unexpected = sorted(set(inner) - set(own))
+    mismatched = [k for k in own if k in inner and tuple(inner[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        details = []
+        if mismatched:
+            k = mismatched[0]
+            details.append(f"{k} is {tuple(inner[k].shape)} there but {tuple(own[k].shape)} here")
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                details.append(f"{label} {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
+        raise UserError(f"{where}weights of {checkpoint} do not fit this recipe's model ({'; '.join(details)}); "
+                        f"the phase's model.preset / model.config must describe the same architecture")
+    model.load_state_dict(inner, strict=True)
+    return checkpoint_step(state)
