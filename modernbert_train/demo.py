@@ -28,11 +28,12 @@ class DemoSize:
     corpus_mb: float  # cap on code and on prose, each
     vocab_size: int
     steps: tuple[int, int, int]  # optimizer steps of phase 1, 2, 3
+    phase1_batch_rows: int  # global batch of phase 1 (rows of 128 tokens) after its batch-size warmup
 
 
 SIZES = {
-    "default": DemoSize(corpus_mb=6.0, vocab_size=8192, steps=(400, 80, 60)),
-    "small": DemoSize(corpus_mb=0.6, vocab_size=1024, steps=(12, 6, 6)),
+    "default": DemoSize(corpus_mb=6.0, vocab_size=8192, steps=(500, 100, 80), phase1_batch_rows=16),
+    "small": DemoSize(corpus_mb=0.6, vocab_size=1024, steps=(12, 6, 6), phase1_batch_rows=8),
 }
 
 
@@ -124,6 +125,8 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: i
                          f"data.manifest={manifest}", f"data.tokenizer={tokenizer_dir}"]
             if previous is not None:
                 overrides.append(f"model.init_from={previous}")
+            else:
+                overrides.append(f"data.global_batch_size={plan.phase1_batch_rows}")
             _run_cli(["modernbert-train", "train", str(recipe), *overrides])
         previous = run_dir
 

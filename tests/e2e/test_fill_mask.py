@@ -46,7 +46,9 @@ def test_trained_export_fills_masks_from_its_training_text(tmp_path, monkeypatch
     result = train(recipe)
     assert result.final_loss < 2.0, result.final_loss  # from ln(400) = 6.0 at the start
 
-    export_to_hf(tmp_path / "run", tmp_path / "hf")
+    # Export reloads the folder with transformers and compares logits on a padded batch of real text.
+    exported = export_to_hf(tmp_path / "run", tmp_path / "hf")
+    assert exported.step == 300 and exported.max_abs_logit_diff <= 1e-5
     fill = transformers.pipeline("fill-mask", model=str(tmp_path / "hf"), device="cpu")
     mask = fill.tokenizer.mask_token
     for sentence, word in PROBES:
