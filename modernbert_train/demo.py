@@ -32,7 +32,7 @@ class DemoSize:
 
 
 SIZES = {
-    "default": DemoSize(corpus_mb=6.0, vocab_size=8192, steps=(500, 100, 80), phase1_batch_rows=16),
+    "default": DemoSize(corpus_mb=6.0, vocab_size=8192, steps=(1500, 100, 80), phase1_batch_rows=16),
     "small": DemoSize(corpus_mb=0.6, vocab_size=1024, steps=(12, 6, 6), phase1_batch_rows=8),
 }
 

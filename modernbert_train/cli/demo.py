@@ -3,14 +3,14 @@ from __future__ import annotations
 
 EPILOG = """examples:
   modernbert-train demo                       # everything under demo_out/ (re-running reuses finished steps)
-  modernbert-train demo --size small --out /tmp/demo   # a two-minute smoke run
+  modernbert-train demo --size small --out /tmp/demo   # a one-minute smoke run
 Steps: corpus from this machine -> tokenizer -> MDS shards -> tiny phases 1, 2, 3 -> HF export -> fill-mask -> report."""
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     parser.add_argument("--size", default="default", choices=["default", "small"],
-                        help="default: ~10 minutes on 2 cores; small: a quick smoke run")
+                        help="default: about 10 minutes on 2 cores; small: a one-minute smoke run")
     parser.add_argument("--workers", type=int, default=None, help="processes for data preparation")
 
 
