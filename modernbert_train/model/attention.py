@@ -29,6 +29,9 @@ log = logging.getLogger("modernbert_train")
 
 AUTO_ORDER = ("flash_attn", "torch_varlen", "flex", "sdpa")
 BACKENDS_WITH_PROB_DROPOUT = ("flash_attn", "sdpa")
+# Backends whose kernels compute in half precision whatever the input dtype (fp32 inputs are cast).
+HALF_PRECISION_BACKENDS = ("flash_attn", "torch_varlen")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,8 +135,11 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         out = _flash(q, k, v, layout, window_half, dropout_p)
     elif backend == "torch_varlen":
         window = (window_half, window_half) if window_half is not None else (-1, -1)
+        dtype = q.dtype
+        if dtype not in HALF_DTYPES:  # a flash-attention kernel: half precision only
+            q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
         out = _torch_varlen_func()(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
-                                   layout.max_seqlen, window_size=window)
+                                   layout.max_seqlen, window_size=window).to(dtype)
     elif backend == "flex":
         out = _flex(q, k, v, layout, window_half)
     else:
@@ -144,7 +150,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 def _flash(q, k, v, layout, window_half, dropout_p):
     qkv = torch.stack((q, k, v), dim=1)
     dtype = qkv.dtype
-    if dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in HALF_DTYPES:
         qkv = qkv.to(torch.bfloat16)  # flash-attn computes in half precision only
     window = (window_half, window_half) if window_half is not None else (-1, -1)
     out = _flash_attn_func()(qkv, layout.cu_seqlens, layout.max_seqlen, dropout_p=dropout_p, window_size=window)

@@ -4,6 +4,7 @@ import torch
 import transformers
 
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM, available_backends
+from modernbert_train.model.attention import HALF_PRECISION_BACKENDS
 from modernbert_train.model.hf import config_to_hf_dict
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -68,8 +69,8 @@ def test_packed_stream_matches_transformers_per_document_for_every_backend(devic
         with torch.no_grad():
             packed_logits = ours(flat, cu, max_len).logits
             hf_logits = theirs(input_ids=ids, attention_mask=mask).logits
-        # flash-attn computes in bf16 whatever the input dtype.
-        tolerance = 1e-5 if backend != "flash_attn" else 3e-2
+        # flash-attn and torch's varlen kernel compute in bf16 whatever the input dtype.
+        tolerance = 3e-2 if backend in HALF_PRECISION_BACKENDS else 1e-5
         for doc, length in enumerate(LENGTHS):
             ours_doc = packed_logits[cu[doc]:cu[doc + 1]]
             diff = (ours_doc - hf_logits[doc, :length]).abs().max().item()

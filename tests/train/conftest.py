@@ -50,16 +50,3 @@ def data_overrides(tiny_data):
         return [f"data.manifest={tiny_data[manifest]}", f"data.tokenizer={tiny_data['tokenizer']}",
                 "logging.progress_bar=false"]
     return overrides
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    """One intra-op thread in this process and in launched runs: on a shared 2-core machine, torch's OpenMP
-    threads spin against other processes and a tiny step gets ~40x slower (measured 0.06 s vs 2.7 s)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
