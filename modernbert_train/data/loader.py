@@ -198,6 +198,8 @@ class _LoaderBase:
             "num_tokens": used,
             "num_masked": int(np.count_nonzero(labels != IGNORE_INDEX)),
             "num_docs": len(pieces),
+            # Host-side copy for FLOP counting: reading cu_seqlens back from the GPU would sync every step.
+            "document_lengths": lengths.tolist(),
         }
         if self.config.return_provenance:
             sample_ids = np.fromiter((p.sample_id for p in pieces), dtype=np.int64, count=len(pieces))

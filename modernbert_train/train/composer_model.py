@@ -122,6 +122,8 @@ class ModernBertMLM(ComposerModel):
 
 def document_lengths(micro_batch: Mapping[str, Any]) -> list[int]:
     """Lengths of the real documents of a packed micro-batch (the trailing padding segment excluded)."""
+    if "document_lengths" in micro_batch:  # the loader's host copy: no device sync
+        return list(micro_batch["document_lengths"])
     cu = micro_batch["cu_seqlens"]
     bounds = cu.tolist() if torch.is_tensor(cu) else list(cu)
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]

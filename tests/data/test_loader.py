@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from conftest import write_manifest
+from .conftest import write_manifest
 from modernbert_train.data import MLMLoaderConfig, build_eval_loader, build_mlm_loader, split_sample
 from modernbert_train.data.packing import pieces_count
 from modernbert_train.errors import UserError

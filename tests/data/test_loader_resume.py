@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_manifest
+from .conftest import write_manifest
 
 RUNNER = Path(__file__).with_name("loader_run.py")
 TOTAL_STEPS = 48

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import write_manifest
+from .conftest import write_manifest
 from modernbert_train.data import (BestFitPacker, Masker, MaskingConfig, Piece, assemble, document_key,
                                    load_manifest, split_sample)
 from modernbert_train.data.dataset import clean_stale_streaming_shm

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import decoded_documents, read_jsonl_texts, run_prepare
+from .conftest import decoded_documents, read_jsonl_texts, run_prepare
 from data_prep.local_corpus import stdlib_dir
 from data_prep.tokenizer import load_tokenizer
 from modernbert_train.errors import UserError

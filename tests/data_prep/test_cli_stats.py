@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_prepare
+from .conftest import run_prepare
 from data_prep.cli import COMMANDS, main
 from data_prep.local_corpus import build_local_corpus, stdlib_dir
 from data_prep.stats import Histogram, folder_stats, format_stats, iter_samples

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import build_official_layout_tokenizer, decoded_documents, read_jsonl_texts, run_prepare
+from .conftest import build_official_layout_tokenizer, decoded_documents, read_jsonl_texts, run_prepare
 from data_prep.sources import expand_inputs
 from data_prep.stats import iter_samples
 from data_prep.tokenizer import load_tokenizer, tokenizer_sha256

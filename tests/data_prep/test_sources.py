@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from conftest import read_jsonl_texts, run_prepare
+from .conftest import read_jsonl_texts, run_prepare
 from data_prep.sources import Document, Problem, WorkUnit, expand_inputs, plan_units, read_jsonl, read_unit
 from modernbert_train.errors import UserError
 

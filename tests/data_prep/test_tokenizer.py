@@ -6,7 +6,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, models
 
-from conftest import build_official_layout_tokenizer, read_jsonl_texts
+from .conftest import build_official_layout_tokenizer, read_jsonl_texts
 from data_prep.local_corpus import stdlib_dir, stdlib_python_files
 from data_prep.tokenizer import (SpecialTokenIds, load_tokenizer, special_token_ids, train_tokenizer,
                                  verify_saved_tokenizer, vocab_size)
