@@ -160,10 +160,8 @@ torch.save({"version": transformers.__version__, "input_ids": batch["input_ids"]
 
 
 def test_exported_folder_loads_in_transformers_5_with_the_same_logits(run_dir, tmp_path):
-    if not HF5_PYTHON.exists():
-        if os.environ.get("CI"):
-            pytest.fail(".venv-hf5 is missing: `make test` builds it (transformers 5.x check environment)")
-        pytest.skip("no .venv-hf5 (transformers 5.x environment); `make test` builds it")
+    # A CPU-runnable check: never skipped. `make test` (the README's test command) builds the environment.
+    assert HF5_PYTHON.exists(), ".venv-hf5 is missing: run `make test`, which builds the transformers 5.x environment"
     run, model = run_dir
     export_to_hf(run, tmp_path / "hf")
     out = tmp_path / "hf5.pt"
