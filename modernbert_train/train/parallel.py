@@ -146,12 +146,17 @@ def install_gloo_workarounds() -> None:
 
     original_divide_factors = _fsdp_collectives._get_gradient_divide_factors
 
-    def gradient_divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type=""):
-        if torch_dist.get_backend(reduce_scatter_group) == "gloo":
-            ranks = reduce_scatter_group.size() * (all_reduce_group.size() if all_reduce_group is not None else 1)
-            # A pre-divide factor (1: no division) makes FSDP2 reduce with SUM; it then divides by `ranks`.
-            return 1.0, float(ranks)
-        return original_divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type)
+    def gradient_divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type="", *newer):
+        if torch_dist.get_backend(reduce_scatter_group) != "gloo":
+            return original_divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type, *newer)
+        if newer:
+            # torch >= 2.8 passes (factor, force_sum_reduction_for_comms) and returns the ops too: forcing the
+            # SUM reduction makes FSDP2 divide by the world size itself.
+            return original_divide_factors(reduce_scatter_group, all_reduce_group, reduce_dtype, device_type,
+                                           newer[0], True)
+        ranks = reduce_scatter_group.size() * (all_reduce_group.size() if all_reduce_group is not None else 1)
+        # torch 2.7: a pre-divide factor (1: no division) makes FSDP2 reduce with SUM; it then divides by `ranks`.
+        return 1.0, float(ranks)
 
     Partial._reduce_value = reduce_value
     _fsdp_collectives._get_gradient_divide_factors = gradient_divide_factors
