@@ -26,8 +26,10 @@ MODES = ("auto", "bar", "lines", "none")
 MODE_ENV = "MODERNBERT_PROGRESS"
 # Lines mode: the first line after MIN_INTERVAL_S, then the gap grows with the run (a tenth of the elapsed
 # time), up to MAX_INTERVAL_S, so a minute-long job shows a dozen lines and a day-long one a line a minute.
+# MODERNBERT_PROGRESS_INTERVAL (seconds) sets the shortest gap instead.
 MIN_INTERVAL_S = 5.0
 MAX_INTERVAL_S = 60.0
+INTERVAL_ENV = "MODERNBERT_PROGRESS_INTERVAL"
 
 
 # -- which mode -----------------------------------------------------------------------------------------------
@@ -133,12 +135,27 @@ def emit(line: str, stream: TextIO | None = None) -> None:
     stream.flush()
 
 
+def _interval_from_env() -> float:
+    text = os.environ.get(INTERVAL_ENV)
+    if not text:
+        return MIN_INTERVAL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UserError(f"{INTERVAL_ENV}={text!r}: give the seconds between progress lines (e.g. 30)")
+    return value
+
+
 class LineClock:
     """Decides when lines mode prints: after MIN_INTERVAL_S, then every tenth of the elapsed time, at most
     MAX_INTERVAL_S apart."""
 
-    def __init__(self, min_interval_s: float = MIN_INTERVAL_S, max_interval_s: float = MAX_INTERVAL_S):
-        self.min_interval_s, self.max_interval_s = min_interval_s, max_interval_s
+    def __init__(self, min_interval_s: float | None = None, max_interval_s: float = MAX_INTERVAL_S):
+        if min_interval_s is None:
+            min_interval_s = _interval_from_env()
+        self.min_interval_s, self.max_interval_s = min_interval_s, max(min_interval_s, max_interval_s)
         self.start = self.last = time.monotonic()
 
     def due(self) -> bool:
@@ -160,7 +177,7 @@ class Progress:
     """
 
     def __init__(self, desc: str, total: float | None = None, unit: str = "it", *, mode: str | None = None,
-                 stream: TextIO | None = None, min_interval_s: float = MIN_INTERVAL_S,
+                 stream: TextIO | None = None, min_interval_s: float | None = None,
                  max_interval_s: float = MAX_INTERVAL_S):
         self.desc, self.total, self.unit = desc, total, unit
         self.stream = stream
