@@ -187,6 +187,7 @@ class Progress:
         self.start = time.monotonic()
         self.clock = LineClock(min_interval_s, max_interval_s)
         self._closed = False
+        self._first: tuple[float, float, dict[str, float]] | None = None
         self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
@@ -200,6 +201,9 @@ class Progress:
         self.done += n
         for name, value in counters.items():
             self.counters[name] = self.counters.get(name, 0) + value
+        if self._first is None:
+            # Rates and ETA count from the first report on: start-up (imports, loading) is not the work's pace.
+            self._first = (time.monotonic(), self.done, dict(self.counters))
         if self.bar is not None:
             self.bar.update(n)
             if self.counters:
@@ -210,11 +214,21 @@ class Progress:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    def _pace(self) -> tuple[float, float, dict[str, float]]:
+        """(seconds, units, counters) since the first report, or since the start when that spans no time."""
+        now = time.monotonic()
+        if self._first is not None and now - self._first[0] > 0:
+            first_time, first_done, first_counters = self._first
+            if self.done > first_done:
+                return now - first_time, self.done - first_done, {
+                    name: value - first_counters.get(name, 0) for name, value in self.counters.items()}
+        return max(1e-9, now - self.start), self.done, dict(self.counters)
+
     def _counter_text(self) -> str:
-        elapsed = max(1e-9, self.elapsed())
+        seconds, _, counted = self._pace()
         parts = []
         for name, value in self.counters.items():
-            parts += [human(value, name), human(value / elapsed, f"{name}/s")]
+            parts += [human(value, name), human(counted[name] / seconds, f"{name}/s")]
         return ", ".join(parts)
 
     def line(self, finished: bool = False) -> str:
@@ -228,12 +242,14 @@ class Progress:
         else:
             position = human(self.done, self.unit)
         parts = [position]
+        seconds, counted, _ = self._pace()
         if self.counters:
             parts.append(self._counter_text())
         else:
-            parts.append(human(self.done / max(1e-9, elapsed), f"{self.unit}/s"))
+            parts.append(human(counted / seconds, f"{self.unit}/s"))
         parts.append(f"elapsed {format_duration(elapsed)}")
-        parts.append("done" if finished else f"ETA {format_duration(eta_seconds(self.done, self.total, elapsed))}")
+        remaining = eta_seconds(counted, None if self.total is None else self.total - (self.done - counted), seconds)
+        parts.append("done" if finished else f"ETA {format_duration(remaining)}")
         return f"{self.desc}: " + ", ".join(parts)
 
     def note(self, text: str) -> None:

@@ -32,7 +32,8 @@ def run_to_file(args: list[str], log: Path, env: dict[str, str] | None = None, t
     with log.open("w") as out:
         code = subprocess.run([sys.executable, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, env=env or cli_env(), timeout=timeout).returncode
-    return code, log.read_text(), time.monotonic() - start
+    with log.open(newline="") as written:  # newline="": a '\r' in the file stays a '\r' here
+        return code, written.read(), time.monotonic() - start
 
 
 def run_in_pty(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
