@@ -271,7 +271,9 @@ class Progress:
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.bar is None:
+            self._closed = True  # the error is the last word, not a progress line
         self.close()
 
 
@@ -342,20 +344,17 @@ _console_handler: logging.Handler | None = None
 
 
 def configure_console() -> None:
-    """Rank 0: this project's INFO messages and everyone's warnings on stderr. Other ranks: warnings and errors
-    only, every line of stderr prefixed '[rank N] ', stdout discarded. Idempotent."""
+    """Every rank: warnings and errors of every library on stderr ('WARNING: ...'; INFO messages go to the
+    run's train.log only). Rank 0 also prints progress and results; other ranks print nothing else, every
+    line of their stderr is prefixed '[rank N] ' and their stdout is discarded. Idempotent."""
     global _console_handler
     rank = global_rank()
-    root = logging.getLogger()
     if _console_handler is None:
         _console_handler = _StderrHandler()
         _console_handler.setFormatter(_ConsoleFormatter("%(message)s"))
-        root.addHandler(_console_handler)
+        _console_handler.setLevel(logging.WARNING)
+        logging.getLogger().addHandler(_console_handler)
         logging.captureWarnings(True)  # warnings.warn goes through the handler (and its rank prefix)
-    _console_handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    ours = logging.getLogger("modernbert_train")
-    if ours.level == logging.NOTSET or ours.level > logging.INFO:
-        ours.setLevel(logging.INFO)
     if rank != 0 and not isinstance(sys.stderr, RankPrefixedStream):
         sys.stderr = RankPrefixedStream(sys.stderr, rank)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process

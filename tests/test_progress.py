@@ -135,7 +135,8 @@ def test_other_ranks_print_only_warnings_and_errors_with_their_rank(rank):
     err = result.stderr.splitlines()
     if rank == 0:
         assert result.stdout == "result on stdout\n"
-        assert "an info message" in err and "WARNING: a warning" in err and "error: a failure" in err
+        assert "WARNING: a warning" in err and "error: a failure" in err
+        assert "an info message" not in err  # INFO goes to a run's train.log, not the console
         assert any(line.startswith("work: 2/2 it (100%)") for line in err)
     else:
         assert result.stdout == ""
@@ -151,3 +152,11 @@ def test_cli_error_on_another_rank_carries_the_rank(tmp_path):
                             cwd=REPO, capture_output=True, text=True, env=cli_env(RANK="1"), timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("[rank 1] error: ") and "no.yaml" in result.stderr
+
+
+def test_an_error_is_the_last_line_not_a_progress_line():
+    out = io.StringIO()
+    with pytest.raises(UserError):
+        with Progress("report", total=5, unit="step", mode="lines", stream=out, min_interval_s=0):
+            raise UserError("runs/x/metrics.jsonl:3: not JSON")
+    assert out.getvalue() == ""
