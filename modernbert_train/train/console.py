@@ -110,7 +110,7 @@ class ConsoleLines(LoggerDestination):
 
     def line(self, state: State) -> str:
         step, tokens = int(state.timestamp.batch), int(state.timestamp.token)
-        fraction = self._fraction(state)
+        fraction = min(1.0, self._fraction(state))  # the last step may pass a token budget
         max_duration = state.max_duration
         if max_duration is not None and max_duration.unit.value == "tok":
             position = f"step {step:,}, {human(tokens)}/{human(max_duration.value)} tok ({100 * fraction:.0f}%)"
