@@ -69,3 +69,57 @@ def test_progress_bar_key_chooses_the_console(key, on_terminal, in_file, monkeyp
         assert console_mode(recipe) == in_file
         monkeypatch.setenv("MODERNBERT_PROGRESS", "none")  # --progress none
         assert console_mode(recipe) == "none"
+
+
+class FakeState:
+    """The parts of composer's State that ConsoleLines reads, for a run of 10,000 tokens."""
+
+    def __init__(self):
+        from composer.core import Time, TimeUnit, Timestamp
+
+        self.max_duration = Time(10_000, TimeUnit.TOKEN)
+        self.timestamp = Timestamp()
+        self.total_loss_dict = {}
+        self.eval_metric_values = {}
+
+    def step(self, tokens: int, seconds: float, loss: float) -> None:
+        import datetime
+
+        from composer.core import Timestamp
+
+        t = self.timestamp
+        self.timestamp = Timestamp(batch=int(t.batch) + 1, token=int(t.token) + tokens,
+                                   batch_wct=datetime.timedelta(seconds=seconds))
+        self.total_loss_dict = {"loss/train/total": loss}
+
+    def get_elapsed_duration(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(value=int(self.timestamp.token) / self.max_duration.value)
+
+
+def test_token_interval_lines_rates_and_eta(monkeypatch):
+    from modernbert_train.train import console as console_module
+    from modernbert_train.train.console import ConsoleLines
+
+    now = [100.0]
+    monkeypatch.setattr(console_module.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    console, state = ConsoleLines("tok-run", "2000tok", stream=out), FakeState()
+    console.fit_start(state, None)
+    for step in range(1, 16):  # 700 tokens a step, 1 s of training + 0.25 s of the rest (eval, checkpoints)
+        console.batch_start(state, None)
+        now[0] += 1.25
+        state.step(700, 1.0, loss=7.0 - step / 10)
+        console.batch_end(state, None)
+        console.log_metrics({"throughput/mfu": 0.2 + step / 100, "lr": step * 1e-4})
+    console.fit_end(state, None)
+    lines = out.getvalue().splitlines()
+    # Step 1, then each step that crosses a multiple of 2,000 tokens (3, 6, 9, 12), then the end (15).
+    assert [line.split(",")[0] for line in lines] == [f"train tok-run: step {s}" for s in (1, 3, 6, 9, 12, 15)]
+    # Step 3: 2.1k of 10k tokens in 3.75 s -> 3.75 * 0.79 / 0.21 = 14.1 s to go; 1,400 tokens in 2 s of steps.
+    assert lines[1] == ("train tok-run: step 3, 2.10k/10.00k tok (21%), loss 6.7000, 700 tok/s, MFU 22.5%, "
+                        "lr 3.00e-04, elapsed 0:04, ETA 0:14")
+    # The last step passes the budget: 100%, nothing left.
+    assert lines[-1].startswith("train tok-run: step 15, 10.50k/10.00k tok (100%), loss 5.5000")
+    assert lines[-1].endswith("elapsed 0:19, ETA 0:00")
