@@ -22,6 +22,7 @@ def overrides(tiny_data, tmp_path, steps: int) -> list[str]:
             "checkpoint.interval=100ba", "scheduler.warmup=2ba", "peak_flops_per_device=1e12"]
 
 
+@pytest.mark.slow
 def test_training_log_file_has_one_line_per_interval(tiny_data, tmp_path):
     args = ["-m", "modernbert_train.cli.main", "train", RECIPE, *overrides(tiny_data, tmp_path, 12),
             "logging.console_interval=4ba", f"eval.manifest={tiny_data['eval']}", "eval.interval=6ba",
@@ -40,6 +41,7 @@ def test_training_log_file_has_one_line_per_interval(tiny_data, tmp_path):
     assert "done: 12 steps" in log
 
 
+@pytest.mark.slow
 def test_training_on_a_terminal_shows_composer_bar(tiny_data, tmp_path):
     args = ["-m", "modernbert_train.cli.main", "train", RECIPE, *overrides(tiny_data, tmp_path, 3)]
     code, screen = run_in_pty(args)
