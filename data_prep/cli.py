@@ -11,6 +11,7 @@ import sys
 import time
 
 from modernbert_train.errors import did_you_mean, run_command
+from modernbert_train.progress import add_progress_argument, configure_console, progress_mode
 
 EPILOG = """examples:
   modernbert-data build-local-corpus --out demo_out/corpus --max-mb 4
@@ -19,6 +20,8 @@ EPILOG = """examples:
       --tokenizer demo_out/tokenizer --out demo_out/shards/code
   modernbert-data prepare demo_out/corpus/prose --tokenizer demo_out/tokenizer --out demo_out/shards/prose
   modernbert-data stats yamls/data/demo.yaml
+progress: a bar on a terminal; in a log file one plain line every few seconds with an ETA
+(--progress auto|bar|lines|none after the command forces a mode).
 exit codes: 0 ok, 1 failure, 2 bad input"""
 
 TRAIN_TOKENIZER_EPILOG = """example:
@@ -77,7 +80,7 @@ def add_train_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (2)")
     parser.add_argument("--max-mb", type=float, default=None, help="train on at most this many MB of text")
     parser.add_argument("--model-max-length", type=int, default=8192, help="written to tokenizer_config.json")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress output (same as --progress none)")
 
 
 def run_train_tokenizer(args) -> int:
@@ -88,7 +91,8 @@ def run_train_tokenizer(args) -> int:
     max_chars = int(args.max_mb * 1e6) if args.max_mb else None
     start = time.perf_counter()
     texts = iter_training_texts(files, args.format, args.text_field, max_chars, skipped)
-    tok = train_tokenizer(texts, args.vocab_size, args.min_frequency, show_progress=not args.no_progress)
+    tok = train_tokenizer(texts, args.vocab_size, args.min_frequency, show_progress=not args.no_progress,
+                          total_chars=max_chars or _plain_text_bytes(files))
     path = save_tokenizer(tok, args.out, args.model_max_length)
     sample = next(iter_training_texts(files[:1], args.format, args.text_field, 100_000), "")
     verify_saved_tokenizer(args.out, [sample, "def f(x):\n    return x  # [MASK] stays text\n\n"])
@@ -96,6 +100,13 @@ def run_train_tokenizer(args) -> int:
     print(f"wrote {path} (vocab {tok.get_vocab_size():,}) from {len(files):,} files in "
           f"{time.perf_counter() - start:.1f}s; skipped records: {skipped_text}; transformers loads it and agrees")
     return 0
+
+
+def _plain_text_bytes(files: list[str]) -> int | None:
+    """Size of uncompressed text inputs, close to their character count (the reading ETA); None otherwise."""
+    if any(f.endswith((".gz", ".zst", ".parquet")) for f in files):
+        return None
+    return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +124,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input MB per work unit, the resume granularity (default: about 4 units per worker, "
                              "1-64 MB; a resumed run keeps its plan's)")
     parser.add_argument("--shard-mb", type=float, default=64, help="uncompressed MB per MDS shard")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress output (same as --progress none)")
 
 
 def run_prepare(args) -> int:
@@ -198,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(command)
+        add_progress_argument(command)
     return parser
 
 
@@ -212,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return run_command(COMMANDS[args.command][1], args, debug)
+    configure_console()
+    with progress_mode(args.progress):
+        return run_command(COMMANDS[args.command][1], args, debug)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -313,21 +313,18 @@ def _run_unit_in_worker(unit_json: dict) -> dict:
 
 
 class _Progress:
-    def __init__(self, total_bytes: int, enabled: bool, desc: str):
-        from tqdm import tqdm
+    """Input bytes done and tokens written: a bar on a terminal, else a line every few seconds with an ETA."""
 
-        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                        disable=not enabled, dynamic_ncols=True)
-        self.tokens, self.start = 0, time.perf_counter()
+    def __init__(self, total_bytes: int, enabled: bool, desc: str):
+        from modernbert_train.progress import Progress
+
+        self.progress = Progress(desc, total_bytes, "B", mode=None if enabled else "none")
 
     def update(self, nbytes: int, ntokens: int) -> None:
-        self.tokens += ntokens
-        self.bar.update(nbytes)
-        rate = self.tokens / max(1e-9, time.perf_counter() - self.start)
-        self.bar.set_postfix_str(f"{self.tokens / 1e6:.2f}M tok, {rate / 1e3:.1f}k tok/s", refresh=False)
+        self.progress.update(nbytes, tok=ntokens)
 
     def close(self) -> None:
-        self.bar.close()
+        self.progress.close()
 
 
 def _run_in_process(units: list[WorkUnit], tok, settings: dict, out: Path, progress: _Progress) -> list[dict]:

@@ -88,11 +88,12 @@ def _shard_bytes(folder: Path, shard: dict) -> bytes:
 def iter_samples(folder: str | os.PathLike, progress: bool = False) -> Iterator[dict]:
     """Every sample of an MDS folder in index order, as streaming decodes it."""
     from streaming.base.format import reader_from_json
-    from tqdm import tqdm
+
+    from modernbert_train.progress import track
 
     folder = Path(folder)
     index = _load_index(folder)
-    for shard in tqdm(index["shards"], desc=f"scan {folder}", unit="shard", disable=not progress):
+    for shard in track(index["shards"], f"scan {folder}", unit="shard", mode=None if progress else "none"):
         reader = reader_from_json(str(folder), None, shard)
         data = _shard_bytes(folder, shard)
         n = shard["samples"]

@@ -127,8 +127,16 @@ def _wrap_with_cls_sep(tok: Tokenizer) -> None:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-                    show_progress: bool = True, length: int | None = None) -> Tokenizer:
-    """Train a byte-level BPE with ModernBERT's specials at ids 0-4 on an iterator of documents."""
+                    show_progress: bool = True, length: int | None = None,
+                    total_chars: int | None = None) -> Tokenizer:
+    """Train a byte-level BPE with ModernBERT's specials at ids 0-4 on an iterator of documents.
+
+    Progress: the tokenizers library's bars on a terminal; in a log file, lines of characters read (out of
+    `total_chars`, for the ETA, when known) and one line when the merges are done.
+    """
+    from modernbert_train.progress import Progress, resolve_mode
+
+    mode = resolve_mode(None if show_progress else "none")
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
                         f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
@@ -138,11 +146,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        show_progress=mode == "bar",
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    if mode != "lines":
+        tok.train_from_iterator(texts, trainer=trainer, length=length)
+    else:
+        reading = Progress("train-tokenizer", total_chars, "chars", mode="lines")
+        tok.train_from_iterator(_counted(texts, reading), trainer=trainer, length=length)
+        reading.note(f"merges done, vocabulary {tok.get_vocab_size():,}")
     _wrap_with_cls_sep(tok)
     return tok
+
+
+def _counted(texts: Iterable[str], progress) -> Iterator[str]:
+    for text in texts:
+        progress.update(len(text), docs=1)
+        yield text
+    progress.close()
+    progress.note("computing merges (no lines until done)")
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, model_max_length: int = 8192) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,9 @@ SIZES = {
 
 
 def _say(text: str) -> None:
-    print(f"\n\033[1m== {text}\033[0m", flush=True)
+    # Bold on a terminal only: escape codes are noise in a log file.
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print(f"\n{bold}== {text}{plain}", flush=True)
 
 
 def _run_cli(argv: list[str]) -> None:
@@ -121,8 +124,10 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: i
         if _finished_steps(run_dir) >= steps:
             print(f"reusing {run_dir} ({steps} steps done)")
         else:
+            # About 15 progress lines per phase in a log file, whatever the phase's length.
             overrides = [f"run_name=tiny-{phase}", f"save_folder={run_dir}", f"max_duration={steps}ba",
-                         f"data.manifest={manifest}", f"data.tokenizer={tokenizer_dir}"]
+                         f"data.manifest={manifest}", f"data.tokenizer={tokenizer_dir}",
+                         f"logging.console_interval={max(1, steps // 15)}ba"]
             if previous is not None:
                 overrides.append(f"model.init_from={previous}")
             else:

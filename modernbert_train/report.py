@@ -530,10 +530,10 @@ def build_summary(phases: Sequence[Phase], plots: Sequence[tuple[PlotSpec, Path]
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
     """Plots and summary of the given run directories (in phase order); returns the path of report.md."""
-    from tqdm.auto import tqdm
+    from modernbert_train.progress import Progress
 
     out_dir = Path(out_dir)
-    with tqdm(total=len(run_dirs) + len(PLOTS) + 1, desc="report", unit="step", disable=None) as bar:
+    with Progress("report", len(run_dirs) + len(PLOTS) + 1, "step") as bar:
         phases = []
         for run_dir in run_dirs:
             phases.append(load_phase(run_dir))

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from modernbert_train.errors import run_command
+from modernbert_train.progress import add_progress_argument, configure_console, progress_mode
 
 COMMANDS = {
     "demo": ("modernbert_train.cli.demo", "run the whole job on built-in local data (corpus to HF model), on CPU"),
@@ -29,6 +30,9 @@ EPILOG = """examples:
   modernbert-train export runs/phase3 --out hf/my-modernbert
   modernbert-train convert-checkpoint runs/phase1/ep0-ba2000 --out phase1-ba2000.pt
   modernbert-train report runs/phase1 runs/phase2 runs/phase3
+progress: a bar on a terminal; in a log file (SLURM, `> log`) one plain line per interval with an ETA.
+  --progress auto|bar|lines|none after any command forces a mode; ranks other than 0 print only warnings and
+  errors, prefixed with their rank.
 exit codes: 0 ok, 1 failure, 2 bad input"""
 
 
@@ -67,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"modernbert-train {name}", description=COMMANDS[name][1],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=getattr(module, "EPILOG", None))
     module.add_arguments(parser)
+    add_progress_argument(parser)
     # Intermixed: overrides may follow options (`RECIPE --nproc 8 optimizer.lr=1e-4`) in every command.
     args = parser.parse_intermixed_args(rest)
-    return run_command(module.run, args, debug)
+    configure_console()
+    with progress_mode(args.progress):
+        return run_command(module.run, args, debug)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -125,8 +125,10 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    progress_bar: bool = True
-    # How often metrics are printed to the console when the progress bar is off.
+    # auto: composer's progress bar on a terminal, else one plain line per console_interval (log files,
+    # SLURM); true: always the bar; false: always lines. The CLIs' --progress flag overrides it.
+    progress_bar: str = "auto"
+    # How often a progress line is printed when there is no bar ('10ba', '5e6tok').
     console_interval: str = "10ba"
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -187,6 +189,7 @@ NO_DECAY_KINDS = ("norms", "biases", "embeddings")
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 DEVICES = ("auto", "cpu", "gpu")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+PROGRESS_BAR_CHOICES = ("auto", "true", "false")
 OPTIMIZERS = ("stable_adamw", "adamw")
 TRAIN_UNITS = ("tok", "ba")
 
@@ -443,6 +446,8 @@ def validate(recipe: Recipe) -> None:
     if recipe.eval.manifest is not None:
         duration("eval.interval", recipe.eval.interval)
     choice("logging.wandb.mode", recipe.logging.wandb.mode, WANDB_MODES)
+    recipe.logging.progress_bar = str(recipe.logging.progress_bar).lower()
+    choice("logging.progress_bar", recipe.logging.progress_bar, PROGRESS_BAR_CHOICES)
     duration("logging.console_interval", recipe.logging.console_interval)
     if recipe.model.init_from is not None and not str(recipe.model.init_from).strip():
         fail("model.init_from", "is empty; use null for random initialisation")

@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,19 +199,8 @@ def _add_file_log(run_dir: Path) -> None:
         logger.setLevel(logging.INFO)
 
 
-def _has_file_descriptor(stream) -> bool:
-    try:
-        stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return False
-    return True
-
-
 def build_trainer(recipe: Recipe):
     """Everything but `fit()`: returns (trainer, run_dir). Tests call it to inspect the set-up."""
-    # composer's progress bar needs a real stream (it asks stderr for its file descriptor); when stderr is
-    # captured (a notebook cell, a test, a wrapper), metrics go to the console log instead.
-    progress_bar = recipe.logging.progress_bar and _has_file_descriptor(sys.stderr)
     from composer import Trainer
     from composer.algorithms import GradientClipping
     from composer.core import Evaluator
@@ -221,6 +209,7 @@ def build_trainer(recipe: Recipe):
     from modernbert_train.data.manifest import load_manifest
     from modernbert_train.train.callbacks import ExactResumeState, MetricsJsonl, PruneCheckpoints
     from modernbert_train.train.composer_model import ModernBertMLM, make_data_spec
+    from modernbert_train.train.console import ConsoleLines, console_mode
     from modernbert_train.train.optim import build_optimizer
     from modernbert_train.train.parallel import (attach_wrap_policies, check_even_shards,
                                                  composer_parallelism_config, install_gloo_workarounds,
@@ -280,6 +269,10 @@ def build_trainer(recipe: Recipe):
                                     metric_names=list(composer_model.eval_metrics), device_eval_microbatch_size=1))
 
     loggers = [wandb_logger(recipe, run_dir)] if recipe.logging.wandb.enabled else []
+    # A bar only on a terminal; a log file (SLURM) gets one line per logging.console_interval (rank 0 only).
+    console = console_mode(recipe)
+    if console == "lines":
+        loggers.append(ConsoleLines(recipe.run_name, recipe.logging.console_interval))
     algorithms = []
     if recipe.optimizer.grad_clip_norm is not None:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.optimizer.grad_clip_norm))
@@ -304,9 +297,8 @@ def build_trainer(recipe: Recipe):
         callbacks=callbacks,
         loggers=loggers,
         run_name=recipe.run_name,
-        progress_bar=progress_bar,
-        log_to_console=not progress_bar,
-        console_log_interval=composer_duration(recipe.logging.console_interval, "logging.console_interval"),
+        progress_bar=console == "bar",
+        log_to_console=False,
         save_folder=str(run_dir),
         save_filename=CHECKPOINT_NAME,
         save_latest_filename=LATEST_NAME,

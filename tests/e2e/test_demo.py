@@ -14,7 +14,12 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_every_step_and_reuses_them(tmp_path, capsys):
     out = tmp_path / "demo"
     hf_dir = run_demo(out, size="small")
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # Its console, as a log file gets it (stderr is no terminal here): plain lines, no bar refreshes, short.
+    log = captured.out + captured.err
+    assert "\r" not in log and "\033[" not in log and len(log.splitlines()) < 200
+    assert "train tiny-phase1: step 12/12 (100%)" in captured.err and " ETA " in captured.err
 
     # Shards for both sources, every document accounted for.
     for source in ("code", "prose"):
