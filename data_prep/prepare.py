@@ -4,15 +4,20 @@ Layout of an output folder (one per source):
     plan.json               settings + work units of the run (what a resume is checked against)
     part-00000/ ...         one folder per work unit: its own MDS index.json, shards, unit_summary.json;
                             written as .tmp-part-00000 and renamed when complete, so a part is all or nothing
-    index.json              merged MDS index over all parts (written last: its presence means complete)
     prep_meta.json          tokenizer hash, vocab, max_seq_len, special ids, documents, chunks, tokens, histograms
     prep_summary.json       every input record accounted: read = written + chunked + skipped (per reason, per file)
+    index.json              merged MDS index over all parts, with each shard's hash (written last: its presence
+                            means complete)
+    .prepare.lock           held (flock) by the prepare writing this folder; names its host and pid
+Every bookkeeping file is written to a temporary name and renamed, so none is ever seen half-written.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,13 +26,15 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.sources import REASON_POLICY, Document, Problem, WorkUnit, expand_inputs, plan_units, read_unit
+from data_prep.sources import (DEFAULT_MAX_DOC_BYTES, REASON_POLICY, Document, Problem, WorkUnit, expand_inputs,
+                               plan_units, read_unit)
 from data_prep.stats import Histogram
 from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256, vocab_size
+from modernbert_train.data.shards import SHARD_HASH, read_json_file
 from modernbert_train.errors import UserError
 
 PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE = "plan.json", "index.json", "prep_meta.json", "prep_summary.json"
-UNIT_SUMMARY_FILE = "unit_summary.json"
+UNIT_SUMMARY_FILE, LOCK_FILE = "unit_summary.json", ".prepare.lock"
 PART_PREFIX, TMP_PREFIX = "part-", ".tmp-part-"
 LAYOUT_VERSION = 1
 POLICIES = ("skip", "fail")
@@ -39,6 +46,7 @@ BATCH_TEXT_BYTES = 4 << 20
 BATCH_MAX_DOCS = 4096
 MAX_PROBLEMS_KEPT = 20
 MIN_AUTO_UNIT_BYTES, MAX_AUTO_UNIT_BYTES = 1 << 20, 64 << 20
+DEFAULT_MAX_DOC_MB = DEFAULT_MAX_DOC_BYTES / (1 << 20)
 
 
 def token_dtype(vocab: int) -> str:
@@ -68,6 +76,7 @@ class PrepareConfig:
     unit_bytes: int | None = None  # None: reuse the existing plan's, else auto_unit_bytes()
     shard_size_limit: int = 1 << 26
     progress: bool = True
+    max_doc_mb: float = DEFAULT_MAX_DOC_MB  # larger documents (jsonl lines, files, parquet cells) follow on_error
 
     def validate(self) -> None:
         if self.on_error not in POLICIES:
@@ -82,6 +91,8 @@ class PrepareConfig:
             raise UserError("--unit-mb must be positive")
         if not self.inputs:
             raise UserError("prepare needs at least one input file, directory or glob")
+        if not self.max_doc_mb > 0:
+            raise UserError(f"--max-doc-mb must be positive, not {self.max_doc_mb}")
 
 
 @dataclass
@@ -105,6 +116,16 @@ class UnitResult:
 
 class _Stopped(Exception):
     """Another worker failed; this one abandons its unit."""
+
+
+def write_json_atomic(path: Path, obj, indent: int | None = None) -> None:
+    """Write to a temporary name, flush to disk, rename: a crash leaves the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=indent))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _file_entry(result: UnitResult, path: str) -> dict:
@@ -138,8 +159,8 @@ class UnitWriter:
         pending_progress = 0
         try:
             with MDSWriter(out=str(tmp), columns=mds_columns(self.settings["vocab_size"]), compression="zstd",
-                           size_limit=self.settings["shard_size_limit"]) as writer:
-                for item in read_unit(unit, self.settings["text_field"]):
+                           hashes=[SHARD_HASH], size_limit=self.settings["shard_size_limit"]) as writer:
+                for item in read_unit(unit, self.settings["text_field"], self.settings["max_doc_bytes"]):
                     result.read += 1
                     result.input_bytes += item.consumed
                     pending_progress += item.consumed
@@ -163,7 +184,7 @@ class UnitWriter:
         if unit.kind in ("text", "code"):
             result.files = {f: e for f, e in result.files.items() if e["skipped"]}
         summary = asdict(result)
-        (tmp / UNIT_SUMMARY_FILE).write_text(json.dumps(summary))
+        write_json_atomic(tmp / UNIT_SUMMARY_FILE, summary)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         return summary
@@ -215,7 +236,8 @@ class UnitWriter:
 # ------------------------------------------------------------------------------------- output folder state
 
 def _our_entry(name: str) -> bool:
-    return (name in (PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE)
+    bookkeeping = (PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE)
+    return (name in bookkeeping or name == LOCK_FILE or name.removesuffix(".tmp") in bookkeeping
             or name.startswith(PART_PREFIX) or name.startswith(TMP_PREFIX))
 
 
@@ -232,17 +254,16 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
     if not out.exists():
         out.mkdir(parents=True)
         return {}
-    if not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    names = [p.name for p in out.iterdir()]
+    refuse_foreign_output(out)
+    names = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
     if not names:
         return {}
-    foreign = [n for n in names if not _our_entry(n)]
-    if not (out / PLAN_FILE).is_file() or foreign:
-        what = f"holds files prepare did not write ({', '.join(sorted(foreign)[:3])})" if foreign \
-            else "has no plan.json from `modernbert-data prepare`"
-        raise UserError(f"--out {out} is not empty and {what}; choose a new or empty folder (nothing was changed)")
-    old = json.loads((out / PLAN_FILE).read_text())
+    try:
+        old = read_json_file(out / PLAN_FILE, "; pass --overwrite to delete this output and start over")
+    except UserError:
+        if not overwrite:
+            raise
+        old = {"settings": {}}  # ours (only our entries), unreadable: --overwrite deletes it all
     changed = [k for k in sorted(set(settings) | set(old.get("settings", {})))
                if _normalized(settings.get(k)) != old.get("settings", {}).get(k)]
     if changed or overwrite:
@@ -262,8 +283,10 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
         if name.startswith(TMP_PREFIX):
             shutil.rmtree(path, ignore_errors=True)  # a unit interrupted mid-write
         elif name.startswith(PART_PREFIX):
-            summary_file = path / UNIT_SUMMARY_FILE
-            summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+            try:
+                summary = json.loads((path / UNIT_SUMMARY_FILE).read_text())
+            except (OSError, ValueError):
+                summary = None  # missing or unreadable: the part cannot be trusted, so it is redone
             index = summary["index"] if summary else -1
             if summary and index < len(units) and summary["identity"] == _normalized(units[index].identity) \
                     and name == f"{PART_PREFIX}{index:05d}":
@@ -273,21 +296,68 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
     return kept
 
 
-def merge_part_indexes(out: Path, n_units: int) -> int:
-    """Write out/index.json listing every part's shards (paths relative to out); return the sample count."""
+def refuse_foreign_output(out: Path) -> None:
+    """Refuse (nothing changed) an --out that exists and holds anything `prepare` did not write."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    names = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
+    if not names:
+        return
+    foreign = [n for n in names if not _our_entry(n)]
+    if not (out / PLAN_FILE).is_file() or foreign:
+        what = f"holds files prepare did not write ({', '.join(sorted(foreign)[:3])})" if foreign \
+            else "has no plan.json from `modernbert-data prepare`"
+        raise UserError(f"--out {out} is not empty and {what}; choose a new or empty folder (nothing was changed)")
+
+
+def merged_index(out: Path, n_units: int) -> dict:
+    """The MDS index listing every part's shards (paths relative to out), hashes included."""
     shards = []
     for index in range(n_units):
         part = f"{PART_PREFIX}{index:05d}"
-        part_index = json.loads((out / part / INDEX_FILE).read_text())
+        part_index = read_json_file(out / part / INDEX_FILE)
         for shard in part_index["shards"]:
             for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                 if shard.get(key):
                     shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
             shards.append(shard)
-    tmp = out / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps({"version": 2, "shards": shards}))
-    os.replace(tmp, out / INDEX_FILE)
-    return sum(s["samples"] for s in shards)
+    return {"version": 2, "shards": shards}
+
+
+class OutputLock:
+    """An exclusive flock on --out/.prepare.lock: one prepare per output folder at a time.
+
+    The kernel drops the lock when the holder exits, however it ends, so a crashed prepare never leaves a
+    stale lock. The file stays (unlinking a lock file races with the next taker); it names the last holder.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_FILE
+        self.fh = None
+
+    def __enter__(self) -> "OutputLock":
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "holder unknown"
+            fh.close()
+            raise UserError(f"--out {self.path.parent} is being written by another prepare ({holder}); wait for it "
+                            f"to finish or stop it (lock file {self.path}; nothing was changed)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on host {socket.gethostname()}, user {os.environ.get('USER', '?')}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
 
 
 # ------------------------------------------------------------------------------------------ worker processes
@@ -306,10 +376,20 @@ def _init_worker(tokenizer_path: str, settings: dict, out: str, queue, stop_even
     tok.encode_special_tokens = True  # "[MASK]" written in a document is text, never the mask id
     _WORKER["writer"] = UnitWriter(tok, special_token_ids(tok, tokenizer_path), settings, Path(out),
                                    report=lambda b, t: queue.put((b, t)), should_stop=stop_event.is_set)
+    _WORKER["queue"] = queue
 
 
 def _run_unit_in_worker(unit_json: dict) -> dict:
+    _WORKER["queue"].put(("started", unit_json["index"]))  # so a worker's death can name its files
     return _WORKER["writer"].run(WorkUnit(**unit_json))
+
+
+def _describe_units(units: list[WorkUnit]) -> str:
+    parts = []
+    for unit in units:
+        files = ", ".join(unit.files[:3]) + (f" and {len(unit.files) - 3} more files" if len(unit.files) > 3 else "")
+        parts.append(f"work unit {unit.index} ({files})")
+    return "; ".join(parts)
 
 
 class _Progress:
@@ -349,28 +429,46 @@ def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, setti
     import queue as queue_module
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from concurrent.futures.process import BrokenProcessPool
+
     ctx = mp.get_context(START_METHOD)
     progress_queue, stop_event = ctx.Queue(), ctx.Event()
     results: list[dict] = []
+    started: list[int] = []
 
     def drain() -> None:
         while True:
             try:
-                progress.update(*progress_queue.get_nowait())
+                message = progress_queue.get_nowait()
             except queue_module.Empty:
                 return
+            if message[0] == "started":
+                started.append(message[1])
+            else:
+                progress.update(*message)
 
     import streaming  # noqa: F401 - imported once here so forked workers start with it loaded
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(tokenizer_path, settings, str(out), progress_queue, stop_event)) as pool:
+        units_by_index = {unit.index: unit for unit in units}
         pending = {pool.submit(_run_unit_in_worker, unit.to_json()) for unit in units}
         try:
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 drain()
                 for future in done:
-                    results.append(future.result())  # re-raises a worker's UserError here
+                    try:
+                        results.append(future.result())  # re-raises a worker's UserError here
+                    except BrokenProcessPool:
+                        time.sleep(0.1)
+                        drain()
+                        finished = {r["index"] for r in results}
+                        running = [units_by_index[i] for i in started if i not in finished]
+                        raise UserError(
+                            f"a prepare worker died (killed, e.g. by the out-of-memory killer) while preparing "
+                            f"{_describe_units(running) or 'a work unit'}; lower --max-doc-mb or --workers, or "
+                            f"--exclude the file") from None
         except BaseException:
             stop_event.set()
             for future in pending:
@@ -421,8 +519,30 @@ def _previous_unit_bytes(out: Path) -> int | None:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Run (or resume) one source's preparation; return the summary also written to prep_summary.json."""
+    """Run (or resume) one source's preparation; return the summary also written to prep_summary.json.
+
+    Holds --out's lock throughout, so a second prepare on the same folder is refused rather than deleting
+    this one's work in progress.
+    """
     cfg.validate()
+    out = Path(cfg.out)
+    refuse_foreign_output(out)  # before the lock file is created in it
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):
+        return _prepare_locked(cfg)
+
+
+def _completed_summary(out: Path) -> dict | None:
+    """prep_summary.json of a complete output (index.json present), or None if incomplete or unreadable."""
+    if not (out / INDEX_FILE).is_file():
+        return None
+    try:
+        return json.loads((out / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # a finished run's summary lost: the final steps run again and rewrite it
+
+
+def _prepare_locked(cfg: PrepareConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer)
     tok.encode_special_tokens = True  # "[MASK]" written in a document is text, never the mask id
     specials = special_token_ids(tok, cfg.tokenizer)
@@ -435,22 +555,24 @@ def prepare(cfg: PrepareConfig) -> dict:
         "special_token_ids": specials.as_dict(), "format": cfg.format, "text_field": cfg.text_field,
         "shard_size_limit": cfg.shard_size_limit,
     }
-    files = expand_inputs(cfg.inputs, cfg.format, cfg.languages, cfg.extensions, cfg.exclude)
+    # --out inside an input folder: its shards and bookkeeping are never inputs.
+    files = expand_inputs(cfg.inputs, cfg.format, cfg.languages, cfg.extensions, cfg.exclude, skip_dirs=(out,))
     settings["unit_bytes"] = (cfg.unit_bytes or (None if cfg.overwrite else _previous_unit_bytes(out))
                               or auto_unit_bytes(files, cfg.workers))
     units = plan_units(files, cfg.format, settings["unit_bytes"])
     kept = reconcile_output(out, settings, units, cfg.overwrite)
     todo = [u for u in units if u.index not in kept]
-    if not todo and (out / INDEX_FILE).is_file() and (out / SUMMARY_FILE).is_file():
-        summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary = _completed_summary(out) if not todo else None
+    if summary is not None:
         summary["this_run"] = {"units_done": 0, "units_kept": len(kept), "note": "already complete"}
         return summary
     for name in (INDEX_FILE, META_FILE, SUMMARY_FILE):
         (out / name).unlink(missing_ok=True)  # the folder is incomplete until the end of this run
     plan = {"settings": settings, "inputs": files, "units": [u.to_json() for u in units]}
-    (out / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    write_json_atomic(out / PLAN_FILE, plan, indent=1)
 
-    run_settings = dict(settings, policies={"on_error": cfg.on_error, "on_binary": cfg.on_binary})
+    run_settings = dict(settings, policies={"on_error": cfg.on_error, "on_binary": cfg.on_binary},
+                        max_doc_bytes=int(cfg.max_doc_mb * (1 << 20)))
     progress = _Progress(sum(u.size for u in todo), cfg.progress, desc=f"prepare {source}")
     start = time.perf_counter()
     try:
@@ -471,7 +593,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     accounted = totals["written"] + totals["chunked"] + sum(totals["skipped"].values())
     if accounted != totals["read"]:
         raise RuntimeError(f"accounting bug: read {totals['read']} but accounted {accounted}")
-    samples = merge_part_indexes(out, len(units))
+    index = merged_index(out, len(units))
+    samples = sum(s["samples"] for s in index["shards"])
     if samples != totals["chunks"]:
         raise RuntimeError(f"index lists {samples} samples but {totals['chunks']} chunks were written")
 
@@ -488,7 +611,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         input_files=len(files), units=len(units),
         length_histograms={"chunk_tokens": chunk_hist.to_json(), "document_tokens": doc_hist.to_json()},
     )
-    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    write_json_atomic(out / META_FILE, meta, indent=1)
     problems = [p for s in summaries for p in s["problems"]]
     summary = {
         "source": source, **{k: totals[k] for k in ("read", "written", "chunked", "skipped")},
@@ -499,7 +622,8 @@ def prepare(cfg: PrepareConfig) -> dict:
                      "tokens": new_tokens, "tokens_per_s": round(new_tokens / max(elapsed, 1e-9), 1),
                      "workers": cfg.workers},
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out / SUMMARY_FILE, summary, indent=1)
+    write_json_atomic(out / INDEX_FILE, index)  # the completion marker: last
     return summary
 
 
