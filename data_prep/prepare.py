@@ -376,11 +376,9 @@ def _init_worker(tokenizer_path: str, settings: dict, out: str, queue, stop_even
     tok.encode_special_tokens = True  # "[MASK]" written in a document is text, never the mask id
     _WORKER["writer"] = UnitWriter(tok, special_token_ids(tok, tokenizer_path), settings, Path(out),
                                    report=lambda b, t: queue.put((b, t)), should_stop=stop_event.is_set)
-    _WORKER["queue"] = queue
 
 
 def _run_unit_in_worker(unit_json: dict) -> dict:
-    _WORKER["queue"].put(("started", unit_json["index"]))  # so a worker's death can name its files
     return _WORKER["writer"].run(WorkUnit(**unit_json))
 
 
@@ -389,7 +387,20 @@ def _describe_units(units: list[WorkUnit]) -> str:
     for unit in units:
         files = ", ".join(unit.files[:3]) + (f" and {len(unit.files) - 3} more files" if len(unit.files) > 3 else "")
         parts.append(f"work unit {unit.index} ({files})")
-    return "; ".join(parts)
+    return ("one of " if len(parts) > 1 else "") + "; ".join(parts)
+
+
+def _units_in_progress(out: Path, units_by_index: dict[int, WorkUnit]) -> list[WorkUnit]:
+    """Units whose .tmp-part folder exists: begun, neither finished (renamed) nor cleaned up after an error.
+
+    A killed worker cleans up nothing, so its unit is among these (the pool stops the others mid-unit too).
+    """
+    found = []
+    for path in out.glob(f"{TMP_PREFIX}*"):
+        index = int(path.name[len(TMP_PREFIX):])
+        if index in units_by_index:
+            found.append(units_by_index[index])
+    return sorted(found, key=lambda u: u.index)
 
 
 class _Progress:
@@ -434,18 +445,13 @@ def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, setti
     ctx = mp.get_context(START_METHOD)
     progress_queue, stop_event = ctx.Queue(), ctx.Event()
     results: list[dict] = []
-    started: list[int] = []
 
     def drain() -> None:
         while True:
             try:
-                message = progress_queue.get_nowait()
+                progress.update(*progress_queue.get_nowait())
             except queue_module.Empty:
                 return
-            if message[0] == "started":
-                started.append(message[1])
-            else:
-                progress.update(*message)
 
     import streaming  # noqa: F401 - imported once here so forked workers start with it loaded
 
@@ -461,10 +467,7 @@ def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, setti
                     try:
                         results.append(future.result())  # re-raises a worker's UserError here
                     except BrokenProcessPool:
-                        time.sleep(0.1)
-                        drain()
-                        finished = {r["index"] for r in results}
-                        running = [units_by_index[i] for i in started if i not in finished]
+                        running = _units_in_progress(out, units_by_index)
                         raise UserError(
                             f"a prepare worker died (killed, e.g. by the out-of-memory killer) while preparing "
                             f"{_describe_units(running) or 'a work unit'}; lower --max-doc-mb or --workers, or "
