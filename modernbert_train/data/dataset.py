@@ -173,6 +173,7 @@ def _make_dataset_class():
         whose shard failures name the shard and its source instead of ending an epoch early in silence."""
 
         source_names: list[str] = []
+        token_id_limit: int | None = None  # the tokenizer's vocabulary: a larger id is refused, named
         _shard_failure: str | None = None
 
         def _describe_shard(self, shard_id: int) -> str:
@@ -195,7 +196,18 @@ def _make_dataset_class():
             try:
                 super().prepare_shard(shard_id, blocking)
             except Exception as err:  # noqa: BLE001 - checksum, decompression, copy: all name the shard
+                self._drop_cached_copies(shard_id)
                 raise self._fail(shard_id, err) from err
+
+        def _drop_cached_copies(self, shard_id: int) -> None:
+            """A failed shard's copies in the cache go: the next run fetches the (restored) original again."""
+            stream = self.streams[int(self.stream_per_shard[shard_id])]
+            if stream.remote is None:
+                return  # local is the prepared folder itself: never delete from it
+            for raw_info, zip_info in self.shards[shard_id].file_pairs:
+                for info in (raw_info, zip_info):
+                    if info is not None:
+                        Path(stream.local, stream.split or "", info.basename).unlink(missing_ok=True)
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             if self._shard_failure is not None:
@@ -208,7 +220,14 @@ def _make_dataset_class():
                 if self._shard_failure is not None:
                     raise UserError(self._shard_failure) from err
                 raise self._fail(int(self.spanner[sample_id][0]), err) from err
-            return {"input_ids": sample["input_ids"], "sample_id": int(sample_id)}
+            ids = sample["input_ids"]
+            if self.token_id_limit is not None and ids.size and int(ids.max()) >= self.token_id_limit:
+                # The pre-training scan reads a sample of each source; this catches what it missed, on the
+                # host, before an embedding lookup turns it into a device-side assert.
+                raise UserError(f"{self._describe_shard(int(self.spanner[sample_id][0]))}: sample {sample_id} "
+                                f"holds token id {int(ids.max())}, outside the tokenizer's {self.token_id_limit} "
+                                f"ids (prepared with another tokenizer?)")
+            return {"input_ids": ids, "sample_id": int(sample_id)}
 
         def __iter__(self):
             yield from super().__iter__()
@@ -285,6 +304,9 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
             raise UserError(f"manifest {manifest.path}: {err}") from err
         raise
     dataset.source_names = manifest.source_names()
+    vocabularies = [meta["vocab_size"] for meta in map(SourceSpec.prep_meta, manifest.sources)
+                    if meta is not None and isinstance(meta.get("vocab_size"), int)]
+    dataset.token_id_limit = min(vocabularies) if vocabularies else None
     return dataset
 
 
