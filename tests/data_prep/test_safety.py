@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -126,29 +125,15 @@ def test_truncated_bookkeeping_is_named_or_recovered(local_corpus, trained_token
 
 # ------------------------------------------------------------------------------------ memory bound (finding 8)
 
-_RSS_SCRIPT = """
-import resource, sys
-from data_prep.prepare import PrepareConfig, prepare
-cfg = PrepareConfig(inputs=[sys.argv[1]], out=sys.argv[2], tokenizer=sys.argv[3], progress=False, workers=1,
-                    on_error="skip", max_doc_mb=float(sys.argv[4]))
-summary = prepare(cfg)
-print(summary["skipped"].get("too_large", 0), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
+def test_a_200m_character_line_stays_within_a_memory_bound(local_corpus, tmp_path):
+    """The reader's own allocations are traced (tracemalloc): unbounded, it held the 200 MB line (and more).
+    Peak RSS of the same read in a fresh process, measured once: 45 MB bounded, 871 MB unbounded. prepare's
+    accounting of too_large records (skip, or fail with file:line) is the next test's."""
+    import tracemalloc
 
+    from data_prep.sources import Document, read_jsonl
 
-def _peak_rss_mb(inputs: Path, out: Path, tokenizer: Path, max_doc_mb: float) -> tuple[int, float]:
-    result = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(inputs), str(out), str(tokenizer),
-                             str(max_doc_mb)], capture_output=True, text=True, timeout=300, env=os.environ)
-    assert result.returncode == 0, result.stderr
-    skipped, rss_kb = result.stdout.split()
-    return int(skipped), int(rss_kb) / 1024
-
-
-def test_a_200m_character_line_stays_within_a_memory_bound(local_corpus, trained_tokenizer_dir, tmp_path):
-    texts = read_jsonl_texts(local_corpus / "prose" / "pydoc_topics.jsonl")[:5]
-    small = tmp_path / "small.jsonl.gz"
-    with gzip.open(small, "wt", compresslevel=1) as fh:
-        fh.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    texts = read_jsonl_texts(local_corpus / "prose" / "pydoc_topics.jsonl")[:2]
     bomb = tmp_path / "bomb.jsonl.gz"
     with gzip.open(bomb, "wb", compresslevel=1) as fh:
         fh.write(json.dumps({"text": texts[0]}).encode() + b"\n" + b'{"text": "')
@@ -157,18 +142,17 @@ def test_a_200m_character_line_stays_within_a_memory_bound(local_corpus, trained
             fh.write(piece)
         fh.write(b'"}\n' + json.dumps({"text": texts[1]}).encode() + b"\n")
     assert bomb.stat().st_size < 1 << 20
-    skipped, baseline = _peak_rss_mb(small, tmp_path / "o1", trained_tokenizer_dir, 16)
-    assert skipped == 0
-    skipped, peak = _peak_rss_mb(bomb, tmp_path / "o2", trained_tokenizer_dir, 16)
-    print(f"peak RSS: {baseline:.0f} MB for a small file, {peak:.0f} MB with a 200M-character line")
-    assert skipped == 1
-    assert peak - baseline < 60, (baseline, peak)  # unbounded reading held the whole line: 900+ MB
-    summary = json.loads((tmp_path / "o2" / "prep_summary.json").read_text())
-    assert summary["written"] == 2 and summary["skipped"] == {"too_large": 1}
-    assert summary["problems"] == [f"{bomb}:2: too_large: line of 190.0 MB is over --max-doc-mb 16"]
-    # The default policy fails with file:line, like any other bad record.
-    with pytest.raises(UserError, match=rf"{bomb}:2: too_large: line of 190.0 MB is over --max-doc-mb 16"):
-        run_prepare([bomb], tmp_path / "o3", trained_tokenizer_dir)
+    tracemalloc.start()
+    try:
+        items = list(read_jsonl(str(bomb), "text", max_doc_bytes=16 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [type(i).__name__ for i in items] == ["Document", "Problem", "Document"]
+    assert [i.text for i in items if isinstance(i, Document)] == texts
+    assert peak < 40 << 20, f"reader peaked at {peak / 2**20:.0f} MB"
+    assert items[1].describe() == f"{bomb}:2: too_large: line of 190.0 MB is over --max-doc-mb 16"
+    assert items[2].line == 3  # the lines after it keep their numbers
 
 
 def test_whole_files_over_the_bound_are_not_read(local_corpus, trained_tokenizer_dir, tmp_path):
@@ -178,7 +162,10 @@ def test_whole_files_over_the_bound_are_not_read(local_corpus, trained_tokenizer
     (data / "big.txt").write_text("word " * 300_000)  # 1.5 MB
     summary = run_prepare([data], tmp_path / "o", trained_tokenizer_dir, max_doc_mb=1, on_error="skip")
     assert summary["written"] == 1 and summary["skipped"] == {"too_large": 1}
-    assert summary["problems"][0].startswith(f"{data / 'big.txt'}: too_large: file of 1.4 MB")
+    assert summary["problems"][0] == f"{data / 'big.txt'}: too_large: file of 1.4 MB is over --max-doc-mb 1"
+    # The default policy fails with the file named, like any other bad record.
+    with pytest.raises(UserError, match=rf"{data / 'big.txt'}: too_large: file of 1.4 MB .*--on-error skip"):
+        run_prepare([data], tmp_path / "o2", trained_tokenizer_dir, max_doc_mb=1)
 
 
 def test_a_dying_worker_is_named_with_its_file(local_corpus, trained_tokenizer_dir, tmp_path, monkeypatch):
