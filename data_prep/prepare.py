@@ -347,6 +347,11 @@ class OutputLock:
             fh.close()
             raise UserError(f"--out {self.path.parent} is being written by another prepare ({holder}); wait for it "
                             f"to finish or stop it (lock file {self.path}; nothing was changed)") from None
+        except OSError as err:  # e.g. a Lustre mount without flock support: run, but say so
+            print(f"warning: cannot lock {self.path} ({err.strerror or err}); make sure no other prepare writes "
+                  f"{self.path.parent} at the same time", file=sys.stderr)
+            fh.close()
+            return self
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on host {socket.gethostname()}, user {os.environ.get('USER', '?')}, since "
@@ -356,8 +361,9 @@ class OutputLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
 
 
 # ------------------------------------------------------------------------------------------ worker processes

@@ -227,3 +227,17 @@ def test_a_second_prepare_on_the_same_out_is_refused_and_changes_nothing(local_c
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".prepare.lock"} == before
     # Released: the next prepare proceeds.
     assert run_prepare(inputs, out, trained_tokenizer_dir)["this_run"]["note"] == "already complete"
+
+
+def test_a_filesystem_without_flock_warns_and_prepares(local_corpus, trained_tokenizer_dir, tmp_path, monkeypatch,
+                                                       capsys):
+    import errno
+    import fcntl
+
+    def unsupported(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    summary = run_prepare([local_corpus / "prose" / "docstrings.jsonl"], tmp_path / "out", trained_tokenizer_dir)
+    assert summary["chunks"] > 0
+    assert "warning: cannot lock" in capsys.readouterr().err
