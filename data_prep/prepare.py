@@ -13,11 +13,9 @@ Every bookkeeping file is written to a temporary name and renamed, so none is ev
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,13 +26,14 @@ import numpy as np
 
 from data_prep.sources import (DEFAULT_MAX_DOC_BYTES, REASON_POLICY, Document, Problem, WorkUnit, expand_inputs,
                                plan_units, read_unit)
+from data_prep.bookkeeping import LOCK_FILE, OutputLock, write_json_atomic
 from data_prep.stats import Histogram
 from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256, vocab_size
 from modernbert_train.data.shards import SHARD_HASH, read_json_file
 from modernbert_train.errors import UserError
 
 PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE = "plan.json", "index.json", "prep_meta.json", "prep_summary.json"
-UNIT_SUMMARY_FILE, LOCK_FILE = "unit_summary.json", ".prepare.lock"
+UNIT_SUMMARY_FILE = "unit_summary.json"
 PART_PREFIX, TMP_PREFIX = "part-", ".tmp-part-"
 LAYOUT_VERSION = 1
 POLICIES = ("skip", "fail")
@@ -116,16 +115,6 @@ class UnitResult:
 
 class _Stopped(Exception):
     """Another worker failed; this one abandons its unit."""
-
-
-def write_json_atomic(path: Path, obj, indent: int | None = None) -> None:
-    """Write to a temporary name, flush to disk, rename: a crash leaves the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=indent))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _file_entry(result: UnitResult, path: str) -> dict:
@@ -324,46 +313,6 @@ def merged_index(out: Path, n_units: int) -> dict:
                     shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
             shards.append(shard)
     return {"version": 2, "shards": shards}
-
-
-class OutputLock:
-    """An exclusive flock on --out/.prepare.lock: one prepare per output folder at a time.
-
-    The kernel drops the lock when the holder exits, however it ends, so a crashed prepare never leaves a
-    stale lock. The file stays (unlinking a lock file races with the next taker); it names the last holder.
-    """
-
-    def __init__(self, out: Path):
-        self.path = out / LOCK_FILE
-        self.fh = None
-
-    def __enter__(self) -> "OutputLock":
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "holder unknown"
-            fh.close()
-            raise UserError(f"--out {self.path.parent} is being written by another prepare ({holder}); wait for it "
-                            f"to finish or stop it (lock file {self.path}; nothing was changed)") from None
-        except OSError as err:  # e.g. a Lustre mount without flock support: run, but say so
-            print(f"warning: cannot lock {self.path} ({err.strerror or err}); make sure no other prepare writes "
-                  f"{self.path.parent} at the same time", file=sys.stderr)
-            fh.close()
-            return self
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on host {socket.gethostname()}, user {os.environ.get('USER', '?')}, since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-        fh.flush()
-        self.fh = fh
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fh is not None:
-            fcntl.flock(self.fh, fcntl.LOCK_UN)
-            self.fh.close()
 
 
 # ------------------------------------------------------------------------------------------ worker processes

@@ -210,7 +210,7 @@ def test_out_inside_the_input_folder_is_never_read(local_corpus, trained_tokeniz
 
 def test_a_second_prepare_on_the_same_out_is_refused_and_changes_nothing(local_corpus, trained_tokenizer_dir,
                                                                          tmp_path):
-    from data_prep.prepare import OutputLock
+    from data_prep.bookkeeping import OutputLock
 
     inputs = [local_corpus / "prose" / "docstrings.jsonl"]
     out = tmp_path / "out"
