@@ -11,8 +11,8 @@ Same commands a user types (`python -m data_prep.cli ...`, `python -m modernbert
 run as subprocesses so each run is a fresh process as in production.
 
 examples:
-  python bench/gpu_train_check.py --out /tmp/gtc --tiny-cpu          # the whole path on CPU, tiny shapes
-  python bench/gpu_train_check.py --out "$OUT/train" --steps 300     # on the GPU machine (bench/gpu_check.sh)
+  python bench/trainer_bench.py --out /tmp/gtc --tiny-cpu          # the whole path on CPU, tiny shapes
+  python bench/trainer_bench.py --out "$OUT/train" --steps 300     # on the GPU machine (bench/gpu_check.sh)
 """
 from __future__ import annotations
 

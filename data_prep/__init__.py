@@ -3,7 +3,8 @@
     tokenizer.py     load_tokenizer, special_token_ids, train_tokenizer, save_tokenizer (contract 1)
     sources.py       input discovery, work units, readers that turn bad records into counted Problems
     prepare.py       prepare(PrepareConfig): parallel, resumable tokenize + chunk + MDS write (contract 2)
-    stats.py         iter_samples, folder_stats, length histograms
+    bookkeeping.py   atomic JSON writes and the output-folder lock of prepare
+    stats.py         iter_samples, folder_stats, length histograms (shard safety: modernbert_train.data.shards)
     local_corpus.py  the offline demo corpus (stdlib code + Python prose)
     cli.py           `modernbert-data train-tokenizer | prepare | stats | build-local-corpus`
 """

@@ -40,12 +40,16 @@ Re-running on the same --out resumes: finished work units are kept, changed inpu
 settings (tokenizer, --max-seq-len, ...) are refused unless --overwrite.
 bad records: malformed JSON, missing/non-string text field, invalid UTF-8 and unreadable files follow
 --on-error (default fail); binary files met in code/text directories follow --on-binary (default skip);
-empty documents are always skipped and counted. prep_summary.json accounts for every record read."""
+empty documents are always skipped and counted. prep_summary.json accounts for every record read.
+a document over --max-doc-mb (default 16) is a bad record too: read in pieces, never held whole in memory.
+--out may sit inside an input folder: it is never read as input. One prepare at a time per --out (a lock
+file, .prepare.lock, names the holder); a second is refused without touching the first's work."""
 
 STATS_EPILOG = """examples:
   modernbert-data stats demo_out/shards/code demo_out/shards/prose
   modernbert-data stats yamls/data/demo.yaml --scan
---scan recounts from the shards themselves and checks prep_meta.json."""
+--scan recounts from the shards themselves and checks prep_meta.json and each shard's hash; a folder with
+a pickle column (which can run code when read) is refused unless --allow-unsafe-types."""
 
 CORPUS_EPILOG = """example:
   modernbert-data build-local-corpus --out demo_out/corpus --max-mb 8
@@ -124,6 +128,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input MB per work unit, the resume granularity (default: about 4 units per worker, "
                              "1-64 MB; a resumed run keeps its plan's)")
     parser.add_argument("--shard-mb", type=float, default=64, help="uncompressed MB per MDS shard")
+    parser.add_argument("--max-doc-mb", type=float, default=16,
+                        help="largest document (jsonl line, text/code file, parquet cell) in MB; larger ones are "
+                             "read in pieces and dropped, never held whole, and follow --on-error (16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress output (same as --progress none)")
 
 
@@ -136,7 +143,7 @@ def run_prepare(args) -> int:
         exclude=tuple(args.exclude), max_seq_len=args.max_seq_len, workers=args.workers,
         on_error=args.on_error, on_binary=args.on_binary, overwrite=args.overwrite,
         unit_bytes=max(1, int(args.unit_mb * (1 << 20))) if args.unit_mb else None, shard_size_limit=max(1 << 16, int(args.shard_mb * (1 << 20))),
-        progress=not args.no_progress)
+        progress=not args.no_progress, max_doc_mb=args.max_doc_mb)
     print(format_summary(prepare(cfg)))
     print(f"wrote {args.out}/index.json, prep_meta.json, prep_summary.json")
     return 0
@@ -147,6 +154,9 @@ def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prepared shard folders, or a mixture manifest .yaml")
     parser.add_argument("--scan", action="store_true", help="recount from the shards and check prep_meta.json")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--allow-unsafe-types", action="store_true",
+                        help="decode pickle (pkl) columns; they can run arbitrary code, so only for shards "
+                             "from someone you trust (refused by default)")
 
 
 def _folders_of(paths: list[str]) -> list[str]:
@@ -165,7 +175,8 @@ def _folders_of(paths: list[str]) -> list[str]:
 def run_stats(args) -> int:
     from data_prep.stats import folder_stats, format_stats
 
-    stats = [folder_stats(folder, scan=args.scan, progress=args.scan and not args.json)
+    stats = [folder_stats(folder, scan=args.scan, progress=args.scan and not args.json,
+                          allow_unsafe_types=args.allow_unsafe_types)
              for folder in _folders_of(args.paths)]
     print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
     return 0 if all(s.get("scan_matches_meta", True) for s in stats) else 1

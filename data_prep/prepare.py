@@ -4,9 +4,12 @@ Layout of an output folder (one per source):
     plan.json               settings + work units of the run (what a resume is checked against)
     part-00000/ ...         one folder per work unit: its own MDS index.json, shards, unit_summary.json;
                             written as .tmp-part-00000 and renamed when complete, so a part is all or nothing
-    index.json              merged MDS index over all parts (written last: its presence means complete)
     prep_meta.json          tokenizer hash, vocab, max_seq_len, special ids, documents, chunks, tokens, histograms
     prep_summary.json       every input record accounted: read = written + chunked + skipped (per reason, per file)
+    index.json              merged MDS index over all parts, with each shard's hash (written last: its presence
+                            means complete)
+    .prepare.lock           held (flock) by the prepare writing this folder; names its host and pid
+Every bookkeeping file is written to a temporary name and renamed, so none is ever seen half-written.
 """
 from __future__ import annotations
 
@@ -21,9 +24,12 @@ from typing import Callable
 
 import numpy as np
 
-from data_prep.sources import REASON_POLICY, Document, Problem, WorkUnit, expand_inputs, plan_units, read_unit
+from data_prep.sources import (DEFAULT_MAX_DOC_BYTES, REASON_POLICY, Document, Problem, WorkUnit, expand_inputs,
+                               plan_units, read_unit)
+from data_prep.bookkeeping import LOCK_FILE, OutputLock, write_json_atomic
 from data_prep.stats import Histogram
 from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256, vocab_size
+from modernbert_train.data.shards import SHARD_HASH, read_json_file
 from modernbert_train.errors import UserError
 
 PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE = "plan.json", "index.json", "prep_meta.json", "prep_summary.json"
@@ -39,6 +45,7 @@ BATCH_TEXT_BYTES = 4 << 20
 BATCH_MAX_DOCS = 4096
 MAX_PROBLEMS_KEPT = 20
 MIN_AUTO_UNIT_BYTES, MAX_AUTO_UNIT_BYTES = 1 << 20, 64 << 20
+DEFAULT_MAX_DOC_MB = DEFAULT_MAX_DOC_BYTES / (1 << 20)
 
 
 def token_dtype(vocab: int) -> str:
@@ -68,6 +75,7 @@ class PrepareConfig:
     unit_bytes: int | None = None  # None: reuse the existing plan's, else auto_unit_bytes()
     shard_size_limit: int = 1 << 26
     progress: bool = True
+    max_doc_mb: float = DEFAULT_MAX_DOC_MB  # larger documents (jsonl lines, files, parquet cells) follow on_error
 
     def validate(self) -> None:
         if self.on_error not in POLICIES:
@@ -82,6 +90,8 @@ class PrepareConfig:
             raise UserError("--unit-mb must be positive")
         if not self.inputs:
             raise UserError("prepare needs at least one input file, directory or glob")
+        if not self.max_doc_mb > 0:
+            raise UserError(f"--max-doc-mb must be positive, not {self.max_doc_mb}")
 
 
 @dataclass
@@ -138,8 +148,8 @@ class UnitWriter:
         pending_progress = 0
         try:
             with MDSWriter(out=str(tmp), columns=mds_columns(self.settings["vocab_size"]), compression="zstd",
-                           size_limit=self.settings["shard_size_limit"]) as writer:
-                for item in read_unit(unit, self.settings["text_field"]):
+                           hashes=[SHARD_HASH], size_limit=self.settings["shard_size_limit"]) as writer:
+                for item in read_unit(unit, self.settings["text_field"], self.settings["max_doc_bytes"]):
                     result.read += 1
                     result.input_bytes += item.consumed
                     pending_progress += item.consumed
@@ -163,7 +173,7 @@ class UnitWriter:
         if unit.kind in ("text", "code"):
             result.files = {f: e for f, e in result.files.items() if e["skipped"]}
         summary = asdict(result)
-        (tmp / UNIT_SUMMARY_FILE).write_text(json.dumps(summary))
+        write_json_atomic(tmp / UNIT_SUMMARY_FILE, summary)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         return summary
@@ -215,7 +225,8 @@ class UnitWriter:
 # ------------------------------------------------------------------------------------- output folder state
 
 def _our_entry(name: str) -> bool:
-    return (name in (PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE)
+    bookkeeping = (PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE)
+    return (name in bookkeeping or name == LOCK_FILE or name.removesuffix(".tmp") in bookkeeping
             or name.startswith(PART_PREFIX) or name.startswith(TMP_PREFIX))
 
 
@@ -232,17 +243,16 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
     if not out.exists():
         out.mkdir(parents=True)
         return {}
-    if not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    names = [p.name for p in out.iterdir()]
+    refuse_foreign_output(out)
+    names = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
     if not names:
         return {}
-    foreign = [n for n in names if not _our_entry(n)]
-    if not (out / PLAN_FILE).is_file() or foreign:
-        what = f"holds files prepare did not write ({', '.join(sorted(foreign)[:3])})" if foreign \
-            else "has no plan.json from `modernbert-data prepare`"
-        raise UserError(f"--out {out} is not empty and {what}; choose a new or empty folder (nothing was changed)")
-    old = json.loads((out / PLAN_FILE).read_text())
+    try:
+        old = read_json_file(out / PLAN_FILE, "; pass --overwrite to delete this output and start over")
+    except UserError:
+        if not overwrite:
+            raise
+        old = {"settings": {}}  # ours (only our entries), unreadable: --overwrite deletes it all
     changed = [k for k in sorted(set(settings) | set(old.get("settings", {})))
                if _normalized(settings.get(k)) != old.get("settings", {}).get(k)]
     if changed or overwrite:
@@ -262,8 +272,10 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
         if name.startswith(TMP_PREFIX):
             shutil.rmtree(path, ignore_errors=True)  # a unit interrupted mid-write
         elif name.startswith(PART_PREFIX):
-            summary_file = path / UNIT_SUMMARY_FILE
-            summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+            try:
+                summary = json.loads((path / UNIT_SUMMARY_FILE).read_text())
+            except (OSError, ValueError):
+                summary = None  # missing or unreadable: the part cannot be trusted, so it is redone
             index = summary["index"] if summary else -1
             if summary and index < len(units) and summary["identity"] == _normalized(units[index].identity) \
                     and name == f"{PART_PREFIX}{index:05d}":
@@ -273,21 +285,34 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
     return kept
 
 
-def merge_part_indexes(out: Path, n_units: int) -> int:
-    """Write out/index.json listing every part's shards (paths relative to out); return the sample count."""
+def refuse_foreign_output(out: Path) -> None:
+    """Refuse (nothing changed) an --out that exists and holds anything `prepare` did not write."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    names = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
+    if not names:
+        return
+    foreign = [n for n in names if not _our_entry(n)]
+    if not (out / PLAN_FILE).is_file() or foreign:
+        what = f"holds files prepare did not write ({', '.join(sorted(foreign)[:3])})" if foreign \
+            else "has no plan.json from `modernbert-data prepare`"
+        raise UserError(f"--out {out} is not empty and {what}; choose a new or empty folder (nothing was changed)")
+
+
+def merged_index(out: Path, n_units: int) -> dict:
+    """The MDS index listing every part's shards (paths relative to out), hashes included."""
     shards = []
     for index in range(n_units):
         part = f"{PART_PREFIX}{index:05d}"
-        part_index = json.loads((out / part / INDEX_FILE).read_text())
+        part_index = read_json_file(out / part / INDEX_FILE)
         for shard in part_index["shards"]:
             for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                 if shard.get(key):
                     shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
             shards.append(shard)
-    tmp = out / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps({"version": 2, "shards": shards}))
-    os.replace(tmp, out / INDEX_FILE)
-    return sum(s["samples"] for s in shards)
+    return {"version": 2, "shards": shards}
 
 
 # ------------------------------------------------------------------------------------------ worker processes
@@ -310,6 +335,27 @@ def _init_worker(tokenizer_path: str, settings: dict, out: str, queue, stop_even
 
 def _run_unit_in_worker(unit_json: dict) -> dict:
     return _WORKER["writer"].run(WorkUnit(**unit_json))
+
+
+def _describe_units(units: list[WorkUnit]) -> str:
+    parts = []
+    for unit in units:
+        files = ", ".join(unit.files[:3]) + (f" and {len(unit.files) - 3} more files" if len(unit.files) > 3 else "")
+        parts.append(f"work unit {unit.index} ({files})")
+    return ("one of " if len(parts) > 1 else "") + "; ".join(parts)
+
+
+def _units_in_progress(out: Path, units_by_index: dict[int, WorkUnit]) -> list[WorkUnit]:
+    """Units whose .tmp-part folder exists: begun, neither finished (renamed) nor cleaned up after an error.
+
+    A killed worker cleans up nothing, so its unit is among these (the pool stops the others mid-unit too).
+    """
+    found = []
+    for path in out.glob(f"{TMP_PREFIX}*"):
+        index = int(path.name[len(TMP_PREFIX):])
+        if index in units_by_index:
+            found.append(units_by_index[index])
+    return sorted(found, key=lambda u: u.index)
 
 
 class _Progress:
@@ -346,6 +392,8 @@ def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, setti
     import queue as queue_module
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from concurrent.futures.process import BrokenProcessPool
+
     ctx = mp.get_context(START_METHOD)
     progress_queue, stop_event = ctx.Queue(), ctx.Event()
     results: list[dict] = []
@@ -361,13 +409,21 @@ def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, setti
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(tokenizer_path, settings, str(out), progress_queue, stop_event)) as pool:
+        units_by_index = {unit.index: unit for unit in units}
         pending = {pool.submit(_run_unit_in_worker, unit.to_json()) for unit in units}
         try:
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 drain()
                 for future in done:
-                    results.append(future.result())  # re-raises a worker's UserError here
+                    try:
+                        results.append(future.result())  # re-raises a worker's UserError here
+                    except BrokenProcessPool:
+                        running = _units_in_progress(out, units_by_index)
+                        raise UserError(
+                            f"a prepare worker died (killed, e.g. by the out-of-memory killer) while preparing "
+                            f"{_describe_units(running) or 'a work unit'}; lower --max-doc-mb or --workers, or "
+                            f"--exclude the file") from None
         except BaseException:
             stop_event.set()
             for future in pending:
@@ -418,8 +474,30 @@ def _previous_unit_bytes(out: Path) -> int | None:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Run (or resume) one source's preparation; return the summary also written to prep_summary.json."""
+    """Run (or resume) one source's preparation; return the summary also written to prep_summary.json.
+
+    Holds --out's lock throughout, so a second prepare on the same folder is refused rather than deleting
+    this one's work in progress.
+    """
     cfg.validate()
+    out = Path(cfg.out)
+    refuse_foreign_output(out)  # before the lock file is created in it
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):
+        return _prepare_locked(cfg)
+
+
+def _completed_summary(out: Path) -> dict | None:
+    """prep_summary.json of a complete output (index.json present), or None if incomplete or unreadable."""
+    if not (out / INDEX_FILE).is_file():
+        return None
+    try:
+        return json.loads((out / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # a finished run's summary lost: the final steps run again and rewrite it
+
+
+def _prepare_locked(cfg: PrepareConfig) -> dict:
     tok = load_tokenizer(cfg.tokenizer)
     tok.encode_special_tokens = True  # "[MASK]" written in a document is text, never the mask id
     specials = special_token_ids(tok, cfg.tokenizer)
@@ -432,22 +510,24 @@ def prepare(cfg: PrepareConfig) -> dict:
         "special_token_ids": specials.as_dict(), "format": cfg.format, "text_field": cfg.text_field,
         "shard_size_limit": cfg.shard_size_limit,
     }
-    files = expand_inputs(cfg.inputs, cfg.format, cfg.languages, cfg.extensions, cfg.exclude)
+    # --out inside an input folder: its shards and bookkeeping are never inputs.
+    files = expand_inputs(cfg.inputs, cfg.format, cfg.languages, cfg.extensions, cfg.exclude, skip_dirs=(out,))
     settings["unit_bytes"] = (cfg.unit_bytes or (None if cfg.overwrite else _previous_unit_bytes(out))
                               or auto_unit_bytes(files, cfg.workers))
     units = plan_units(files, cfg.format, settings["unit_bytes"])
     kept = reconcile_output(out, settings, units, cfg.overwrite)
     todo = [u for u in units if u.index not in kept]
-    if not todo and (out / INDEX_FILE).is_file() and (out / SUMMARY_FILE).is_file():
-        summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary = _completed_summary(out) if not todo else None
+    if summary is not None:
         summary["this_run"] = {"units_done": 0, "units_kept": len(kept), "note": "already complete"}
         return summary
     for name in (INDEX_FILE, META_FILE, SUMMARY_FILE):
         (out / name).unlink(missing_ok=True)  # the folder is incomplete until the end of this run
     plan = {"settings": settings, "inputs": files, "units": [u.to_json() for u in units]}
-    (out / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    write_json_atomic(out / PLAN_FILE, plan, indent=1)
 
-    run_settings = dict(settings, policies={"on_error": cfg.on_error, "on_binary": cfg.on_binary})
+    run_settings = dict(settings, policies={"on_error": cfg.on_error, "on_binary": cfg.on_binary},
+                        max_doc_bytes=int(cfg.max_doc_mb * (1 << 20)))
     progress = _Progress(sum(u.size for u in todo), cfg.progress, desc=f"prepare {source}")
     start = time.perf_counter()
     try:
@@ -468,7 +548,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     accounted = totals["written"] + totals["chunked"] + sum(totals["skipped"].values())
     if accounted != totals["read"]:
         raise RuntimeError(f"accounting bug: read {totals['read']} but accounted {accounted}")
-    samples = merge_part_indexes(out, len(units))
+    index = merged_index(out, len(units))
+    samples = sum(s["samples"] for s in index["shards"])
     if samples != totals["chunks"]:
         raise RuntimeError(f"index lists {samples} samples but {totals['chunks']} chunks were written")
 
@@ -485,7 +566,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         input_files=len(files), units=len(units),
         length_histograms={"chunk_tokens": chunk_hist.to_json(), "document_tokens": doc_hist.to_json()},
     )
-    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    write_json_atomic(out / META_FILE, meta, indent=1)
     problems = [p for s in summaries for p in s["problems"]]
     summary = {
         "source": source, **{k: totals[k] for k in ("read", "written", "chunked", "skipped")},
@@ -496,7 +577,8 @@ def prepare(cfg: PrepareConfig) -> dict:
                      "tokens": new_tokens, "tokens_per_s": round(new_tokens / max(elapsed, 1e-9), 1),
                      "workers": cfg.workers},
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out / SUMMARY_FILE, summary, indent=1)
+    write_json_atomic(out / INDEX_FILE, index)  # the completion marker: last
     return summary
 
 

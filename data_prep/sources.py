@@ -63,11 +63,16 @@ REASON_POLICY = {
     "missing_field": "on_error",
     "invalid_utf8": "on_error",
     "unreadable": "on_error",
+    "too_large": "on_error",  # over --max-doc-mb: read in pieces and dropped, never held whole in memory
     "binary": "on_binary",
     "empty": "always_skip",  # nothing to learn from, and not a fault of the data
 }
 # Bytes sniffed for NUL to call a file binary (git uses the same idea).
 BINARY_SNIFF_BYTES = 8192
+# Default bound on one document (a jsonl line, a text/code file, a parquet cell); `prepare --max-doc-mb`.
+DEFAULT_MAX_DOC_BYTES = 16 << 20
+# Pieces an oversized jsonl line is read and dropped in.
+_DISCARD_PIECE_BYTES = 1 << 20
 _SKIPPED_DIRS = {"__pycache__", "node_modules"}
 
 
@@ -146,10 +151,12 @@ def _wanted_in_directory(path: str, fmt: str, exts: tuple[str, ...]) -> bool:
     return detect_format(path) == fmt
 
 
-def _walk(root: str, fmt: str, exts: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
+def _walk(root: str, fmt: str, exts: tuple[str, ...], exclude: tuple[str, ...],
+          skip_dirs: frozenset[str] = frozenset()) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIPPED_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIPPED_DIRS
+                             and os.path.realpath(os.path.join(dirpath, d)) not in skip_dirs)
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root)
@@ -160,13 +167,23 @@ def _walk(root: str, fmt: str, exts: tuple[str, ...], exclude: tuple[str, ...]) 
     return found
 
 
+def _inside(path: str, folders: frozenset[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == f or real.startswith(f + os.sep) for f in folders)
+
+
 def expand_inputs(inputs: Iterable[str | os.PathLike], fmt: str = "auto", languages: Iterable[str] = (),
-                  extensions: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[str]:
-    """Files named by paths, directories (recursively) and globs, in a deterministic order, no duplicates."""
+                  extensions: Iterable[str] = (), exclude: Iterable[str] = (),
+                  skip_dirs: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """Files named by paths, directories (recursively) and globs, in a deterministic order, no duplicates.
+
+    Nothing inside `skip_dirs` is ever an input (prepare passes its --out, which may sit in an input folder).
+    """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is unknown{did_you_mean(fmt, FORMATS)}; choose one of {', '.join(FORMATS)}")
     exts = code_extensions(languages, extensions) if fmt == "code" else ()
     exclude = tuple(exclude)
+    skip = frozenset(os.path.realpath(d) for d in skip_dirs)
     files: list[str] = []
     for item in map(str, inputs):
         if any(ch in item for ch in "*?["):
@@ -174,9 +191,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike], fmt: str = "auto", langua
             if not matches:
                 raise UserError(f"input pattern {item!r} matches no files")
             for match in matches:
-                files.extend(_walk(match, fmt, exts, exclude) if os.path.isdir(match) else [match])
+                if not _inside(match, skip):
+                    files.extend(_walk(match, fmt, exts, exclude, skip) if os.path.isdir(match) else [match])
+        elif _inside(item, skip):
+            raise UserError(f"input {item} is inside the output folder {next(iter(skip))}; choose another --out")
         elif os.path.isdir(item):
-            found = _walk(item, fmt, exts, exclude)
+            found = _walk(item, fmt, exts, exclude, skip)
             if not found:
                 wanted = f"files ending in {', '.join(exts)}" if fmt == "code" else f"{fmt} input files"
                 raise UserError(f"input directory {item} holds no {wanted}")
@@ -301,14 +321,24 @@ def _decode_file_text(path: str, data: bytes, kind: str) -> Document | Problem:
     return Document(text, path, 0, len(data))
 
 
-def read_whole_files(files: list[str], kind: str) -> Iterator[Document | Problem]:
-    """One document per file (code and plain text)."""
+def _too_large(path: str, line: int, size: int, limit: int, what: str) -> Problem:
+    return Problem("too_large", path, line, f"{what} of {size / (1 << 20):,.1f} MB is over --max-doc-mb "
+                                            f"{limit / (1 << 20):g}", size)
+
+
+def read_whole_files(files: list[str], kind: str,
+                     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Document | Problem]:
+    """One document per file (code and plain text); a file over max_doc_bytes is reported, never read whole."""
     for path in files:
         try:
             with open(path, "rb") as fh:
-                data = fh.read()
+                size = os.fstat(fh.fileno()).st_size
+                data = b"" if size > max_doc_bytes else fh.read(max_doc_bytes + 1)
         except OSError as err:
             yield Problem("unreadable", path, 0, f"cannot read: {err.strerror or err}", _file_size(path))
+            continue
+        if size > max_doc_bytes or len(data) > max_doc_bytes:
+            yield _too_large(path, 0, max(size, len(data)), max_doc_bytes, "file")
             continue
         yield _decode_file_text(path, data, kind)
 
@@ -384,9 +414,13 @@ def parse_jsonl_record(line: bytes, text_field: str, path: str, lineno: int) -> 
     return Document(text, path, lineno, consumed)
 
 
-def read_jsonl(path: str, text_field: str, byte_start: int = 0,
-               byte_end: int | None = None) -> Iterator[Document | Problem]:
-    """Records of one jsonl(.gz/.zst) file, or of the lines that start in [byte_start, byte_end)."""
+def read_jsonl(path: str, text_field: str, byte_start: int = 0, byte_end: int | None = None,
+               max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Document | Problem]:
+    """Records of one jsonl(.gz/.zst) file, or of the lines that start in [byte_start, byte_end).
+
+    A line longer than max_doc_bytes is read and dropped in pieces and reported as too_large: memory stays
+    bounded whatever a (highly compressible) file holds.
+    """
     try:
         stream, raw = _open_jsonl(path)
     except OSError as err:
@@ -403,17 +437,27 @@ def read_jsonl(path: str, text_field: str, byte_start: int = 0,
                 pos = byte_start - 1 + len(raw.readline())
                 numbers = _LineNumbers(path, pos)
             while byte_end is None or pos < byte_end:
-                line = stream.readline()
+                line = stream.readline(max_doc_bytes + 1)
                 if not line:
                     break
-                pos += len(line)
+                line_bytes = len(line)
+                oversized = line_bytes > max_doc_bytes
+                while oversized and not line.endswith(b"\n"):
+                    line = stream.readline(_DISCARD_PIECE_BYTES)
+                    if not line:
+                        break
+                    line_bytes += len(line)
+                pos += line_bytes
                 local_line += 1
                 if compressed:
                     now = raw.tell()
                     consumed, last_raw = now - last_raw, now
                 else:
-                    consumed = len(line)
-                item = parse_jsonl_record(line, text_field, path, local_line)
+                    consumed = line_bytes
+                if oversized:
+                    item = _too_large(path, local_line, line_bytes, max_doc_bytes, "line")
+                else:
+                    item = parse_jsonl_record(line, text_field, path, local_line)
                 if isinstance(item, Problem) and byte_start > 0:
                     item.line += numbers.base()
                 item.consumed = consumed
@@ -426,8 +470,10 @@ def read_jsonl(path: str, text_field: str, byte_start: int = 0,
                           left)
 
 
-def read_parquet(path: str, text_field: str, row_groups: list[int] | None) -> Iterator[Document | Problem]:
-    """Rows of the given row groups; `line` is the 1-based row number in the file."""
+def read_parquet(path: str, text_field: str, row_groups: list[int] | None,
+                 max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Document | Problem]:
+    """Rows of the given row groups; `line` is the 1-based row number in the file. Memory is bounded by the
+    row group the file was written with; a cell over max_doc_bytes characters is reported as too_large."""
     import pyarrow.parquet as pq
 
     try:
@@ -461,18 +507,23 @@ def read_parquet(path: str, text_field: str, row_groups: list[int] | None) -> It
             if not isinstance(text, str):
                 kind = "null" if text is None else type(text).__name__
                 yield Problem("missing_field", path, row, f"column {text_field!r} is {kind}, not a string", per_row)
+            elif len(text) > max_doc_bytes:
+                problem = _too_large(path, row, len(text), max_doc_bytes, "cell")
+                problem.consumed = per_row
+                yield problem
             elif not text.strip():
                 yield Problem("empty", path, row, f"column {text_field!r} is empty or whitespace only", per_row)
             else:
                 yield Document(text, path, row, per_row)
 
 
-def read_unit(unit: WorkUnit, text_field: str = "text") -> Iterator[Document | Problem]:
+def read_unit(unit: WorkUnit, text_field: str = "text",
+              max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[Document | Problem]:
     if unit.kind in ("text", "code"):
-        yield from read_whole_files(unit.files, unit.kind)
+        yield from read_whole_files(unit.files, unit.kind, max_doc_bytes)
     elif unit.kind == "jsonl":
-        yield from read_jsonl(unit.files[0], text_field, unit.byte_start, unit.byte_end)
+        yield from read_jsonl(unit.files[0], text_field, unit.byte_start, unit.byte_end, max_doc_bytes)
     elif unit.kind == "parquet":
-        yield from read_parquet(unit.files[0], text_field, unit.row_groups)
+        yield from read_parquet(unit.files[0], text_field, unit.row_groups, max_doc_bytes)
     else:
         raise ValueError(f"unknown unit kind {unit.kind}")

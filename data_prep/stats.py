@@ -1,18 +1,17 @@
 """Reading prepared shard folders back: sample iteration, per-source statistics, length histograms.
 
 `iter_samples` reads MDS shards directly (decompressing zstd in memory) so stats and round-trip checks need
-neither a StreamingDataset nor its shared memory; column decoding is streaming's own.
+neither a StreamingDataset nor its shared memory; column decoding is streaming's own, and the safety checks
+(no pickle columns, shard hashes) are modernbert_train.data.shards'.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
+from modernbert_train.data import shards as shard_reader
 from modernbert_train.errors import UserError
 
 
@@ -56,67 +55,26 @@ class Histogram:
         return lines
 
 
-def _load_index(folder: Path) -> dict:
-    index_file = folder / "index.json"
-    if not index_file.is_file():
-        hint = " (prepare did not finish: re-run it to resume)" if (folder / "plan.json").is_file() else ""
-        raise UserError(f"{folder} has no index.json{hint}")
-    return json.loads(index_file.read_text())
-
-
-def _shard_bytes(folder: Path, shard: dict) -> bytes:
-    """Uncompressed bytes of one shard: the raw file if present (streaming may have unpacked it), else unzip."""
-    raw = folder / shard["raw_data"]["basename"]
-    if raw.is_file():
-        return raw.read_bytes()
-    zip_info = shard.get("zip_data")
-    if not zip_info:
-        raise UserError(f"shard {raw} is missing")
-    zipped = folder / zip_info["basename"]
-    if not zipped.is_file():
-        raise UserError(f"shard {zipped} is missing")
-    compression = shard.get("compression") or ""
-    if not compression.startswith("zstd"):
-        from streaming.base.compression import decompress
-
-        return decompress(compression, zipped.read_bytes())
-    import zstandard
-
-    return zstandard.ZstdDecompressor().decompress(zipped.read_bytes(), max_output_size=shard["raw_data"]["bytes"])
-
-
-def iter_samples(folder: str | os.PathLike, progress: bool = False) -> Iterator[dict]:
-    """Every sample of an MDS folder in index order, as streaming decodes it."""
-    from streaming.base.format import reader_from_json
-
-    from modernbert_train.progress import track
-
-    folder = Path(folder)
-    index = _load_index(folder)
-    for shard in track(index["shards"], f"scan {folder}", unit="shard", mode=None if progress else "none"):
-        reader = reader_from_json(str(folder), None, shard)
-        data = _shard_bytes(folder, shard)
-        n = shard["samples"]
-        offsets = np.frombuffer(data, np.uint32, count=n + 1, offset=4)
-        for i in range(n):
-            yield reader.decode_sample(data[offsets[i]:offsets[i + 1]])
+def iter_samples(folder: str | os.PathLike, progress: bool = False, allow_unsafe_types: bool = False) -> Iterator[dict]:
+    """Every sample of an MDS folder in index order: pickle columns refused unless allowed, hashes verified."""
+    return shard_reader.iter_samples(folder, progress, allow_unsafe_types)
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
     meta_file = Path(folder) / "prep_meta.json"
     if not meta_file.is_file():
         raise UserError(f"{folder} has no prep_meta.json (not written by `modernbert-data prepare`, or unfinished)")
-    return json.loads(meta_file.read_text())
+    return shard_reader.read_json_file(meta_file)
 
 
-def scan_folder(folder: str | os.PathLike, progress: bool = False) -> dict:
+def scan_folder(folder: str | os.PathLike, progress: bool = False, allow_unsafe_types: bool = False) -> dict:
     """Recount documents, chunks, tokens and histograms from the shards themselves."""
     chunk_hist, doc_hist = Histogram(), Histogram()
     doc_tokens: dict[int, int] = defaultdict(int)
     doc_chunks: dict[int, list[int]] = defaultdict(list)
     chunks = tokens = 0
     sources: set[str] = set()
-    for sample in iter_samples(folder, progress):
+    for sample in iter_samples(folder, progress, allow_unsafe_types):
         ids = sample["input_ids"]
         chunks += 1
         tokens += int(ids.size)
@@ -133,19 +91,20 @@ def scan_folder(folder: str | os.PathLike, progress: bool = False) -> dict:
             "length_histograms": {"chunk_tokens": chunk_hist.to_json(), "document_tokens": doc_hist.to_json()}}
 
 
-def folder_stats(folder: str | os.PathLike, scan: bool = False, progress: bool = False) -> dict:
+def folder_stats(folder: str | os.PathLike, scan: bool = False, progress: bool = False,
+                 allow_unsafe_types: bool = False) -> dict:
     meta = read_meta(folder)
-    _load_index(Path(folder))
+    shard_reader.check_column_safety(folder, shard_reader.load_index(folder), allow_unsafe_types)
     stats = {"folder": str(folder), "source": meta["source"], "documents": meta["documents"],
              "chunks": meta["chunks"], "tokens": meta["tokens"], "content_tokens": meta["content_tokens"],
              "max_seq_len": meta["max_seq_len"], "vocab_size": meta["vocab_size"],
              "length_histograms": meta["length_histograms"]}
     summary_file = Path(folder) / "prep_summary.json"
     if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
+        summary = shard_reader.read_json_file(summary_file)
         stats["read"], stats["skipped"] = summary["read"], summary["skipped"]
     if scan:
-        scanned = scan_folder(folder, progress)
+        scanned = scan_folder(folder, progress, allow_unsafe_types)
         mismatched = [k for k in ("documents", "chunks", "tokens", "content_tokens") if scanned[k] != meta[k]]
         stats["scan"] = scanned
         stats["scan_matches_meta"] = not mismatched and scanned["documents_with_broken_chunk_order"] == 0

@@ -3,24 +3,35 @@
 Raw samples come out of a torch DataLoader (0..N workers) in streaming's deterministic order, each tagged with
 its global sample index; packing and masking happen later in the main process (see loader.py). Importing this
 module is cheap: streaming, composer and torch.distributed are imported inside the functions that need them.
+
+A prepared (local) source is read as streaming's `remote`, with a cache folder as its `local`: streaming
+verifies each compressed shard's hash and decompresses it into the cache, never into the prepared folder
+(which may be read-only, and must not hold a corrupt copy that outlives a restored original).
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modernbert_train.data.manifest import Manifest
+from modernbert_train.data.manifest import Manifest, SourceSpec
+from modernbert_train.data.shards import INDEX_FILE, SHARD_HASH, check_column_safety, has_shard_hashes, load_index
 from modernbert_train.errors import UserError
 
 # streaming names its shared memory "<6-digit prefix>_<what>" (streaming.base.shared.prefix._get_path).
 _STREAMING_SHM_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|"
                                  r"shard_access_times|resume|epoch_shape|epoch_data)$")
 SHM_DIR = Path("/dev/shm")
+log = logging.getLogger(__name__)
+# Where prepared sources are decompressed for reading; default: <tempdir>/modernbert-shard-cache-<uid>.
+SHARD_CACHE_ENV = "MODERNBERT_SHARD_CACHE"
 
 
 @dataclass(frozen=True)
@@ -158,11 +169,70 @@ def _make_dataset_class():
     from streaming import StreamingDataset
 
     class IndexedStreamingDataset(StreamingDataset):
-        """StreamingDataset whose samples carry their global index (the masking key and resume handle)."""
+        """StreamingDataset whose samples carry their global index (the masking key and resume handle), and
+        whose shard failures name the shard and its source instead of ending an epoch early in silence."""
+
+        source_names: list[str] = []
+        token_id_limit: int | None = None  # the tokenizer's vocabulary: a larger id is refused, named
+        _shard_failure: str | None = None
+
+        def _describe_shard(self, shard_id: int) -> str:
+            stream_id = int(self.stream_per_shard[shard_id])
+            stream = self.streams[stream_id]
+            info = self.shards[shard_id].file_pairs[0][1] or self.shards[shard_id].file_pairs[0][0]
+            folder = stream.remote or stream.local
+            name = self.source_names[stream_id] if stream_id < len(self.source_names) else str(stream_id)
+            return f"shard {os.path.join(folder, info.basename)} of source {name!r}"
+
+        def _fail(self, shard_id: int, err: BaseException) -> UserError:
+            # streaming's background threads swallow errors and end the epoch early: remember it for __iter__.
+            message = f"{self._describe_shard(shard_id)} is corrupt or unreadable ({type(err).__name__}: {err})"
+            self._shard_failure = message
+            if hasattr(self, "_event"):
+                self._event.set()
+            return UserError(message)
+
+        def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            try:
+                super().prepare_shard(shard_id, blocking)
+            except Exception as err:  # noqa: BLE001 - checksum, decompression, copy: all name the shard
+                self._drop_cached_copies(shard_id)
+                raise self._fail(shard_id, err) from err
+
+        def _drop_cached_copies(self, shard_id: int) -> None:
+            """A failed shard's copies in the cache go: the next run fetches the (restored) original again."""
+            stream = self.streams[int(self.stream_per_shard[shard_id])]
+            if stream.remote is None:
+                return  # local is the prepared folder itself: never delete from it
+            for raw_info, zip_info in self.shards[shard_id].file_pairs:
+                for info in (raw_info, zip_info):
+                    if info is not None:
+                        Path(stream.local, stream.split or "", info.basename).unlink(missing_ok=True)
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
-            sample = super().get_item(sample_id, retry)
-            return {"input_ids": sample["input_ids"], "sample_id": int(sample_id)}
+            if self._shard_failure is not None:
+                raise UserError(self._shard_failure)
+            try:
+                sample = super().get_item(sample_id, retry)
+            except UserError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a raw shard that does not decode
+                if self._shard_failure is not None:
+                    raise UserError(self._shard_failure) from err
+                raise self._fail(int(self.spanner[sample_id][0]), err) from err
+            ids = sample["input_ids"]
+            if self.token_id_limit is not None and ids.size and int(ids.max()) >= self.token_id_limit:
+                # The pre-training scan reads a sample of each source; this catches what it missed, on the
+                # host, before an embedding lookup turns it into a device-side assert.
+                raise UserError(f"{self._describe_shard(int(self.spanner[sample_id][0]))}: sample {sample_id} "
+                                f"holds token id {int(ids.max())}, outside the tokenizer's {self.token_id_limit} "
+                                f"ids (prepared with another tokenizer?)")
+            return {"input_ids": ids, "sample_id": int(sample_id)}
+
+        def __iter__(self):
+            yield from super().__iter__()
+            if self._shard_failure is not None:
+                raise UserError(self._shard_failure)
 
     return IndexedStreamingDataset
 
@@ -177,6 +247,34 @@ def dataset_class():
     return _DATASET_CLASS
 
 
+def shard_cache_dir(source: SourceSpec) -> str:
+    """The cache folder a prepared local source is decompressed into: one per folder and content.
+
+    Keyed by the folder's absolute path and its index.json (which holds every shard's size and hash), so
+    re-preparing a folder never reads an older preparation's decompressed shards.
+    """
+    root = os.environ.get(SHARD_CACHE_ENV) or os.path.join(tempfile.gettempdir(),
+                                                           f"modernbert-shard-cache-{os.getuid()}")
+    digest = hashlib.blake2s(os.path.abspath(source.local).encode(), digest_size=8)
+    digest.update((Path(source.local) / INDEX_FILE).read_bytes())
+    return os.path.join(root, f"{Path(source.local).name}-{digest.hexdigest()}")
+
+
+def _stream_for(source: SourceSpec, download_timeout: float):
+    from streaming import Stream
+
+    weights = source.stream_weight_kwargs()
+    if source.remote is not None:
+        return Stream(remote=source.remote, local=source.local, download_timeout=download_timeout, **weights)
+    check_column_safety(source.local, load_index(source.local))  # named refusal of pickle columns
+    validate = SHARD_HASH if has_shard_hashes(source.local) else None
+    if validate is None:
+        log.warning("source %r: %s has no shard hashes (prepared by an older version); corrupt shards are not "
+                    "detected until re-prepared", source.name, source.local)
+    return Stream(remote=os.path.abspath(source.local), local=shard_cache_dir(source), validate_hash=validate,
+                  download_timeout=download_timeout, **weights)
+
+
 def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: bool, seed: int,
                             shuffle_algo: str = "py1e", num_canonical_nodes: int | None = None,
                             shuffle_block_size: int | None = None, predownload: int | None = None,
@@ -187,12 +285,9 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
     replication=N: N consecutive ranks get the same samples (N = world size: every rank sees the stream a
     single process would).
     """
-    from streaming import Stream
-
-    streams = [Stream(remote=source.remote, local=source.local, download_timeout=download_timeout,
-                      **source.stream_weight_kwargs()) for source in manifest.sources]
+    streams = [_stream_for(source, download_timeout) for source in manifest.sources]
     try:
-        return dataset_class()(
+        dataset = dataset_class()(
             streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed, shuffle_algo=shuffle_algo,
             num_canonical_nodes=num_canonical_nodes, shuffle_block_size=shuffle_block_size,
             predownload=predownload, cache_limit=cache_limit, epoch_size=manifest.epoch_size,
@@ -208,6 +303,11 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
         if "contains no samples" in str(err):
             raise UserError(f"manifest {manifest.path}: {err}") from err
         raise
+    dataset.source_names = manifest.source_names()
+    vocabularies = [meta["vocab_size"] for meta in map(SourceSpec.prep_meta, manifest.sources)
+                    if meta is not None and isinstance(meta.get("vocab_size"), int)]
+    dataset.token_id_limit = min(vocabularies) if vocabularies else None
+    return dataset
 
 
 def stream_of_sample(dataset, sample_ids: np.ndarray) -> np.ndarray:

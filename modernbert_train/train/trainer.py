@@ -78,6 +78,10 @@ def read_data_facts(manifest, recipe: Recipe) -> DataFacts:
                             f"of source {first_source.name!r} were prepared with (sha256 {digest[:12]}... vs "
                             f"{str(first['tokenizer_sha256'])[:12]}...)")
     max_chunk = max(int(meta.get("max_seq_len", 0)) for _, meta in metas)
+    from modernbert_train.data.shards import check_token_ranges
+
+    # Sources without prep_meta.json are scanned: another tokenizer's ids would fail mid-training.
+    check_token_ranges(manifest, int(first["vocab_size"]), f"{where}data.manifest: ")
     return DataFacts(vocab_size=int(first["vocab_size"]), cls_id=int(specials["cls_id"]),
                      sep_id=int(specials["sep_id"]), pad_id=int(specials["pad_id"]),
                      mask_id=int(specials["mask_id"]), tokenizer_sha256=first.get("tokenizer_sha256"),

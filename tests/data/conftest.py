@@ -83,7 +83,10 @@ def write_source(out: Path, name: str, docs: list[str], tok, tokenizer_sha: str,
     columns = {"input_ids": dtype, "doc_id": "int64", "chunk_index": "int32", "source": "str"}
     counts = {"documents": 0, "chunks": 0, "tokens": 0}
     np_dtype = np.uint16 if vocab <= 65536 else np.uint32
-    with MDSWriter(out=str(out), columns=columns, compression="zstd", size_limit=1 << 17) as writer:
+    from modernbert_train.data.shards import SHARD_HASH
+
+    with MDSWriter(out=str(out), columns=columns, compression="zstd", size_limit=1 << 17,
+                   hashes=[SHARD_HASH]) as writer:
         for doc_id, encoding in enumerate(tok.encode_batch(docs, add_special_tokens=False)):
             body = encoding.ids
             step = chunk_len - 2
