@@ -184,7 +184,8 @@ class _LoaderBase:
     # --- micro-batches -------------------------------------------------------------------------------
     def _micro_batch(self, pieces: list[Piece]) -> dict[str, Any]:
         budget = self.tokens_per_micro_batch
-        input_ids, cu_seqlens, lengths = assemble(pieces, budget, self.special_token_ids.pad_id)
+        input_ids, cu_seqlens, lengths = assemble(pieces, budget, self.special_token_ids.pad_id,
+                                                   self.config.max_seq_len)
         used = int(lengths.sum())
         labels = np.full(budget, IGNORE_INDEX, dtype=np.int64)
         if used:
