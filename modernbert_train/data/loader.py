@@ -182,8 +182,9 @@ class _LoaderBase:
         return tensor.tolist()
 
     # --- micro-batches -------------------------------------------------------------------------------
-    def _micro_batch(self, pieces: list[Piece]) -> dict[str, Any]:
-        budget = self.tokens_per_micro_batch
+    def _micro_batch(self, pieces: list[Piece], rows: int | None = None) -> dict[str, Any]:
+        rows = self.config.micro_batch_size if rows is None else rows
+        budget = rows * self.config.max_seq_len
         input_ids, cu_seqlens, lengths = assemble(pieces, budget, self.special_token_ids.pad_id,
                                                    self.config.max_seq_len)
         used = int(lengths.sum())
@@ -199,6 +200,7 @@ class _LoaderBase:
             "num_tokens": used,
             "num_masked": int(np.count_nonzero(labels != IGNORE_INDEX)),
             "num_docs": len(pieces),
+            "num_rows": rows,  # max_seq_len-token rows this micro-batch's budget stands for
             # Host-side copy for FLOP counting: reading cu_seqlens back from the GPU would sync every step.
             "document_lengths": lengths.tolist(),
         }
@@ -224,9 +226,7 @@ class MLMLoader(_LoaderBase):
     def __init__(self, config: MLMLoaderConfig, *, rank: int | None = None, world_size: int | None = None):
         probe_world = initialize_distributed().world_size
         config.validate(probe_world)
-        self.warmup = BatchSizeWarmup(full=config.global_batch_size, start=config.batch_size_warmup_start,
-                                      warmup_tokens=float(config.batch_size_warmup_tokens or 0),
-                                      unit=probe_world * config.micro_batch_size)
+        self.warmup = BatchSizeWarmup.from_config(config, probe_world)
         # World-invariant: this rank packs the whole step (every rank's micro-batches) and keeps its own.
         self._packing_ranks = probe_world if config.world_invariant else 1
         super().__init__(config, rank=rank, world_size=world_size, shuffle=config.shuffle,
@@ -261,19 +261,20 @@ class MLMLoader(_LoaderBase):
             if reduced[2]:
                 raise UserError(f"manifest {self.manifest.path}: an epoch gives no samples to some rank "
                                 f"(world size {self.world_size}); the data is too small for this many ranks")
-        num_micro_batches = self.warmup.micro_batches_per_rank(self.tokens_seen)
+        rows = self.warmup.micro_batch_rows(self.tokens_seen)
         micro_batches = []
-        for index in range(num_micro_batches * self._packing_ranks):
-            pieces = self.packer.pack()
-            if index // num_micro_batches == self.rank % self._packing_ranks:
-                micro_batches.append(self._micro_batch(pieces))
+        for packing_rank in range(self._packing_ranks):
+            for micro_batch_rows in rows:
+                pieces = self.packer.pack(micro_batch_rows * self.config.max_seq_len)
+                if packing_rank == self.rank % self._packing_ranks:
+                    micro_batches.append(self._micro_batch(pieces, micro_batch_rows))
         num_tokens = sum(mb["num_tokens"] for mb in micro_batches)
         self._pending_tokens = num_tokens
         self.steps += 1
         return {
             "micro_batches": micro_batches,
             "num_tokens": num_tokens,
-            "num_sequences": num_micro_batches * self.config.micro_batch_size,
+            "num_sequences": sum(rows),
             "tokens_seen_before": self.tokens_seen,
             "epoch": self.epoch,
         }

@@ -115,10 +115,11 @@ class BestFitPacker:
             self._arrivals.popleft()
         return self._pieces[self._arrivals[0]] if self._arrivals else None
 
-    def pack(self) -> list[Piece]:
-        """Pieces for one budget (empty only when the buffer is empty)."""
+    def pack(self, budget: int | None = None) -> list[Piece]:
+        """Pieces for one budget (the packer's, or a smaller one that still holds any piece; empty only when
+        the buffer is empty)."""
         chosen: list[Piece] = []
-        room = self.budget
+        room = self.budget if budget is None else min(int(budget), self.budget)
         if self.max_wait is not None:
             # Overdue pieces go first, oldest first, so that small pieces (the gap fillers) are not held back
             # and the emitted mixture tracks the read mixture within a bounded delay.

@@ -147,16 +147,25 @@ def test_batch_size_warmup_grows_with_real_tokens(mixed):
     corpus, manifest = mixed
     loader = build_mlm_loader(_config(corpus, manifest, global_batch_size=32, batch_size_warmup_start=8,
                                       batch_size_warmup_tokens=40_000))
-    counts, seen = [], 0
+    counts, seen, partial = [], 0, 0
     for _, step in zip(range(25), loader):
         assert step["tokens_seen_before"] == seen == loader.tokens_seen
         expected_rows = loader.warmup.sequences(seen)
-        assert len(step["micro_batches"]) * 8 == expected_rows == step["num_sequences"]
+        rows = [mb["num_rows"] for mb in step["micro_batches"]]
+        assert sum(rows) == expected_rows == step["num_sequences"] == round(8 + 24 * min(1, seen / 40_000))
+        # Whole micro-batches, then one smaller one for the remainder, its budget cut to its rows.
+        assert all(r == 8 for r in rows[:-1]) and 1 <= rows[-1] <= 8
+        for mb in step["micro_batches"]:
+            assert mb["input_ids"].shape == (mb["num_rows"] * 256,) and mb["max_seqlen"] <= 256
+            assert int(mb["cu_seqlens"][-1]) == mb["num_rows"] * 256
+        assert step["num_tokens"] > 0.95 * expected_rows * 256  # still packed full
+        partial += rows[-1] < 8
         assert step["num_tokens"] == sum(mb["num_tokens"] for mb in step["micro_batches"])
-        counts.append(len(step["micro_batches"]))
+        counts.append(expected_rows)
         seen += step["num_tokens"]
-    assert counts[0] == 1 and counts[-1] == 4 and counts == sorted(counts) and len(set(counts)) == 4
-    assert loader.warmup.sequences(0) == 8 and loader.warmup.sequences(20_000) == 16
+    assert counts[0] == 8 and counts[-1] == 32 and counts == sorted(counts) and len(set(counts)) > 8
+    assert partial >= 5
+    assert loader.warmup.sequences(0) == 8 and loader.warmup.sequences(20_000) == 20
     assert loader.warmup.sequences(40_000) == 32
 
 
@@ -223,8 +232,10 @@ def test_eval_loader_is_one_fixed_pass(corpus_copy):
 
 def test_bad_config_and_mismatched_tokenizer_are_user_errors(mixed, tmp_path):
     corpus, manifest = mixed
-    with pytest.raises(UserError, match="global_batch_size 12 must be a multiple"):
-        build_mlm_loader(_config(corpus, manifest, global_batch_size=12))
+    with pytest.raises(UserError, match=r"global_batch_size 2 is smaller than the number of ranks \(4\)"):
+        _config(corpus, manifest, global_batch_size=2).validate(4)
+    with pytest.raises(UserError, match="global_batch_size must be a positive integer"):
+        build_mlm_loader(_config(corpus, manifest, global_batch_size=0))
     with pytest.raises(UserError, match="did you mean: micro_batch_size"):
         MLMLoaderConfig.from_dict({"manifest": "m.yaml", "tokenizer": "t.json", "micro_batch_sise": 4})
     other = tmp_path / "other.json"
