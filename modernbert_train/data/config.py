@@ -29,6 +29,7 @@ class MLMLoaderConfig:
     packing_lookahead_tokens: tokens kept buffered beyond one full step, for best-fit choices.
     packing_max_wait: a piece waiting longer than this many micro-batches is packed next (default: about two
         turnovers of the buffer), which bounds how far the emitted mixture lags the read one.
+    mixture_log_every: log each source's realized share of the real tokens every this many steps (0: never).
     return_provenance: add `sample_ids`, `piece_indices`, `source_ids` (numpy) to each micro-batch.
     world_invariant: every rank reads the whole global sample stream (streaming's `replication`), packs the
         whole optimizer step and keeps its own slice of micro-batches, so each step trains on the same data
@@ -63,6 +64,7 @@ class MLMLoaderConfig:
     check_tokenizer_hash: bool = True
     return_provenance: bool = False
     world_invariant: bool = False
+    mixture_log_every: int = 1000
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "data") -> "MLMLoaderConfig":
@@ -90,6 +92,9 @@ class MLMLoaderConfig:
             positive(name)
         if self.max_seq_len < 3:
             raise UserError(f"{where}: max_seq_len must be at least 3 ([CLS] token [SEP]), got {self.max_seq_len}")
+        if isinstance(self.mixture_log_every, bool) or not isinstance(self.mixture_log_every, int) \
+                or self.mixture_log_every < 0:
+            raise UserError(f"{where}: mixture_log_every must be an integer >= 0 (got {self.mixture_log_every!r})")
         if self.num_workers < 0:
             raise UserError(f"{where}: num_workers must be >= 0 (got {self.num_workers})")
         if self.global_batch_size < world_size:

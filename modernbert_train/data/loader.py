@@ -12,6 +12,7 @@ global batch), each rank then skips its few extra samples, and the buffer is re-
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any, Iterator
 
@@ -22,13 +23,14 @@ from modernbert_train.data.config import BatchSizeWarmup, MLMLoaderConfig
 from modernbert_train.data.dataset import (DistInfo, build_raw_dataloader, build_streaming_dataset,
                                            cpu_process_group, initialize_distributed,
                                            prepare_streaming_environment, stream_of_sample)
-from modernbert_train.data.manifest import Manifest, load_manifest
+from modernbert_train.data.manifest import Manifest, load_manifest, sampling_manifest
 from modernbert_train.data.masking import IGNORE_INDEX, Masker, MaskingConfig, document_key
 from modernbert_train.data.packing import BestFitPacker, Piece, assemble, split_sample
 from modernbert_train.errors import UserError
 
 STATE_FORMAT = "modernbert_train.data.loader/1"
 # Settings that fix the sample sequence: a resume with any of them changed cannot continue exactly.
+log = logging.getLogger("modernbert_train")
 RESUME_KEYS = ("seed", "max_seq_len", "micro_batch_size", "raw_batch_size", "shuffle", "shuffle_algo")
 
 
@@ -71,8 +73,10 @@ class _LoaderBase:
         num_nodes = 1 if world_invariant else max(1, self.dist.world_size // max(1, self.dist.local_world_size))
         self._num_canonical_nodes = config.num_canonical_nodes or (
             64 * num_nodes if config.shuffle_algo in ("py1s", "py2s") else num_nodes)
+        # Manifest proportions are token shares; streaming draws samples, so weigh by tokens per sample.
+        streaming_manifest, self.token_shares = sampling_manifest(self.manifest, config.max_seq_len)
         self.dataset = build_streaming_dataset(
-            self.manifest, batch_size=config.raw_batch_size, shuffle=shuffle, seed=config.seed,
+            streaming_manifest, batch_size=config.raw_batch_size, shuffle=shuffle, seed=config.seed,
             shuffle_algo=config.shuffle_algo, num_canonical_nodes=self._num_canonical_nodes,
             shuffle_block_size=config.shuffle_block_size, predownload=config.predownload,
             cache_limit=config.cache_limit, download_timeout=config.download_timeout,
@@ -91,10 +95,23 @@ class _LoaderBase:
         self._pending: deque = deque()
         self.epoch = 0
         self.raw_consumed = 0
+        self.source_tokens = np.zeros(len(self.manifest.sources), dtype=np.int64)  # real tokens emitted
 
     @property
     def source_names(self) -> list[str]:
         return self.manifest.source_names()
+
+    def realized_token_shares(self) -> dict[str, float]:
+        """Share of each source in the real tokens this rank emitted so far."""
+        total = max(1, int(self.source_tokens.sum()))
+        return {name: int(n) / total for name, n in zip(self.source_names, self.source_tokens)}
+
+    def _log_token_shares(self) -> None:
+        wanted = self.token_shares or {}
+        shares = ", ".join(f"{name} {share:.1%}" + (f" (manifest {wanted[name]:.1%})" if name in wanted else "")
+                           for name, share in self.realized_token_shares().items())
+        log.info("data: realized token shares after %d steps, %d tokens on rank %d: %s", getattr(self, "steps", 0),
+                 int(self.source_tokens.sum()), self.rank, shares)
 
     @property
     def rank(self) -> int:
@@ -188,6 +205,9 @@ class _LoaderBase:
         input_ids, cu_seqlens, lengths = assemble(pieces, budget, self.special_token_ids.pad_id,
                                                    self.config.max_seq_len)
         used = int(lengths.sum())
+        sample_ids = np.fromiter((p.sample_id for p in pieces), dtype=np.int64, count=len(pieces))
+        source_ids = stream_of_sample(self.dataset, sample_ids)
+        self.source_tokens += np.bincount(source_ids, weights=lengths, minlength=len(self.source_tokens)).astype(np.int64)
         labels = np.full(budget, IGNORE_INDEX, dtype=np.int64)
         if used:
             keys = np.fromiter((p.key for p in pieces), dtype=np.uint64, count=len(pieces))
@@ -205,11 +225,10 @@ class _LoaderBase:
             "document_lengths": lengths.tolist(),
         }
         if self.config.return_provenance:
-            sample_ids = np.fromiter((p.sample_id for p in pieces), dtype=np.int64, count=len(pieces))
             batch["sample_ids"] = sample_ids
             batch["piece_indices"] = np.fromiter((p.piece_index for p in pieces), dtype=np.int64, count=len(pieces))
             batch["epochs"] = np.fromiter((p.epoch for p in pieces), dtype=np.int64, count=len(pieces))
-            batch["source_ids"] = stream_of_sample(self.dataset, sample_ids)
+            batch["source_ids"] = source_ids
         return batch
 
 
@@ -271,6 +290,8 @@ class MLMLoader(_LoaderBase):
         num_tokens = sum(mb["num_tokens"] for mb in micro_batches)
         self._pending_tokens = num_tokens
         self.steps += 1
+        if self.config.mixture_log_every and self.steps % self.config.mixture_log_every == 0:
+            self._log_token_shares()
         return {
             "micro_batches": micro_batches,
             "num_tokens": num_tokens,
@@ -290,6 +311,7 @@ class MLMLoader(_LoaderBase):
             "steps": self.steps,
             "buffer": np.asarray(self.packer.references(), dtype=np.int64).reshape(-1, 5),
             "packer": self.packer.counters(),
+            "source_tokens": self.source_tokens.tolist(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -362,6 +384,7 @@ class MLMLoader(_LoaderBase):
         self.tokens_seen = int(mine["tokens_seen"])
         self._pending_tokens = int(mine["pending_tokens"]) if pending_tokens is None else pending_tokens
         self.steps = int(mine["steps"])
+        self.source_tokens = np.asarray(mine.get("source_tokens", [0] * len(self.source_names)), dtype=np.int64)
         self.packer.restore(self._reread_buffer(np.asarray(mine["buffer"], dtype=np.int64).reshape(-1, 5)),
                             mine["packer"])
 

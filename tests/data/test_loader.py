@@ -127,20 +127,33 @@ def test_masking_statistics_and_specials_on_loader_output(mixed):
         assert abs(share - expected) < 5 * math.sqrt(expected * (1 - expected) / selected) + 1e-3, (kind, share)
 
 
-def test_mixture_proportions_follow_the_manifest(mixed):
-    corpus, manifest = mixed
-    loader = build_mlm_loader(_config(corpus, manifest, global_batch_size=64))
-    samples_per_source = np.zeros(3)
+def test_mixture_proportions_are_shares_of_training_tokens(corpus_copy, caplog):
+    """Long code chunks (re-split into up to 5 pieces at 256) against short docstrings: per-sample weights
+    would give code about 10x its share of tokens."""
+    import logging
+
+    manifest = corpus_copy["tmp"] / "two.yaml"
+    manifest.write_text(f"name: two\nsources:\n"
+                        f"  - {{name: code, local: {corpus_copy['shards'] / 'code'}, proportion: 0.3}}\n"
+                        f"  - {{name: docstrings, local: {corpus_copy['shards'] / 'docstrings'}, proportion: 0.7}}\n")
+    meta = corpus_copy["meta"]
+    tokens_per_sample = {name: meta[name]["tokens"] / meta[name]["chunks"] for name in ("code", "docstrings")}
+    assert tokens_per_sample["code"] > 8 * tokens_per_sample["docstrings"]
+    caplog.set_level(logging.INFO, logger="modernbert_train")
+    loader = build_mlm_loader(_config(corpus_copy, manifest, global_batch_size=64, mixture_log_every=20))
+    tokens, samples = np.zeros(2), np.zeros(2)
     for _, step in zip(range(60), loader):
         for mb in step["micro_batches"]:
-            first_pieces = mb["piece_indices"] == 0
-            samples_per_source += np.bincount(mb["source_ids"][first_pieces], minlength=3)
-    total = samples_per_source.sum()
-    assert total > 1200
-    for index, expected in enumerate((0.5, 0.2, 0.3)):
-        share = samples_per_source[index] / total
-        sigma = math.sqrt(expected * (1 - expected) / total)
-        assert abs(share - expected) < 4 * sigma, (loader.source_names[index], share, expected)
+            lengths = np.diff(mb["cu_seqlens"].numpy())[:mb["num_docs"]]
+            tokens += np.bincount(mb["source_ids"], weights=lengths, minlength=2)
+            samples += np.bincount(mb["source_ids"][mb["piece_indices"] == 0], minlength=2)
+    assert samples.sum() > 3000 and samples[0] > 100, samples
+    for index, expected in enumerate((0.3, 0.7)):
+        assert abs(tokens[index] / tokens.sum() - expected) < 0.02, (index, tokens / tokens.sum())
+    # The loader's own tally, as logged.
+    assert loader.realized_token_shares() == pytest.approx(dict(zip(("code", "docstrings"), tokens / tokens.sum())))
+    logged = [r.getMessage() for r in caplog.records if "realized token shares" in r.getMessage()]
+    assert len(logged) == 3 and "after 60 steps" in logged[-1] and "(manifest 30.0%)" in logged[-1]
 
 
 def test_batch_size_warmup_grows_with_real_tokens(mixed):
