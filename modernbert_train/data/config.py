@@ -29,6 +29,8 @@ class MLMLoaderConfig:
     packing_lookahead_tokens: tokens kept buffered beyond one full step, for best-fit choices.
     packing_max_wait: a piece waiting longer than this many micro-batches is packed next (default: about two
         turnovers of the buffer), which bounds how far the emitted mixture lags the read one.
+    prefetch_steps: steps a background thread prepares ahead while the device runs the current one (0: each
+        step is prepared when asked for, on the caller's thread).
     mixture_log_every: log each source's realized share of the real tokens every this many steps (0: never).
     return_provenance: add `sample_ids`, `piece_indices`, `source_ids` (numpy) to each micro-batch.
     world_invariant: every rank reads the whole global sample stream (streaming's `replication`), packs the
@@ -65,6 +67,7 @@ class MLMLoaderConfig:
     return_provenance: bool = False
     world_invariant: bool = False
     mixture_log_every: int = 1000
+    prefetch_steps: int = 1
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "data") -> "MLMLoaderConfig":
@@ -95,6 +98,8 @@ class MLMLoaderConfig:
         if isinstance(self.mixture_log_every, bool) or not isinstance(self.mixture_log_every, int) \
                 or self.mixture_log_every < 0:
             raise UserError(f"{where}: mixture_log_every must be an integer >= 0 (got {self.mixture_log_every!r})")
+        if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) or self.prefetch_steps < 0:
+            raise UserError(f"{where}: prefetch_steps must be an integer >= 0 (got {self.prefetch_steps!r})")
         if self.num_workers < 0:
             raise UserError(f"{where}: num_workers must be >= 0 (got {self.num_workers})")
         if self.global_batch_size < world_size:

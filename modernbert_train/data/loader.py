@@ -26,6 +26,7 @@ from modernbert_train.data.dataset import (DistInfo, build_raw_dataloader, build
 from modernbert_train.data.manifest import Manifest, load_manifest, sampling_manifest
 from modernbert_train.data.masking import IGNORE_INDEX, Masker, MaskingConfig, document_key
 from modernbert_train.data.packing import BestFitPacker, Piece, assemble, split_sample
+from modernbert_train.data.prefetch import StepPrefetcher
 from modernbert_train.errors import UserError
 
 STATE_FORMAT = "modernbert_train.data.loader/1"
@@ -57,6 +58,7 @@ class _LoaderBase:
                                 f"says {actual}")
         config.validate(self.dist.world_size)
         self._group = cpu_process_group()
+        self._step_group = self._group  # the per-step all-reduce (MLMLoader gives it its own with prefetch)
         prepare_streaming_environment(self.dist, self._group)
 
         tokenizer = load_tokenizer(config.tokenizer)
@@ -102,15 +104,20 @@ class _LoaderBase:
         return self.manifest.source_names()
 
     def realized_token_shares(self) -> dict[str, float]:
-        """Share of each source in the real tokens this rank emitted so far."""
-        total = max(1, int(self.source_tokens.sum()))
-        return {name: int(n) / total for name, n in zip(self.source_names, self.source_tokens)}
+        """Share of each source in the real tokens this rank emitted so far (up to the last step taken)."""
+        yielded = getattr(self, "_yielded_state", None)
+        return self._shares(yielded["source_tokens"] if yielded is not None else self.source_tokens)
 
-    def _log_token_shares(self) -> None:
+    def _shares(self, counts) -> dict[str, float]:
+        counts = np.asarray(counts, dtype=np.int64)
+        total = max(1, int(counts.sum()))
+        return {name: int(n) / total for name, n in zip(self.source_names, counts)}
+
+    def _log_token_shares(self, steps: int) -> None:
         wanted = self.token_shares or {}
         shares = ", ".join(f"{name} {share:.1%}" + (f" (manifest {wanted[name]:.1%})" if name in wanted else "")
-                           for name, share in self.realized_token_shares().items())
-        log.info("data: realized token shares after %d steps, %d tokens on rank %d: %s", getattr(self, "steps", 0),
+                           for name, share in self._shares(self.source_tokens).items())
+        log.info("data: realized token shares after %d steps, %d tokens on rank %d: %s", steps,
                  int(self.source_tokens.sum()), self.rank, shares)
 
     @property
@@ -195,7 +202,7 @@ class _LoaderBase:
         import torch.distributed as torch_dist
 
         tensor = torch.tensor(values, dtype=torch.int64)
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=self._group)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=self._step_group)
         return tensor.tolist()
 
     # --- micro-batches -------------------------------------------------------------------------------
@@ -240,6 +247,10 @@ class MLMLoader(_LoaderBase):
     `state_dict()`, `load_state_dict()`. Each step item also carries `num_tokens` (this rank's real tokens),
     `num_sequences` (rows: micro-batches x micro_batch_size), `tokens_seen_before` and `epoch`.
     Iterating again continues where it stopped (it never restarts from scratch).
+
+    With `prefetch_steps` > 0 a background thread prepares that many steps ahead (see prefetch.py); the
+    per-step all-reduce then runs on a gloo group of its own, so that `state_dict()`'s all-gather on the
+    main thread never interleaves with it.
     """
 
     def __init__(self, config: MLMLoaderConfig, *, rank: int | None = None, world_size: int | None = None):
@@ -251,15 +262,50 @@ class MLMLoader(_LoaderBase):
         super().__init__(config, rank=rank, world_size=world_size, shuffle=config.shuffle,
                          lookahead_steps=self.warmup.max_micro_batches_per_rank * self._packing_ranks,
                          world_invariant=config.world_invariant)
-        self.tokens_seen = 0         # real tokens of all ranks in all steps whose counts were reduced
+        self._tokens_seen = 0        # real tokens of all ranks in all steps whose counts were reduced
         self._pending_tokens = 0     # this rank's real tokens of the last step, reduced at the next step
         self.steps = 0
         self._skip = 0
+        self._prefetcher: StepPrefetcher | None = None
+        self._yielded_state: dict[str, Any] | None = None  # producer state right after the last yielded step
+        if config.prefetch_steps and self.world_size > 1:
+            import torch.distributed as torch_dist
+
+            self._step_group = torch_dist.new_group(backend="gloo")
+
+    @property
+    def tokens_seen(self) -> int:
+        """Real tokens of all ranks in the steps before the one last yielded (the warmup position)."""
+        if self._yielded_state is not None:
+            return int(self._yielded_state["tokens_seen"])
+        return self._tokens_seen
 
     def __iter__(self) -> "MLMLoader":
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if not self.config.prefetch_steps:
+            return self._next_step()
+        if self._prefetcher is None:
+            if self._yielded_state is not None:
+                raise RuntimeError("the loader was closed with prepared steps dropped; load_state_dict() a state "
+                                   "to continue")
+            self._prefetcher = StepPrefetcher(self._produce, self.config.prefetch_steps)
+        step, self._yielded_state = self._prefetcher.get()
+        return step
+
+    def _produce(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        step = self._next_step()
+        return step, self._local_state()
+
+    def close(self) -> None:
+        """Stop the prefetch thread; steps prepared but not taken are dropped, `state_dict()` still gives the
+        position after the last step taken (load it to iterate again)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def _next_step(self) -> dict[str, Any]:
         if self._raw_iter is None:
             self._start_raw()
         while self._skip > 0:
@@ -269,7 +315,7 @@ class MLMLoader(_LoaderBase):
                                    "the checkpoint was written")
         exhausted = self._top_up(self._target_tokens, self.epoch)
         reduced = self._all_reduce_sum([int(exhausted), self._pending_tokens, 0])
-        self.tokens_seen += reduced[1]
+        self._tokens_seen += reduced[1]
         self._pending_tokens = 0
         while reduced[0]:
             # Some rank used up its share of this epoch: everyone starts the next one now, together.
@@ -280,7 +326,7 @@ class MLMLoader(_LoaderBase):
             if reduced[2]:
                 raise UserError(f"manifest {self.manifest.path}: an epoch gives no samples to some rank "
                                 f"(world size {self.world_size}); the data is too small for this many ranks")
-        rows = self.warmup.micro_batch_rows(self.tokens_seen)
+        rows = self.warmup.micro_batch_rows(self._tokens_seen)
         micro_batches = []
         for packing_rank in range(self._packing_ranks):
             for micro_batch_rows in rows:
@@ -291,12 +337,12 @@ class MLMLoader(_LoaderBase):
         self._pending_tokens = num_tokens
         self.steps += 1
         if self.config.mixture_log_every and self.steps % self.config.mixture_log_every == 0:
-            self._log_token_shares()
+            self._log_token_shares(self.steps)
         return {
             "micro_batches": micro_batches,
             "num_tokens": num_tokens,
             "num_sequences": sum(rows),
-            "tokens_seen_before": self.tokens_seen,
+            "tokens_seen_before": self._tokens_seen,
             "epoch": self.epoch,
         }
 
@@ -306,7 +352,7 @@ class MLMLoader(_LoaderBase):
             "rank": self.rank,
             "epoch": self.epoch,
             "raw_consumed": self.raw_consumed,
-            "tokens_seen": self.tokens_seen,
+            "tokens_seen": self._tokens_seen,
             "pending_tokens": self._pending_tokens,
             "steps": self.steps,
             "buffer": np.asarray(self.packer.references(), dtype=np.int64).reshape(-1, 5),
@@ -316,7 +362,7 @@ class MLMLoader(_LoaderBase):
 
     def state_dict(self) -> dict[str, Any]:
         """Picklable state of every rank (a collective when distributed: call it on all ranks together)."""
-        local = self._local_state()
+        local = self._yielded_state if self._yielded_state is not None else self._local_state()
         if self.world_size > 1:
             import torch.distributed as torch_dist
 
@@ -354,6 +400,8 @@ class MLMLoader(_LoaderBase):
         if state["sources"] != self.source_names:
             raise UserError(f"the checkpoint's manifest sources {state['sources']} differ from this run's "
                             f"{self.source_names}")
+        self.close()
+        self._yielded_state = None
         ranks = state["ranks"]
         pending_tokens = None
         if self.world_invariant:
@@ -381,7 +429,7 @@ class MLMLoader(_LoaderBase):
         self.epoch = int(mine["epoch"])
         self.raw_consumed = common_batches * batch
         self._skip = int(mine["raw_consumed"]) - self.raw_consumed
-        self.tokens_seen = int(mine["tokens_seen"])
+        self._tokens_seen = int(mine["tokens_seen"])
         self._pending_tokens = int(mine["pending_tokens"]) if pending_tokens is None else pending_tokens
         self.steps = int(mine["steps"])
         self.source_tokens = np.asarray(mine.get("source_tokens", [0] * len(self.source_names)), dtype=np.int64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -215,6 +216,37 @@ def test_state_round_trip_in_process_continues_identically(mixed):
         for a, b in zip(got["micro_batches"], want["micro_batches"]):
             for key in ("input_ids", "cu_seqlens", "labels"):
                 assert a[key].equal(b[key])
+
+
+def test_prefetch_thread_gives_the_same_steps_and_states(mixed, tmp_path):
+    """Steps prepared ahead on the background thread are byte-identical to steps prepared when asked for, and
+    the state after a step taken is the synchronous loader's, though the thread has already read further."""
+    import shutil
+
+    corpus, manifest = mixed
+    shutil.copytree(corpus["shards"], tmp_path / "shards2")  # streaming: one live dataset per folder
+    other = write_manifest(tmp_path / "mix2.yaml", tmp_path / "shards2", {
+        "code": {"proportion": 0.5}, "prose": {"proportion": 0.2}, "docstrings": {"proportion": 0.3}})
+    warm = dict(global_batch_size=32, batch_size_warmup_start=8, batch_size_warmup_tokens=20_000)
+    sync = build_mlm_loader(_config(corpus, manifest, prefetch_steps=0, **warm))
+    ahead = build_mlm_loader(_config(corpus, other, prefetch_steps=2, **warm))
+    try:
+        for index in range(10):
+            want, got = next(sync), next(ahead)
+            assert got["num_sequences"] == want["num_sequences"] and got["epoch"] == want["epoch"]
+            for a, b in zip(got["micro_batches"], want["micro_batches"], strict=True):
+                for key in ("input_ids", "cu_seqlens", "labels"):
+                    assert a[key].equal(b[key]), (index, key)
+            assert ahead.tokens_seen == sync.tokens_seen
+            if index == 6:
+                deadline = time.monotonic() + 30
+                while ahead.steps < 9 and time.monotonic() < deadline:  # the thread runs two steps ahead
+                    time.sleep(0.05)
+                assert ahead.steps == 9
+                assert pickle.dumps(ahead.state_dict()) == pickle.dumps(sync.state_dict())
+                assert ahead.realized_token_shares() == sync.realized_token_shares()
+    finally:
+        ahead.close()
 
 
 def test_load_state_rejects_a_changed_setup(mixed):
