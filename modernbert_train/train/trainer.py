@@ -385,6 +385,9 @@ def train(recipe: Recipe) -> TrainResult:
             trainer.fit()
     finally:
         trainer.close()
+        close_loader = getattr(trainer.state.train_dataloader, "close", None)
+        if close_loader is not None:
+            close_loader()  # stops the loader's prefetch thread
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
     return TrainResult(run_dir=run_dir, steps=int(trainer.state.timestamp.batch),
                        tokens=int(trainer.state.timestamp.token), final_loss=float(loss) if loss is not None else None)
