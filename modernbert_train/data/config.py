@@ -126,9 +126,12 @@ class BatchSizeWarmup:
 
     The recipe's rows grow linearly from `start` to `full` over `warmup_tokens`. Each rank takes the nearest
     whole number of rows to its share (at least one), cut into micro-batches of `micro_batch_size` rows and
-    one smaller last micro-batch for the remainder. So every rank runs the same micro-batches, and the step
-    is within half a row per rank of the recipe at every world size (768 rows on 8 ranks of 64-row
-    micro-batches: 96 rows per rank, 64 + 32; 4608 rows on 16 ranks: 288 per rank, 4 x 64 + 32).
+    one smaller last micro-batch for the remainder. So every rank runs the same micro-batches, at every
+    world size (768 rows on 8 ranks of 64-row micro-batches: 96 rows per rank, 64 + 32; 4608 rows on 16
+    ranks: 288 per rank, 4 x 64 + 32). The first and the full step are within half a row per rank of the
+    recipe; in between, rows per rank move from the first in steps of `granularity` (a quarter micro-batch or
+    less), so that the last micro-batch takes only a few shapes (each new shape is a recompile of the compiled
+    model parts), and stay within (granularity + 1) / 2 rows per rank of the recipe.
     """
 
     full: int
@@ -149,8 +152,23 @@ class BatchSizeWarmup:
             return float(self.full)
         return self.start + (self.full - self.start) * (tokens_seen / self.warmup_tokens)
 
+    @property
+    def granularity(self) -> int:
+        """Rows per rank move in these steps during the warmup: the largest divisor of micro_batch_size that
+        is at most a quarter of it."""
+        return max(d for d in range(1, max(1, self.micro_batch_size // 4) + 1) if self.micro_batch_size % d == 0)
+
     def rows_per_rank(self, tokens_seen: float) -> int:
-        return max(1, math.floor(self.recipe_rows(tokens_seen) / self.world_size + 0.5))
+        def nearest(rows: float) -> int:
+            return max(1, math.floor(rows / self.world_size + 0.5))
+
+        full = nearest(self.full)
+        if self.start is None or self.recipe_rows(tokens_seen) == self.full:
+            return full
+        # Steps of `granularity` rows counted from the start's rows: starts and ends where the recipe says.
+        first, step = nearest(self.start), self.granularity
+        share = self.recipe_rows(tokens_seen) / self.world_size
+        return min(full, first + max(0, math.floor((share - first) / step + 0.5)) * step)
 
     def sequences(self, tokens_seen: float) -> int:
         """Rows per step over all ranks."""
@@ -186,7 +204,8 @@ class BatchSizeWarmup:
     def describe(self, points: int = 11) -> list[str]:
         """Human-readable lines of `schedule()` (printed at start, kept in the run's config.yaml)."""
         lines = [f"effective batch-size schedule on {self.world_size} rank(s), micro-batches of "
-                 f"{self.micro_batch_size} rows (a smaller last one takes the remainder):"]
+                 f"{self.micro_batch_size} rows (a smaller last one takes the remainder; rows per rank in steps "
+                 f"of {self.granularity} during the warmup):"]
         for row in self.schedule(points):
             lines.append(f"  from {row['tokens']:>18,} tokens: {row['rows']:>6} rows/step (recipe "
                          f"{row['recipe_rows']:g}) = {self.world_size} x {row['rows_per_rank']} rows, "
