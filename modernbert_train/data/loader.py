@@ -29,9 +29,10 @@ from modernbert_train.data.packing import BestFitPacker, Piece, assemble, split_
 from modernbert_train.data.prefetch import StepPrefetcher
 from modernbert_train.errors import UserError
 
+log = logging.getLogger("modernbert_train")
+
 STATE_FORMAT = "modernbert_train.data.loader/1"
 # Settings that fix the sample sequence: a resume with any of them changed cannot continue exactly.
-log = logging.getLogger("modernbert_train")
 RESUME_KEYS = ("seed", "max_seq_len", "micro_batch_size", "raw_batch_size", "shuffle", "shuffle_algo")
 
 
@@ -245,7 +246,8 @@ class MLMLoader(_LoaderBase):
     Attributes the trainer uses: `special_token_ids`, `vocab_size`, `tokens_per_micro_batch`, `warmup`,
     `tokens_seen` (real tokens of all ranks in the steps before the one just yielded: the warmup position),
     `state_dict()`, `load_state_dict()`. Each step item also carries `num_tokens` (this rank's real tokens),
-    `num_sequences` (rows: micro-batches x micro_batch_size), `tokens_seen_before` and `epoch`.
+    `num_sequences` (this rank's rows; each micro-batch has `num_rows`, the last may have fewer than
+    micro_batch_size), `tokens_seen_before` and `epoch`.
     Iterating again continues where it stopped (it never restarts from scratch).
 
     With `prefetch_steps` > 0 a background thread prepares that many steps ahead (see prefetch.py); the
