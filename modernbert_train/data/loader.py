@@ -215,7 +215,8 @@ class _LoaderBase:
         used = int(lengths.sum())
         sample_ids = np.fromiter((p.sample_id for p in pieces), dtype=np.int64, count=len(pieces))
         source_ids = stream_of_sample(self.dataset, sample_ids)
-        self.source_tokens += np.bincount(source_ids, weights=lengths, minlength=len(self.source_tokens)).astype(np.int64)
+        per_source = np.bincount(source_ids, weights=lengths, minlength=len(self.source_tokens))
+        self.source_tokens += per_source.astype(np.int64)
         labels = np.full(budget, IGNORE_INDEX, dtype=np.int64)
         if used:
             keys = np.fromiter((p.key for p in pieces), dtype=np.uint64, count=len(pieces))

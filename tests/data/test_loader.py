@@ -167,7 +167,8 @@ def test_batch_size_warmup_grows_with_real_tokens(mixed):
         expected_rows = loader.warmup.sequences(seen)
         rows = [mb["num_rows"] for mb in step["micro_batches"]]
         # Rows move in steps of 2 (a quarter micro-batch) during the warmup.
-        assert sum(rows) == expected_rows == step["num_sequences"] == 8 + 2 * math.floor(12 * min(1, seen / 40_000) + 0.5)
+        wanted = 8 + 2 * math.floor(12 * min(1, seen / 40_000) + 0.5)
+        assert sum(rows) == expected_rows == step["num_sequences"] == wanted
         # Whole micro-batches, then one smaller one for the remainder, its budget cut to its rows.
         assert all(r == 8 for r in rows[:-1]) and 1 <= rows[-1] <= 8
         for mb in step["micro_batches"]:
