@@ -7,6 +7,11 @@ of 8 x 1024 tokens, 8 micro-batches per step):
   main     the main-process stage alone (re-split, packing, masking) fed from samples held in memory: the
            ceiling of one rank's loader process when workers keep up.
 Tokens/s count real (non-pad) tokens; CPU s/Mtok is the main process's CPU time (workers excluded).
+
+--step-loop instead measures what the training loop waits for: host ms per step spent in `next(loader)`
+while each step "runs on the device" for the time the model needs for its tokens (a sleep: the host thread
+waits on the GPU without the GIL), with the step prepared when asked for (prefetch_steps 0, the baseline)
+and on the loader's background thread (prefetch_steps 1 and 2).
 The model needs about 312k tokens/s per H100 rank in phase 1 (bench numbers of the paper, see
 shared/REFERENCE.md), so the loader must stay well above that on one core.
 
@@ -16,6 +21,7 @@ quickly trained byte-level BPE.
 
 example:
   python bench/loader_bench.py --workdir /tmp/loader_bench --seconds 10 --workers 2
+  python bench/loader_bench.py --step-loop --micro-batch-size 64 --micro-batches-per-step 9 --steps 8
   python bench/loader_bench.py --manifest yamls/data/demo.yaml --tokenizer demo_out/tokenizer.json
 """
 from __future__ import annotations
@@ -101,6 +107,25 @@ def _measure(loader, seconds: float, warmup_steps: int = 3) -> dict:
             "main_cpu_s_per_Mtok": cpu / tokens * 1e6, "tokens_per_main_cpu_s": tokens / cpu}
 
 
+def _step_loop(loader, steps: int, device_s: float | None, warmup_steps: int = 2) -> dict:
+    """Host seconds per step the loop waits in next(loader) while each step takes device_s on the device."""
+    def device_time(step) -> float:
+        capacity = sum(mb["input_ids"].numel() for mb in step["micro_batches"])
+        return device_s if device_s is not None else capacity / MODEL_NEED_TOKENS_PER_S
+
+    for _ in range(warmup_steps):
+        time.sleep(device_time(next(loader)))
+    waits = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step = next(loader)
+        waits.append(time.perf_counter() - start)
+        time.sleep(device_time(step))  # the device runs the step; the host thread waits without the GIL
+    waits_ms = np.array(waits) * 1e3
+    return {"steps": steps, "device_s": device_time(step), "wait_ms_mean": float(waits_ms.mean()),
+            "wait_ms_median": float(np.median(waits_ms)), "wait_ms_max": float(waits_ms.max())}
+
+
 def _in_memory_source(loader, num_samples: int):
     """Replace the loader's streaming reads by samples already in memory (cycled, ids kept)."""
     loader._start_raw()
@@ -131,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--micro-batches-per-step", type=int, default=8)
+    parser.add_argument("--step-loop", action="store_true",
+                        help="measure host ms per step the training loop waits, with and without prefetch")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per mode of --step-loop")
+    parser.add_argument("--device-ms", type=float,
+                        help="device time per step in --step-loop (default: its token slots at the model's rate)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -145,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from modernbert_train.data import MLMLoaderConfig, build_mlm_loader
 
-    def make(num_workers: int):
+    def make(num_workers: int, prefetch_steps: int = 0):
         return build_mlm_loader(MLMLoaderConfig(
             manifest=str(manifest), tokenizer=str(tokenizer), max_seq_len=args.max_seq_len,
             micro_batch_size=args.micro_batch_size,
-            global_batch_size=args.micro_batch_size * args.micro_batches_per_step, num_workers=num_workers))
+            global_batch_size=args.micro_batch_size * args.micro_batches_per_step, num_workers=num_workers,
+            prefetch_steps=prefetch_steps))
 
+    if args.step_loop:
+        return step_loop_report(args, make)
     results = {}
     for mode, workers in (("e2e-0w", 0), (f"e2e-{args.workers}w", args.workers), ("main", 0)):
         loader = make(workers)
@@ -167,6 +200,30 @@ def main(argv: list[str] | None = None) -> int:
     for mode, r in results.items():
         print(f"{mode:<8} {r['tokens_per_s'] / 1e6:8.2f} {r['fill']:7.4f} {r['tokens_per_main_cpu_s'] / 1e6:11.2f} "
               f"{r['tokens_per_s'] / MODEL_NEED_TOKENS_PER_S:13.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def step_loop_report(args, make) -> int:
+    results = {}
+    for prefetch in (0, 1, 2):
+        loader = make(0, prefetch)
+        results[f"prefetch {prefetch}"] = _step_loop(loader, args.steps,
+                                                     None if args.device_ms is None else args.device_ms / 1e3)
+        if prefetch:
+            loader.close()
+        del loader
+        gc.collect()
+    base = results["prefetch 0"]["wait_ms_mean"]
+    print(f"host ms per step waiting for the loader: max_seq_len {args.max_seq_len}, {args.micro_batches_per_step} "
+          f"micro-batches of {args.micro_batch_size} x {args.max_seq_len} per step, device "
+          f"{results['prefetch 0']['device_s'] * 1e3:.0f} ms per step, {args.steps} steps; {os.cpu_count()} CPUs, "
+          f"python {sys.version.split()[0]}")
+    print(f"{'mode':<11} {'mean ms':>8} {'median ms':>10} {'max ms':>8} {'mean / prefetch 0':>18}")
+    for mode, r in results.items():
+        print(f"{mode:<11} {r['wait_ms_mean']:8.2f} {r['wait_ms_median']:10.2f} {r['wait_ms_max']:8.2f} "
+              f"{r['wait_ms_mean'] / base:18.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -325,9 +325,12 @@ def collate_raw(samples: list[dict]) -> tuple[np.ndarray, list[np.ndarray]]:
 def build_raw_dataloader(dataset, *, batch_size: int, num_workers: int, prefetch_factor: int | None = None):
     """torch DataLoader yielding (sample_ids, token arrays) in streaming's order; batch_size must match
     the dataset's so streaming's per-worker partition lines up with the loader's round-robin."""
+    import torch
     from torch.utils.data import DataLoader
 
-    kwargs: dict[str, Any] = {}
+    # Its own generator: starting an iterator draws a seed, which must not move the global torch RNG
+    # (dropout) from the loader's prefetch thread.
+    kwargs: dict[str, Any] = {"generator": torch.Generator()}
     if num_workers > 0:
         kwargs["persistent_workers"] = True
         kwargs["prefetch_factor"] = prefetch_factor or 2

@@ -12,6 +12,7 @@ global batch), each rank then skips its few extra samples, and the buffer is re-
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any, Iterator
 
@@ -22,10 +23,13 @@ from modernbert_train.data.config import BatchSizeWarmup, MLMLoaderConfig
 from modernbert_train.data.dataset import (DistInfo, build_raw_dataloader, build_streaming_dataset,
                                            cpu_process_group, initialize_distributed,
                                            prepare_streaming_environment, stream_of_sample)
-from modernbert_train.data.manifest import Manifest, load_manifest
+from modernbert_train.data.manifest import Manifest, load_manifest, sampling_manifest
 from modernbert_train.data.masking import IGNORE_INDEX, Masker, MaskingConfig, document_key
 from modernbert_train.data.packing import BestFitPacker, Piece, assemble, split_sample
+from modernbert_train.data.prefetch import StepPrefetcher
 from modernbert_train.errors import UserError
+
+log = logging.getLogger("modernbert_train")
 
 STATE_FORMAT = "modernbert_train.data.loader/1"
 # Settings that fix the sample sequence: a resume with any of them changed cannot continue exactly.
@@ -55,6 +59,7 @@ class _LoaderBase:
                                 f"says {actual}")
         config.validate(self.dist.world_size)
         self._group = cpu_process_group()
+        self._step_group = self._group  # the per-step all-reduce (MLMLoader gives it its own with prefetch)
         prepare_streaming_environment(self.dist, self._group)
 
         tokenizer = load_tokenizer(config.tokenizer)
@@ -71,8 +76,10 @@ class _LoaderBase:
         num_nodes = 1 if world_invariant else max(1, self.dist.world_size // max(1, self.dist.local_world_size))
         self._num_canonical_nodes = config.num_canonical_nodes or (
             64 * num_nodes if config.shuffle_algo in ("py1s", "py2s") else num_nodes)
+        # Manifest proportions are token shares; streaming draws samples, so weigh by tokens per sample.
+        streaming_manifest, self.token_shares = sampling_manifest(self.manifest, config.max_seq_len)
         self.dataset = build_streaming_dataset(
-            self.manifest, batch_size=config.raw_batch_size, shuffle=shuffle, seed=config.seed,
+            streaming_manifest, batch_size=config.raw_batch_size, shuffle=shuffle, seed=config.seed,
             shuffle_algo=config.shuffle_algo, num_canonical_nodes=self._num_canonical_nodes,
             shuffle_block_size=config.shuffle_block_size, predownload=config.predownload,
             cache_limit=config.cache_limit, download_timeout=config.download_timeout,
@@ -91,10 +98,28 @@ class _LoaderBase:
         self._pending: deque = deque()
         self.epoch = 0
         self.raw_consumed = 0
+        self.source_tokens = np.zeros(len(self.manifest.sources), dtype=np.int64)  # real tokens emitted
 
     @property
     def source_names(self) -> list[str]:
         return self.manifest.source_names()
+
+    def realized_token_shares(self) -> dict[str, float]:
+        """Share of each source in the real tokens this rank emitted so far (up to the last step taken)."""
+        yielded = getattr(self, "_yielded_state", None)
+        return self._shares(yielded["source_tokens"] if yielded is not None else self.source_tokens)
+
+    def _shares(self, counts) -> dict[str, float]:
+        counts = np.asarray(counts, dtype=np.int64)
+        total = max(1, int(counts.sum()))
+        return {name: int(n) / total for name, n in zip(self.source_names, counts)}
+
+    def _log_token_shares(self, steps: int) -> None:
+        wanted = self.token_shares or {}
+        shares = ", ".join(f"{name} {share:.1%}" + (f" (manifest {wanted[name]:.1%})" if name in wanted else "")
+                           for name, share in self._shares(self.source_tokens).items())
+        log.info("data: realized token shares after %d steps, %d tokens on rank %d: %s", steps,
+                 int(self.source_tokens.sum()), self.rank, shares)
 
     @property
     def rank(self) -> int:
@@ -178,14 +203,20 @@ class _LoaderBase:
         import torch.distributed as torch_dist
 
         tensor = torch.tensor(values, dtype=torch.int64)
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=self._group)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=self._step_group)
         return tensor.tolist()
 
     # --- micro-batches -------------------------------------------------------------------------------
-    def _micro_batch(self, pieces: list[Piece]) -> dict[str, Any]:
-        budget = self.tokens_per_micro_batch
-        input_ids, cu_seqlens, lengths = assemble(pieces, budget, self.special_token_ids.pad_id)
+    def _micro_batch(self, pieces: list[Piece], rows: int | None = None) -> dict[str, Any]:
+        rows = self.config.micro_batch_size if rows is None else rows
+        budget = rows * self.config.max_seq_len
+        input_ids, cu_seqlens, lengths = assemble(pieces, budget, self.special_token_ids.pad_id,
+                                                   self.config.max_seq_len)
         used = int(lengths.sum())
+        sample_ids = np.fromiter((p.sample_id for p in pieces), dtype=np.int64, count=len(pieces))
+        source_ids = stream_of_sample(self.dataset, sample_ids)
+        per_source = np.bincount(source_ids, weights=lengths, minlength=len(self.source_tokens))
+        self.source_tokens += per_source.astype(np.int64)
         labels = np.full(budget, IGNORE_INDEX, dtype=np.int64)
         if used:
             keys = np.fromiter((p.key for p in pieces), dtype=np.uint64, count=len(pieces))
@@ -198,15 +229,15 @@ class _LoaderBase:
             "num_tokens": used,
             "num_masked": int(np.count_nonzero(labels != IGNORE_INDEX)),
             "num_docs": len(pieces),
+            "num_rows": rows,  # max_seq_len-token rows this micro-batch's budget stands for
             # Host-side copy for FLOP counting: reading cu_seqlens back from the GPU would sync every step.
             "document_lengths": lengths.tolist(),
         }
         if self.config.return_provenance:
-            sample_ids = np.fromiter((p.sample_id for p in pieces), dtype=np.int64, count=len(pieces))
             batch["sample_ids"] = sample_ids
             batch["piece_indices"] = np.fromiter((p.piece_index for p in pieces), dtype=np.int64, count=len(pieces))
             batch["epochs"] = np.fromiter((p.epoch for p in pieces), dtype=np.int64, count=len(pieces))
-            batch["source_ids"] = stream_of_sample(self.dataset, sample_ids)
+            batch["source_ids"] = source_ids
         return batch
 
 
@@ -216,30 +247,68 @@ class MLMLoader(_LoaderBase):
     Attributes the trainer uses: `special_token_ids`, `vocab_size`, `tokens_per_micro_batch`, `warmup`,
     `tokens_seen` (real tokens of all ranks in the steps before the one just yielded: the warmup position),
     `state_dict()`, `load_state_dict()`. Each step item also carries `num_tokens` (this rank's real tokens),
-    `num_sequences` (rows: micro-batches x micro_batch_size), `tokens_seen_before` and `epoch`.
+    `num_sequences` (this rank's rows; each micro-batch has `num_rows`, the last may have fewer than
+    micro_batch_size), `tokens_seen_before` and `epoch`.
     Iterating again continues where it stopped (it never restarts from scratch).
+
+    With `prefetch_steps` > 0 a background thread prepares that many steps ahead (see prefetch.py); the
+    per-step all-reduce then runs on a gloo group of its own, so that `state_dict()`'s all-gather on the
+    main thread never interleaves with it.
     """
 
     def __init__(self, config: MLMLoaderConfig, *, rank: int | None = None, world_size: int | None = None):
         probe_world = initialize_distributed().world_size
         config.validate(probe_world)
-        self.warmup = BatchSizeWarmup(full=config.global_batch_size, start=config.batch_size_warmup_start,
-                                      warmup_tokens=float(config.batch_size_warmup_tokens or 0),
-                                      unit=probe_world * config.micro_batch_size)
+        self.warmup = BatchSizeWarmup.from_config(config, probe_world)
         # World-invariant: this rank packs the whole step (every rank's micro-batches) and keeps its own.
         self._packing_ranks = probe_world if config.world_invariant else 1
         super().__init__(config, rank=rank, world_size=world_size, shuffle=config.shuffle,
                          lookahead_steps=self.warmup.max_micro_batches_per_rank * self._packing_ranks,
                          world_invariant=config.world_invariant)
-        self.tokens_seen = 0         # real tokens of all ranks in all steps whose counts were reduced
+        self._tokens_seen = 0        # real tokens of all ranks in all steps whose counts were reduced
         self._pending_tokens = 0     # this rank's real tokens of the last step, reduced at the next step
         self.steps = 0
         self._skip = 0
+        self._prefetcher: StepPrefetcher | None = None
+        self._yielded_state: dict[str, Any] | None = None  # producer state right after the last yielded step
+        if config.prefetch_steps and self.world_size > 1:
+            import torch.distributed as torch_dist
+
+            self._step_group = torch_dist.new_group(backend="gloo")
+
+    @property
+    def tokens_seen(self) -> int:
+        """Real tokens of all ranks in the steps before the one last yielded (the warmup position)."""
+        if self._yielded_state is not None:
+            return int(self._yielded_state["tokens_seen"])
+        return self._tokens_seen
 
     def __iter__(self) -> "MLMLoader":
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if not self.config.prefetch_steps:
+            return self._next_step()
+        if self._prefetcher is None:
+            if self._yielded_state is not None:
+                raise RuntimeError("the loader was closed with prepared steps dropped; load_state_dict() a state "
+                                   "to continue")
+            self._prefetcher = StepPrefetcher(self._produce, self.config.prefetch_steps)
+        step, self._yielded_state = self._prefetcher.get()
+        return step
+
+    def _produce(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        step = self._next_step()
+        return step, self._local_state()
+
+    def close(self) -> None:
+        """Stop the prefetch thread; steps prepared but not taken are dropped, `state_dict()` still gives the
+        position after the last step taken (load it to iterate again)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def _next_step(self) -> dict[str, Any]:
         if self._raw_iter is None:
             self._start_raw()
         while self._skip > 0:
@@ -249,7 +318,7 @@ class MLMLoader(_LoaderBase):
                                    "the checkpoint was written")
         exhausted = self._top_up(self._target_tokens, self.epoch)
         reduced = self._all_reduce_sum([int(exhausted), self._pending_tokens, 0])
-        self.tokens_seen += reduced[1]
+        self._tokens_seen += reduced[1]
         self._pending_tokens = 0
         while reduced[0]:
             # Some rank used up its share of this epoch: everyone starts the next one now, together.
@@ -260,20 +329,23 @@ class MLMLoader(_LoaderBase):
             if reduced[2]:
                 raise UserError(f"manifest {self.manifest.path}: an epoch gives no samples to some rank "
                                 f"(world size {self.world_size}); the data is too small for this many ranks")
-        num_micro_batches = self.warmup.micro_batches_per_rank(self.tokens_seen)
+        rows = self.warmup.micro_batch_rows(self._tokens_seen)
         micro_batches = []
-        for index in range(num_micro_batches * self._packing_ranks):
-            pieces = self.packer.pack()
-            if index // num_micro_batches == self.rank % self._packing_ranks:
-                micro_batches.append(self._micro_batch(pieces))
+        for packing_rank in range(self._packing_ranks):
+            for micro_batch_rows in rows:
+                pieces = self.packer.pack(micro_batch_rows * self.config.max_seq_len)
+                if packing_rank == self.rank % self._packing_ranks:
+                    micro_batches.append(self._micro_batch(pieces, micro_batch_rows))
         num_tokens = sum(mb["num_tokens"] for mb in micro_batches)
         self._pending_tokens = num_tokens
         self.steps += 1
+        if self.config.mixture_log_every and self.steps % self.config.mixture_log_every == 0:
+            self._log_token_shares(self.steps)
         return {
             "micro_batches": micro_batches,
             "num_tokens": num_tokens,
-            "num_sequences": num_micro_batches * self.config.micro_batch_size,
-            "tokens_seen_before": self.tokens_seen,
+            "num_sequences": sum(rows),
+            "tokens_seen_before": self._tokens_seen,
             "epoch": self.epoch,
         }
 
@@ -283,16 +355,17 @@ class MLMLoader(_LoaderBase):
             "rank": self.rank,
             "epoch": self.epoch,
             "raw_consumed": self.raw_consumed,
-            "tokens_seen": self.tokens_seen,
+            "tokens_seen": self._tokens_seen,
             "pending_tokens": self._pending_tokens,
             "steps": self.steps,
             "buffer": np.asarray(self.packer.references(), dtype=np.int64).reshape(-1, 5),
             "packer": self.packer.counters(),
+            "source_tokens": self.source_tokens.tolist(),
         }
 
     def state_dict(self) -> dict[str, Any]:
         """Picklable state of every rank (a collective when distributed: call it on all ranks together)."""
-        local = self._local_state()
+        local = self._yielded_state if self._yielded_state is not None else self._local_state()
         if self.world_size > 1:
             import torch.distributed as torch_dist
 
@@ -330,6 +403,8 @@ class MLMLoader(_LoaderBase):
         if state["sources"] != self.source_names:
             raise UserError(f"the checkpoint's manifest sources {state['sources']} differ from this run's "
                             f"{self.source_names}")
+        self.close()
+        self._yielded_state = None
         ranks = state["ranks"]
         pending_tokens = None
         if self.world_invariant:
@@ -357,9 +432,10 @@ class MLMLoader(_LoaderBase):
         self.epoch = int(mine["epoch"])
         self.raw_consumed = common_batches * batch
         self._skip = int(mine["raw_consumed"]) - self.raw_consumed
-        self.tokens_seen = int(mine["tokens_seen"])
+        self._tokens_seen = int(mine["tokens_seen"])
         self._pending_tokens = int(mine["pending_tokens"]) if pending_tokens is None else pending_tokens
         self.steps = int(mine["steps"])
+        self.source_tokens = np.asarray(mine.get("source_tokens", [0] * len(self.source_names)), dtype=np.int64)
         self.packer.restore(self._reread_buffer(np.asarray(mine["buffer"], dtype=np.int64).reshape(-1, 5)),
                             mine["packer"])
 

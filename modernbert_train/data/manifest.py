@@ -13,18 +13,25 @@ A manifest is a YAML file (shared contract 3)::
         target_tokens: 1.2e9      # documentation only
         description: "..."
 
-Weights follow mosaicml-streaming: `proportion` is relative (all sources must then use it), `repeat` and
-`choose` are absolute (samples per epoch = repeat * samples, or choose); none means each source once.
+Weights: `proportion` is relative (all sources must then use it) and means a share of TRAINING TOKENS: the
+loader turns it into streaming's per-sample proportion with the token and chunk counts of each source's
+prep_meta.json at the phase's max_seq_len (`sampling_manifest`), since a source of long chunks gives more
+tokens per sample. `repeat` and `choose` are absolute, in samples, as in mosaicml-streaming (samples per epoch
+= repeat * samples, or choose); none means each source once.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modernbert_train.errors import UserError, did_you_mean
+
+log = logging.getLogger("modernbert_train")
 
 MANIFEST_KEYS = ("name", "description", "epoch_size", "sources")
 SOURCE_KEYS = ("name", "local", "remote", "proportion", "repeat", "choose", "target_tokens", "description")
@@ -205,3 +212,74 @@ def load_manifest(path: str | os.PathLike, *, check_local: bool = True) -> Manif
         line = f" line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from err
     return parse_manifest(raw, str(path), check_local=check_local)
+
+
+def training_tokens_per_sample(meta: dict[str, Any], max_seq_len: int, where: str) -> float:
+    """Mean tokens a stored chunk of this source becomes at `max_seq_len` (re-split pieces each gain [CLS]
+    and [SEP]), from prep_meta.json's `tokens`, `chunks` and, when present, its chunk-length histogram."""
+    from modernbert_train.data.packing import pieces_count
+
+    try:
+        tokens, chunks = float(meta["tokens"]), int(meta["chunks"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{where}: needs numeric 'tokens' and 'chunks' to weigh the source by tokens ({err})") from err
+    if chunks <= 0 or tokens <= 0:
+        raise UserError(f"{where}: 'tokens' and 'chunks' must be positive (got {tokens:g}, {chunks})")
+    longest = int(meta.get("max_seq_len") or 0)
+    if longest and longest <= max_seq_len:
+        return tokens / chunks
+    histogram = (meta.get("length_histograms") or {}).get("chunk_tokens")
+    if histogram:
+        # Bin b holds lengths in (b/2, b]: take 3b/4, scaled so that the bins add up to the source's tokens.
+        bins = [(int(b), int(n)) for b, n in histogram.items() if int(n) > 0]
+        scale = tokens / max(1.0, sum(0.75 * b * n for b, n in bins))
+        pieces = sum(n * pieces_count(max(1, round(0.75 * b * scale)), max_seq_len) for b, n in bins)
+        pieces *= chunks / max(1, sum(n for _, n in bins))
+    else:
+        pieces = max(chunks, (tokens - 2 * chunks) / (max_seq_len - 2))
+    return (tokens + 2 * (pieces - chunks)) / chunks
+
+
+def _download_prep_meta(source: SourceSpec) -> None:
+    """Fetch prep_meta.json of a remote source into its local cache folder (streaming fetches only shards)."""
+    from streaming.base.storage import CloudDownloader
+
+    remote = source.remote.rstrip("/") + "/prep_meta.json"
+    Path(source.local).mkdir(parents=True, exist_ok=True)
+    try:
+        downloader = CloudDownloader.get(remote)
+        try:
+            downloader.download_file(remote, str(Path(source.local) / "prep_meta.json"), 60.0)
+        finally:
+            downloader.clean_up()
+    except Exception as err:  # any client's error: the message below says what is missing
+        log.warning("source %r: could not download %s (%s)", source.name, remote, err)
+
+
+def sampling_manifest(manifest: Manifest, max_seq_len: int) -> tuple[Manifest, dict[str, float] | None]:
+    """The manifest with token-share proportions turned into streaming's per-sample proportions.
+
+    Returns (manifest for streaming, wanted token share per source), or (manifest, None) when sources are not
+    weighted by proportion. A source whose prep_meta.json is missing is a UserError: without its token
+    counts its share of tokens cannot be honoured.
+    """
+    if not manifest.sources or manifest.sources[0].proportion is None:
+        return manifest, None
+    total = sum(float(source.proportion) for source in manifest.sources)
+    shares = {source.name: float(source.proportion) / total for source in manifest.sources}
+    sources = []
+    for source in manifest.sources:
+        meta = source.prep_meta()
+        if meta is None and source.remote is not None:
+            _download_prep_meta(source)
+            meta = source.prep_meta()
+        if meta is None:
+            raise UserError(f"manifest {manifest.path}: source {source.name!r} has no {source.local}/prep_meta.json; "
+                            f"its proportion is a share of training tokens, which needs the source's token and "
+                            f"chunk counts (copy prep_meta.json from the prepared shards into {source.local})")
+        per_sample = training_tokens_per_sample(meta, max_seq_len, f"{source.local}/prep_meta.json")
+        sources.append(dataclasses.replace(source, proportion=shares[source.name] / per_sample))
+    log.info("manifest %s: token shares %s -> sample proportions %s at max_seq_len %d", manifest.path,
+             {k: round(v, 4) for k, v in shares.items()},
+             {s.name: round(s.proportion / sum(x.proportion for x in sources), 4) for s in sources}, max_seq_len)
+    return dataclasses.replace(manifest, sources=sources), shares

@@ -115,10 +115,11 @@ class BestFitPacker:
             self._arrivals.popleft()
         return self._pieces[self._arrivals[0]] if self._arrivals else None
 
-    def pack(self) -> list[Piece]:
-        """Pieces for one budget (empty only when the buffer is empty)."""
+    def pack(self, budget: int | None = None) -> list[Piece]:
+        """Pieces for one budget (the packer's, or a smaller one that still holds any piece; empty only when
+        the buffer is empty)."""
         chosen: list[Piece] = []
-        room = self.budget
+        room = self.budget if budget is None else min(int(budget), self.budget)
         if self.max_wait is not None:
             # Overdue pieces go first, oldest first, so that small pieces (the gap fillers) are not held back
             # and the emitted mixture tracks the read mixture within a bounded delay.
@@ -157,10 +158,14 @@ class BestFitPacker:
         self.budgets_packed = int(counters["budgets_packed"])
 
 
-def assemble(pieces: list[Piece], budget: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def assemble(pieces: list[Piece], budget: int, pad_id: int,
+             max_seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Concatenate pieces into a (budget,) int64 stream padded at the tail.
 
-    Returns (input_ids, cu_seqlens int32 incl. the padding segment, lengths of the real pieces).
+    Returns (input_ids, cu_seqlens int32 incl. the padding segments, lengths of the real pieces). The padding
+    tail is cut into segments of at most `max_seq_len` tokens: as one segment it would be as long as the
+    budget, and attention costs grow with the square of the longest segment (an all-padding eval micro-batch
+    would cost budget^2, and a 65k x 65k mask with sdpa).
     """
     lengths = np.fromiter((p.length for p in pieces), dtype=np.int64, count=len(pieces))
     used = int(lengths.sum())
@@ -171,5 +176,6 @@ def assemble(pieces: list[Piece], budget: int, pad_id: int) -> tuple[np.ndarray,
         input_ids[:used] = np.concatenate([p.tokens for p in pieces])
     boundaries = np.concatenate([[0], np.cumsum(lengths)])
     if used < budget:
-        boundaries = np.concatenate([boundaries, [budget]])
+        step = budget - used if max_seq_len is None else max_seq_len
+        boundaries = np.concatenate([boundaries, np.arange(used + step, budget, step), [budget]])
     return input_ids, boundaries.astype(np.int32), lengths

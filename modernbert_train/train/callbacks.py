@@ -116,7 +116,7 @@ class MetricsJsonl(Callback):
         self._eval_ran = True
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        rows = len(micro_batches_of(state.batch)) * self.micro_batch_size
+        rows = sum(int(mb.get("num_rows", self.micro_batch_size)) for mb in micro_batches_of(state.batch))
         model = getattr(state.model, "module", state.model)  # unwrap DDP
         flops = float(model.flops_per_batch(state.batch)) if hasattr(model, "flops_per_batch") else 0.0
         # Collective on every rank, before the rank-0-only write below.

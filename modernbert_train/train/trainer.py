@@ -254,6 +254,13 @@ def build_trainer(recipe: Recipe):
     log.info("optimizer %s: %s", recipe.optimizer.name, groups.describe())
 
     train_loader = build_loader(recipe, manifest, dist_info, infinite=True)
+    if dist_info.rank == 0:
+        # The rows per step this world size really runs (rounded per rank), for the console and the record.
+        batch_schedule = train_loader.warmup.describe()
+        print("\n".join(batch_schedule), flush=True)
+        log.info("\n".join(batch_schedule))
+        with open(run_dir / "config.yaml", "a", encoding="utf-8") as config_file:
+            config_file.write("".join(f"# {line}\n" for line in batch_schedule))
     schedule, unit = WarmupStableDecay.from_recipe(recipe)
     lr_schedule = LRSchedule(schedule, unit, recipe.optimizer.lr)
     callbacks = [lr_schedule, ExactResumeState(train_loader, recipe.seed),
@@ -374,6 +381,9 @@ def train(recipe: Recipe) -> TrainResult:
             trainer.fit()
     finally:
         trainer.close()
+        close_loader = getattr(trainer.state.train_dataloader, "close", None)
+        if close_loader is not None:
+            close_loader()  # stops the loader's prefetch thread
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
     return TrainResult(run_dir=run_dir, steps=int(trainer.state.timestamp.batch),
                        tokens=int(trainer.state.timestamp.token), final_loss=float(loss) if loss is not None else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -52,12 +53,12 @@ def test_micro_batches_follow_contract_and_hold_whole_pieces(mixed):
             assert labels.shape == (budget,) and str(labels.dtype) == "torch.int64"
             assert str(cu.dtype) == "torch.int32" and cu[0] == 0 and cu[-1] == budget
             lengths = np.diff(cu.numpy())
-            assert (lengths > 0).all() and mb["max_seqlen"] == lengths.max()
+            assert (lengths > 0).all() and mb["max_seqlen"] == lengths.max() <= 256
             used = mb["num_tokens"]
             assert mb["num_docs"] == len(mb["sample_ids"])
-            # Padding only as one final segment.
+            # Padding only at the tail, cut into segments of at most max_seq_len.
             assert int(cu[mb["num_docs"]]) == used
-            assert len(lengths) == mb["num_docs"] + (used < budget)
+            assert len(lengths) == mb["num_docs"] + -(-(budget - used) // 256)
             assert (ids[used:] == PAD_ID).all() and (labels[used:] == -100).all()
             assert mb["num_masked"] == int((labels != -100).sum())
             # Each segment is exactly one piece of one sample: [CLS] ... [SEP], re-read from the shards.
@@ -127,36 +128,60 @@ def test_masking_statistics_and_specials_on_loader_output(mixed):
         assert abs(share - expected) < 5 * math.sqrt(expected * (1 - expected) / selected) + 1e-3, (kind, share)
 
 
-def test_mixture_proportions_follow_the_manifest(mixed):
-    corpus, manifest = mixed
-    loader = build_mlm_loader(_config(corpus, manifest, global_batch_size=64))
-    samples_per_source = np.zeros(3)
+def test_mixture_proportions_are_shares_of_training_tokens(corpus_copy, caplog):
+    """Long code chunks (re-split into up to 5 pieces at 256) against short docstrings: per-sample weights
+    would give code about 10x its share of tokens."""
+    import logging
+
+    manifest = corpus_copy["tmp"] / "two.yaml"
+    manifest.write_text(f"name: two\nsources:\n"
+                        f"  - {{name: code, local: {corpus_copy['shards'] / 'code'}, proportion: 0.3}}\n"
+                        f"  - {{name: docstrings, local: {corpus_copy['shards'] / 'docstrings'}, proportion: 0.7}}\n")
+    meta = corpus_copy["meta"]
+    tokens_per_sample = {name: meta[name]["tokens"] / meta[name]["chunks"] for name in ("code", "docstrings")}
+    assert tokens_per_sample["code"] > 8 * tokens_per_sample["docstrings"]
+    caplog.set_level(logging.INFO, logger="modernbert_train")
+    loader = build_mlm_loader(_config(corpus_copy, manifest, global_batch_size=64, mixture_log_every=20))
+    tokens, samples = np.zeros(2), np.zeros(2)
     for _, step in zip(range(60), loader):
         for mb in step["micro_batches"]:
-            first_pieces = mb["piece_indices"] == 0
-            samples_per_source += np.bincount(mb["source_ids"][first_pieces], minlength=3)
-    total = samples_per_source.sum()
-    assert total > 1200
-    for index, expected in enumerate((0.5, 0.2, 0.3)):
-        share = samples_per_source[index] / total
-        sigma = math.sqrt(expected * (1 - expected) / total)
-        assert abs(share - expected) < 4 * sigma, (loader.source_names[index], share, expected)
+            lengths = np.diff(mb["cu_seqlens"].numpy())[:mb["num_docs"]]
+            tokens += np.bincount(mb["source_ids"], weights=lengths, minlength=2)
+            samples += np.bincount(mb["source_ids"][mb["piece_indices"] == 0], minlength=2)
+    assert samples.sum() > 3000 and samples[0] > 100, samples
+    for index, expected in enumerate((0.3, 0.7)):
+        assert abs(tokens[index] / tokens.sum() - expected) < 0.02, (index, tokens / tokens.sum())
+    # The loader's own tally, as logged.
+    assert loader.realized_token_shares() == pytest.approx(dict(zip(("code", "docstrings"), tokens / tokens.sum())))
+    logged = [r.getMessage() for r in caplog.records if "realized token shares" in r.getMessage()]
+    assert len(logged) == 3 and "after 60 steps" in logged[-1] and "(manifest 30.0%)" in logged[-1]
 
 
 def test_batch_size_warmup_grows_with_real_tokens(mixed):
     corpus, manifest = mixed
     loader = build_mlm_loader(_config(corpus, manifest, global_batch_size=32, batch_size_warmup_start=8,
                                       batch_size_warmup_tokens=40_000))
-    counts, seen = [], 0
+    counts, seen, partial = [], 0, 0
     for _, step in zip(range(25), loader):
         assert step["tokens_seen_before"] == seen == loader.tokens_seen
         expected_rows = loader.warmup.sequences(seen)
-        assert len(step["micro_batches"]) * 8 == expected_rows == step["num_sequences"]
+        rows = [mb["num_rows"] for mb in step["micro_batches"]]
+        # Rows move in steps of 2 (a quarter micro-batch) during the warmup.
+        wanted = 8 + 2 * math.floor(12 * min(1, seen / 40_000) + 0.5)
+        assert sum(rows) == expected_rows == step["num_sequences"] == wanted
+        # Whole micro-batches, then one smaller one for the remainder, its budget cut to its rows.
+        assert all(r == 8 for r in rows[:-1]) and 1 <= rows[-1] <= 8
+        for mb in step["micro_batches"]:
+            assert mb["input_ids"].shape == (mb["num_rows"] * 256,) and mb["max_seqlen"] <= 256
+            assert int(mb["cu_seqlens"][-1]) == mb["num_rows"] * 256
+        assert step["num_tokens"] > 0.95 * expected_rows * 256  # still packed full
+        partial += rows[-1] < 8
         assert step["num_tokens"] == sum(mb["num_tokens"] for mb in step["micro_batches"])
-        counts.append(len(step["micro_batches"]))
+        counts.append(expected_rows)
         seen += step["num_tokens"]
-    assert counts[0] == 1 and counts[-1] == 4 and counts == sorted(counts) and len(set(counts)) == 4
-    assert loader.warmup.sequences(0) == 8 and loader.warmup.sequences(20_000) == 16
+    assert counts[0] == 8 and counts[-1] == 32 and counts == sorted(counts) and len(set(counts)) > 8
+    assert partial >= 5
+    assert loader.warmup.sequences(0) == 8 and loader.warmup.sequences(20_000) == 20
     assert loader.warmup.sequences(40_000) == 32
 
 
@@ -195,6 +220,37 @@ def test_state_round_trip_in_process_continues_identically(mixed):
                 assert a[key].equal(b[key])
 
 
+def test_prefetch_thread_gives_the_same_steps_and_states(mixed, tmp_path):
+    """Steps prepared ahead on the background thread are byte-identical to steps prepared when asked for, and
+    the state after a step taken is the synchronous loader's, though the thread has already read further."""
+    import shutil
+
+    corpus, manifest = mixed
+    shutil.copytree(corpus["shards"], tmp_path / "shards2")  # streaming: one live dataset per folder
+    other = write_manifest(tmp_path / "mix2.yaml", tmp_path / "shards2", {
+        "code": {"proportion": 0.5}, "prose": {"proportion": 0.2}, "docstrings": {"proportion": 0.3}})
+    warm = dict(global_batch_size=32, batch_size_warmup_start=8, batch_size_warmup_tokens=20_000)
+    sync = build_mlm_loader(_config(corpus, manifest, prefetch_steps=0, **warm))
+    ahead = build_mlm_loader(_config(corpus, other, prefetch_steps=2, **warm))
+    try:
+        for index in range(10):
+            want, got = next(sync), next(ahead)
+            assert got["num_sequences"] == want["num_sequences"] and got["epoch"] == want["epoch"]
+            for a, b in zip(got["micro_batches"], want["micro_batches"], strict=True):
+                for key in ("input_ids", "cu_seqlens", "labels"):
+                    assert a[key].equal(b[key]), (index, key)
+            assert ahead.tokens_seen == sync.tokens_seen
+            if index == 6:
+                deadline = time.monotonic() + 30
+                while ahead.steps < 9 and time.monotonic() < deadline:  # the thread runs two steps ahead
+                    time.sleep(0.05)
+                assert ahead.steps == 9
+                assert pickle.dumps(ahead.state_dict()) == pickle.dumps(sync.state_dict())
+                assert ahead.realized_token_shares() == sync.realized_token_shares()
+    finally:
+        ahead.close()
+
+
 def test_load_state_rejects_a_changed_setup(mixed):
     corpus, manifest = mixed
     loader = build_mlm_loader(_config(corpus, manifest))
@@ -223,8 +279,10 @@ def test_eval_loader_is_one_fixed_pass(corpus_copy):
 
 def test_bad_config_and_mismatched_tokenizer_are_user_errors(mixed, tmp_path):
     corpus, manifest = mixed
-    with pytest.raises(UserError, match="global_batch_size 12 must be a multiple"):
-        build_mlm_loader(_config(corpus, manifest, global_batch_size=12))
+    with pytest.raises(UserError, match=r"global_batch_size 2 is smaller than the number of ranks \(4\)"):
+        _config(corpus, manifest, global_batch_size=2).validate(4)
+    with pytest.raises(UserError, match="global_batch_size must be a positive integer"):
+        build_mlm_loader(_config(corpus, manifest, global_batch_size=0))
     with pytest.raises(UserError, match="did you mean: micro_batch_size"):
         MLMLoaderConfig.from_dict({"manifest": "m.yaml", "tokenizer": "t.json", "micro_batch_sise": 4})
     other = tmp_path / "other.json"

@@ -6,7 +6,7 @@ import pytest
 
 from .conftest import write_manifest
 from modernbert_train.data import (BestFitPacker, Masker, MaskingConfig, Piece, assemble, document_key,
-                                   load_manifest, split_sample)
+                                   load_manifest, parse_manifest, split_sample)
 from modernbert_train.data.dataset import clean_stale_streaming_shm
 from modernbert_train.errors import UserError
 
@@ -44,6 +44,38 @@ def test_manifest_missing_folder_names_source_and_path(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nsources: [\n")
     with pytest.raises(UserError, match="bad.yaml line"):
         load_manifest(tmp_path / "bad.yaml")
+
+
+def test_token_shares_become_sample_proportions(tmp_path):
+    import json
+
+    from modernbert_train.data.manifest import sampling_manifest, training_tokens_per_sample
+
+    # 8192-token chunks: 9 pieces each at 1024, each piece with its own [CLS] ... [SEP].
+    full = {"tokens": 10 * 8192, "chunks": 10, "max_seq_len": 8192, "length_histograms": {"chunk_tokens": {"8192": 10}}}
+    assert training_tokens_per_sample(full, 1024, "m") == 8192 + 2 * 8
+    assert training_tokens_per_sample(full, 8192, "m") == 8192
+    no_histogram = training_tokens_per_sample({"tokens": 10 * 8192, "chunks": 10}, 1024, "m")
+    assert no_histogram == pytest.approx(8192 + 2 * 7.03, abs=0.1)
+    with pytest.raises(UserError, match="m: needs numeric 'tokens' and 'chunks'"):
+        training_tokens_per_sample({"chunks": 3}, 1024, "m")
+    short = {"tokens": 1000 * 100, "chunks": 1000, "max_seq_len": 8192}
+    for name, meta in (("long", full), ("short", short)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "index.json").write_text("{}")
+        (tmp_path / name / "prep_meta.json").write_text(json.dumps(meta))
+    raw = {"name": "m", "sources": [{"name": "long", "local": str(tmp_path / "long"), "proportion": 1},
+                                    {"name": "short", "local": str(tmp_path / "short"), "proportion": 3}]}
+    converted, shares = sampling_manifest(parse_manifest(raw), 1024)
+    assert shares == {"long": 0.25, "short": 0.75}
+    long_, short_ = (s.proportion for s in converted.sources)
+    # Sample weights x tokens per sample give the token shares back.
+    assert long_ * 8208 / (long_ * 8208 + short_ * 100) == pytest.approx(0.25)
+    (tmp_path / "short" / "prep_meta.json").unlink()
+    with pytest.raises(UserError, match="source 'short' has no .*prep_meta.json; its proportion is a share of "):
+        sampling_manifest(parse_manifest(raw), 1024)
+    raw["sources"] = [{**s, "proportion": None, "repeat": 2} for s in raw["sources"]]
+    assert sampling_manifest(parse_manifest(raw), 1024)[1] is None  # absolute weights stay in samples
 
 
 # --- masking --------------------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""Prepare the next training steps on a background thread while the current one runs on the device.
+
+Reading, re-splitting, packing and masking a step is host work (tens of ms at phase-1 shapes). Done between
+steps, the device idles through it; here one thread keeps `depth` steps ready. The thread is the only
+producer, so the steps come in exactly the order (and with exactly the bytes) a synchronous loop would give,
+and with every step it hands over the loader state as it was right after producing that step: the state a
+checkpoint taken after consuming the step must hold.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+_END = object()
+
+
+class StepPrefetcher:
+    """Runs `produce()` -> (step, state) on a daemon thread, at most `depth` results ahead of `get()`."""
+
+    def __init__(self, produce: Callable[[], tuple[Any, Any]], depth: int):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._produce = produce
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlm-loader-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._produce()
+            except BaseException as err:  # handed to the consumer, who raises it
+                self._put((_END, err))
+                return
+            if not self._put(item):
+                return
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> tuple[Any, Any]:
+        """The next (step, state); re-raises an error of the producer."""
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the loader's prefetch thread stopped without a result") from None
+        if item[0] is _END:
+            self.close()
+            raise item[1]
+        return item
+
+    def close(self) -> None:
+        """Stop after the step being produced (if any); results not yet taken are dropped."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()
