@@ -31,8 +31,8 @@ class DataConfig:
     # Rows of max_seq_len tokens in one micro-batch on one device (the packed tensor has
     # micro_batch_size * max_seq_len token slots, a static shape).
     micro_batch_size: int = 8
-    # Rows per optimizer step summed over all ranks, after batch-size warmup; a multiple of
-    # world_size * micro_batch_size.
+    # Rows per optimizer step summed over all ranks, after batch-size warmup. Each rank takes its nearest whole
+    # share, cut into full micro-batches plus a smaller last one (the schedule is printed at start).
     global_batch_size: int = 64
     mlm_probability: float = 0.3
     # Of the masked positions: fraction replaced by [MASK], fraction by a random token; the rest keep theirs.
