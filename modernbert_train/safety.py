@@ -49,9 +49,10 @@ def check_safe_to_replace(path: str | os.PathLike, *, label: str,
             raise UserError(f"{label} {target} is {detail}; refusing to replace it — choose a new folder")
     for needed in keep:
         needed_path = Path(needed).resolve()
-        if _contains(resolved, needed_path) or _contains(needed_path, resolved):
-            raise UserError(f"{label} {target} holds or is inside {needed}, which this command reads; refusing "
-                            f"to replace it — choose another {label}")
+        if _contains(resolved, needed_path):
+            detail = "is" if resolved == needed_path else "holds"
+            raise UserError(f"{label} {target} {detail} {needed}, which this command reads; refusing to replace "
+                            f"it — choose another {label}")
     if recognise is not None and resolved.is_dir():
         reason = recognise(resolved)
         if reason:
