@@ -122,9 +122,10 @@ def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float
         raise UserError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
     checkpoint, run_dir = find_checkpoint(source)
     # Checked before the (slow) export, so a refused --out costs nothing; the rejected-folder slot too.
-    rejected = out_dir.with_name(out_dir.name + ".rejected")
-    for folder, label in ((out_dir, "--out"), (rejected, "--out's .rejected folder")):
-        check_safe_to_replace(folder, label=label, recognise=_previous_export, keep=(source, checkpoint, run_dir))
+    check_safe_to_replace(out_dir, label="--out", recognise=_previous_export, keep=(source, checkpoint, run_dir))
+    rejected = out_dir.absolute().with_name(out_dir.absolute().name + ".rejected")
+    check_safe_to_replace(rejected, label="--out's .rejected folder", recognise=_previous_export,
+                          keep=(source, checkpoint, run_dir))
     config = ModernBertConfig(**json.loads(Path(model_config).read_text())) if model_config else _read_model_config(run_dir)
     tokenizer_file = Path(tokenizer) if tokenizer else (run_dir / TOKENIZER_FILE)
     if not tokenizer_file.exists():
