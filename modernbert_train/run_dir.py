@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from modernbert_train.errors import UserError
 
@@ -73,8 +73,11 @@ def read_model_config_values(run_dir: Path) -> dict[str, Any]:
     return values
 
 
-def check_resume_keeps_architecture(run_dir: Path, config_values: dict[str, Any], where: str = "") -> None:
-    """Refuse a resume whose model config differs from the run's model_config.json in an architecture field."""
+def check_resume_keeps_architecture(run_dir: Path, config_values: dict[str, Any],
+                                    where: Callable[[str], str] = lambda key: "") -> None:
+    """Refuse a resume whose model config differs from the run's model_config.json in an architecture field.
+
+    where(field) -> 'recipe.yaml:12: '-style prefix naming where the new value was set."""
     if not (run_dir / MODEL_CONFIG_FILE).exists():
         return
     old = read_model_config_values(run_dir)
@@ -83,7 +86,7 @@ def check_resume_keeps_architecture(run_dir: Path, config_values: dict[str, Any]
     if changed:
         key = changed[0]
         more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
-        raise UserError(f"{where}resuming {run_dir} would change the architecture: {key} is {old.get(key)!r} in "
+        raise UserError(f"{where(key)}resuming {run_dir} would change the architecture: {key} is {old.get(key)!r} in "
                         f"{run_dir / MODEL_CONFIG_FILE} but {config_values.get(key)!r} now{more}; its checkpoints "
                         f"were trained as the former. Keep the model settings, or start a new run (another "
                         f"save_folder, model.init_from={run_dir})")

@@ -250,7 +250,8 @@ def build_trainer(recipe: Recipe):
     torch.manual_seed(recipe.seed)  # model init is reproducible from the recipe's seed
     model = build_model(recipe, facts)
     if has_checkpoints(run_dir) or (run_dir / LATEST_NAME.format(rank=0)).exists():
-        check_resume_keeps_architecture(run_dir, model.config.to_dict(), recipe.where("model"))
+        check_resume_keeps_architecture(run_dir, model.config.to_dict(),
+                                        lambda key: recipe.where(f"model.config.{key}"))
     if dist_info.rank == 0:
         from data_prep.tokenizer import resolve_tokenizer_file
 
