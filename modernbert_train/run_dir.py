@@ -198,7 +198,8 @@ class RunLock:
             if reason is None:
                 who = holder.describe() if holder else "a process whose lock file is still being written"
                 raise UserError(f"run folder {self.path.parent} is in use by {who} (lock {self.path}); wait for "
-                                f"that run to end, or delete the lock file if you are sure it is gone")
+                                f"that run to end (a lock nobody refreshes for {STALE_AFTER_S / 60:.0f} min is "
+                                f"taken over), or delete the lock file if you are sure it is gone")
             self._take_over(stat.st_ino, reason)
         raise UserError(f"could not take the lock {self.path}: other processes keep claiming it")
 
