@@ -52,14 +52,17 @@ node_tmpdir=$scratch_base/modernbert-$user-$job_tag-node$node_rank
 [[ ! -L $node_tmpdir ]] || die "$node_tmpdir is a symbolic link; refusing to use it as scratch"
 # Provably stale scratch only: this name (an earlier incarnation of this SLURM job, which SLURM ended before
 # requeueing) and manual launches on this host whose launcher process is gone.
+remove=()
 for stale in "$scratch_base/modernbert-$user-manual-$host-"*-node*; do
   [[ -d $stale && ! -L $stale ]] || continue
   pid=${stale#"$scratch_base/modernbert-$user-manual-$host-"}
   pid=${pid%%-node*}
   [[ $pid =~ ^[0-9]+$ ]] || continue
-  if [[ $pid != "$$" ]] && ! kill -0 "$pid" 2>/dev/null; then run rm -rf "$stale"; fi
+  if [[ $pid != "$$" ]] && ! kill -0 "$pid" 2>/dev/null; then remove+=("$stale"); fi
 done
-if [[ -n ${SLURM_JOB_ID:-} ]]; then run rm -rf "$node_tmpdir"; fi
+if [[ -n ${SLURM_JOB_ID:-} ]]; then remove+=("$node_tmpdir"); fi
+# Through the project's deletion guard (modernbert_train/safety.py): never /, a home or the current directory.
+if (( ${#remove[@]} )); then run "$PYTHON" -m modernbert_train.safety --remove "${remove[@]}"; fi
 run mkdir -p "$node_tmpdir"
 if [[ $dry_run == 1 ]]; then echo "export TMPDIR=$(quote "$node_tmpdir")"; fi
 export TMPDIR=$node_tmpdir

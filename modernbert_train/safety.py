@@ -79,3 +79,33 @@ def only_these_entries(allowed: Callable[[str], bool], required: Iterable[str], 
         return None
 
     return recognise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m modernbert_train.safety --remove PATH ...`: the same guard for the launch scripts' deletions."""
+    import argparse
+    import shutil
+
+    from modernbert_train.errors import run_command
+
+    parser = argparse.ArgumentParser(prog="python -m modernbert_train.safety",
+                                     description="Remove folders through the project's deletion guard.",
+                                     epilog="example:  python -m modernbert_train.safety --remove "
+                                            "/tmp/modernbert-me-4242-node0")
+    parser.add_argument("--remove", nargs="+", required=True, metavar="PATH",
+                        help="folders to delete (refused: /, a home or the current directory, symbolic links)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    args = parser.parse_args(argv)
+
+    def remove(args) -> int:
+        for path in args.remove:
+            check_safe_to_replace(path, label="scratch folder")
+            if Path(path).exists():
+                shutil.rmtree(path)
+        return 0
+
+    return run_command(remove, args, args.debug)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

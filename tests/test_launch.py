@@ -214,7 +214,7 @@ def test_sbatch_dry_run_prints_node_commands(tmp_path, fake_bin, node_id):
     assert result.stdout.splitlines() == [
         f"srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=64 bash {SBATCH} --node-task "
         "yamls/phase1.yaml run_name=phase1 save_folder=/shared/runs/phase1",
-        f"rm -rf {node_tmp}",
+        f"{sys.executable} -m modernbert_train.safety --remove {node_tmp}",
         f"mkdir -p {node_tmp}",
         f"export TMPDIR={node_tmp}",
         f"{sys.executable} -c {shlex.quote(CLEANER)}",
@@ -258,7 +258,7 @@ def test_multinode_dry_run_and_missing_master_addr(tmp_path):
                            rf"{re.escape(_host())}-(\d+)-node1'", lines[0])
     assert scratch, lines[0]
     assert lines[1] == f"export TMPDIR={lines[0][len('mkdir -p '):]}"
-    assert not any(line.startswith("rm ") for line in lines)
+    assert not any(line.startswith("rm ") or "--remove" in line for line in lines)
     assert lines[-1] == (f"composer -n 8 --world_size 32 --node_rank 1 --master_addr 10.0.0.1 --master_port 29511 "
                          f"-m modernbert_train.train {shlex.quote(str(recipe))} max_duration=1000000000tok")
 
@@ -350,8 +350,9 @@ def test_manual_launches_get_their_own_scratch_and_only_dead_launchers_scratch_i
         sleeper.wait()
     scratch_of = [next(line for line in lines if line.startswith("mkdir -p ")) for lines in (first, second)]
     assert scratch_of[0] != scratch_of[1]  # each launch its own folder
-    removed = [line for line in first if line.startswith("rm ")]
-    assert removed == [f"rm -rf {shlex.quote(str(dead))}"]  # not the live launcher's, not another host's
+    removed = [line for line in first if "--remove" in line]
+    # Not the live launcher's, not another host's; through the project's deletion guard.
+    assert removed == [f"{sys.executable} -m modernbert_train.safety --remove {shlex.quote(str(dead))}"]
     assert f"{sys.executable} -c {shlex.quote(CLEANER)}" in first  # the project's shm cleaner, not streaming's
 
 
@@ -379,3 +380,19 @@ def test_node_tmpdir_folder_itself_is_never_deleted(tmp_path):
     assert (base / "thesis.tex").read_text() == "irreplaceable"
     tmpdir = Path(result.stdout.split("TMPDIR=")[1].strip())
     assert tmpdir.parent == base and tmpdir.is_dir() and not any(tmpdir.iterdir())
+
+
+def test_scratch_removal_goes_through_the_deletion_guard(tmp_path, monkeypatch):
+    """The launch scripts delete only through `python -m modernbert_train.safety --remove` (one guard)."""
+    from modernbert_train.safety import main as safety_main
+
+    scratch = tmp_path / "modernbert-me-4242-node0"
+    (scratch / "lock").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert safety_main(["--remove", str(scratch), str(tmp_path / "never-existed")]) == 0
+    assert not scratch.exists()
+    assert safety_main(["--remove", "."]) == 2
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert safety_main(["--remove", str(tmp_path / "home")]) == 2
+    assert (tmp_path / "home").is_dir() and tmp_path.is_dir()
