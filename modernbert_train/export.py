@@ -22,8 +22,8 @@ import torch
 from modernbert_train.checkpoints import find_checkpoint, load_model_weights_from_checkpoint
 from modernbert_train.errors import UserError
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
-from modernbert_train.run_dir import (MODEL_CONFIG_FILE, TOKENIZER_FILE, read_model_config_values,
-                                      write_run_artifacts)
+from modernbert_train.run_dir import MODEL_CONFIG_FILE, TOKENIZER_FILE, read_model_config_values
+from modernbert_train.run_dir import write_run_artifacts  # noqa: F401 - its former home; run_dir.py owns it
 from modernbert_train.safety import check_safe_to_replace, only_these_entries
 
 log = logging.getLogger("modernbert_train")
