@@ -31,5 +31,6 @@ test: $(VENV)/.installed $(HF5_VENV)/.installed
 	@echo "== full suite on the pinned stack (torch 2.7, composer 0.32.1, transformers 4.x) =="
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
-clean-demo:
-	rm -rf demo_out
+# Deletes demo_out/ only if it holds nothing but what the demo writes (modernbert_train/safety.py).
+clean-demo: $(VENV)/.installed
+	$(VENV)/bin/modernbert-train demo --clean --out demo_out

@@ -262,6 +262,9 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
                 f"--out {out} was prepared with different settings ({key}: {old['settings'].get(key)!r} now "
                 f"{settings.get(key)!r}); pass --overwrite to delete its shards and start over, or choose "
                 f"another --out (nothing was changed)")
+        from modernbert_train.safety import check_safe_to_replace
+
+        check_safe_to_replace(out, label="--out")  # never the current directory, a home directory or /
         for name in names:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()

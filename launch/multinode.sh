@@ -10,9 +10,12 @@
 #   MASTER_ADDR     host name or IP of node 0, reachable from every node (required when NNODES > 1)
 #   MASTER_PORT     rendezvous port on node 0 (default: 29500 multi-node, a free port on one node)
 #   NPROC_PER_NODE  processes (GPUs) per node (default: the GPUs visible to torch)
-#   NODE_TMPDIR     per-node scratch folder, emptied at start (default: $TMPDIR/modernbert-$USER-<job>-node<rank>)
-#   CLEAN_SHM       1 (default): delete this user's stale mosaicml-streaming segments in /dev/shm; 0: leave them
-#                   (set 0 when another streaming job of yours shares the node)
+#   NODE_TMPDIR     where this launch makes its own scratch folder modernbert-$USER-<launch>-node<rank> (default:
+#                   $TMPDIR, else /tmp); <launch> is the SLURM job id, or manual-<host>-<pid> for a manual launch.
+#                   Nothing else there is touched: only that folder left by an earlier run of the same SLURM job
+#                   (requeue), and manual-launch folders whose launcher process has ended on this host, are removed.
+#   CLEAN_SHM       1 (default): remove this user's streaming segments in /dev/shm that no live process maps
+#                   (the project's own cleaner, modernbert_train.data.dataset.clean_stale_streaming_shm); 0: skip
 #   PYTHON          interpreter with modernbert_train installed (default: the repo's .venv, else python3)
 #   DRY_RUN         1: print the commands instead of running them
 set -euo pipefail
@@ -38,20 +41,37 @@ fi
 
 source "$repo_dir/launch/common.sh"
 
-# A fresh per-node TMPDIR: streaming keeps its file locks (<prefix>_barrier_filelock, ...) there, and locks
-# left by a killed run make the next one wait or fail.
-job_tag=${SLURM_JOB_ID:-manual}
-node_tmpdir=${NODE_TMPDIR:-${TMPDIR:-/tmp}/modernbert-$(id -un)-$job_tag-node$node_rank}
-run rm -rf "$node_tmpdir"
+# A fresh scratch folder per launch becomes TMPDIR: streaming keeps its file locks (<prefix>_barrier_filelock,
+# ...) there, and locks left by a killed run make the next one wait or fail. Each launch has its own, so a
+# second launch on this host never touches the first one's.
+user=$(id -un)
+host=$(hostname -s 2>/dev/null || hostname)
+scratch_base=${NODE_TMPDIR:-${TMPDIR:-/tmp}}
+job_tag=${SLURM_JOB_ID:-manual-$host-$$}  # $$ stays the launcher's pid: the script ends with exec
+node_tmpdir=$scratch_base/modernbert-$user-$job_tag-node$node_rank
+[[ ! -L $node_tmpdir ]] || die "$node_tmpdir is a symbolic link; refusing to use it as scratch"
+# Provably stale scratch only: this name (an earlier incarnation of this SLURM job, which SLURM ended before
+# requeueing) and manual launches on this host whose launcher process is gone.
+remove=()
+for stale in "$scratch_base/modernbert-$user-manual-$host-"*-node*; do
+  [[ -d $stale && ! -L $stale ]] || continue
+  pid=${stale#"$scratch_base/modernbert-$user-manual-$host-"}
+  pid=${pid%%-node*}
+  [[ $pid =~ ^[0-9]+$ ]] || continue
+  if [[ $pid != "$$" ]] && ! kill -0 "$pid" 2>/dev/null; then remove+=("$stale"); fi
+done
+if [[ -n ${SLURM_JOB_ID:-} ]]; then remove+=("$node_tmpdir"); fi
+# Through the project's deletion guard (modernbert_train/safety.py): never /, a home or the current directory.
+if (( ${#remove[@]} )); then run "$PYTHON" -m modernbert_train.safety --remove "${remove[@]}"; fi
 run mkdir -p "$node_tmpdir"
 if [[ $dry_run == 1 ]]; then echo "export TMPDIR=$(quote "$node_tmpdir")"; fi
 export TMPDIR=$node_tmpdir
 
-# Stale streaming shared memory (/dev/shm/000000_locals, 000001_barrier, ...) from a crashed or preempted
-# run makes the next StreamingDataset attach to dead state; streaming's own cleaner stops at the first
-# unused prefix, so remove every such segment this user owns.
+# Streaming shared memory (/dev/shm/000000_locals, 000001_barrier, ...) left by a crashed or preempted run
+# makes the next StreamingDataset attach to dead state. Only segments that no live process maps are removed
+# (streaming's own cleaner also unlinks those of runs still alive on this host).
 if [[ ${CLEAN_SHM:-1} == 1 && -d /dev/shm ]]; then
-  run find /dev/shm -maxdepth 1 -user "$(id -un)" -name '[0-9][0-9][0-9][0-9][0-9][0-9]_*' -delete
+  run "$PYTHON" -c 'from modernbert_train.data.dataset import clean_stale_streaming_shm; clean_stale_streaming_shm()'
 fi
 
 launch_args=(launch "$@" --nnodes "$nnodes" --node-rank "$node_rank")

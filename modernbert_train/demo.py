@@ -82,6 +82,29 @@ def fill_mask_examples(hf_dir: Path, prompts=FILL_MASK_PROMPTS, top_k: int = 5) 
     return results
 
 
+# Everything run_demo writes under its folder (the manifests are named after yamls/data/*.yaml).
+DEMO_ENTRIES = frozenset({"corpus", "tokenizer", "shards", "runs", "hf", "hf.rejected", "report"})
+
+
+def _demo_entry(name: str) -> bool:
+    return name in DEMO_ENTRIES or (name.endswith(".yaml") and (REPO / "yamls" / "data" / name).is_file())
+
+
+def clean_demo(out_dir: str | Path = "demo_out") -> bool:
+    """Delete a demo's output folder, only if it holds nothing but what the demo writes; False if absent."""
+    import shutil
+
+    from modernbert_train.safety import check_safe_to_replace, only_these_entries
+
+    out = Path(out_dir)
+    if not out.exists():
+        return False
+    check_safe_to_replace(out, label="demo folder", recognise=only_these_entries(_demo_entry, (), "the demo"),
+                          keep=(REPO,))
+    shutil.rmtree(out)
+    return True
+
+
 def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: int | None = None) -> Path:
     if size not in SIZES:
         raise UserError(f"--size {size!r}: choose one of {sorted(SIZES)}")

@@ -22,11 +22,19 @@ import torch
 from modernbert_train.checkpoints import find_checkpoint, load_model_weights_from_checkpoint
 from modernbert_train.errors import UserError
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
+from modernbert_train.run_dir import MODEL_CONFIG_FILE, TOKENIZER_FILE, read_model_config_values
+from modernbert_train.run_dir import write_run_artifacts  # noqa: F401 - its former home; run_dir.py owns it
+from modernbert_train.safety import check_safe_to_replace, only_these_entries
 
 log = logging.getLogger("modernbert_train")
 
-MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILE = "tokenizer.json"
+# Everything an export writes (model.save_hf, save_tokenizer, the sentence-transformers files): `--overwrite`
+# replaces only a folder made of these, with config.json and model.safetensors present.
+EXPORT_ENTRIES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                            "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+                            "modules.json", "sentence_bert_config.json", "1_Pooling"})
+_previous_export = only_these_entries(EXPORT_ENTRIES.__contains__, ("config.json", "model.safetensors"),
+                                      "an export")
 VALIDATION_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b\n",
@@ -41,14 +49,6 @@ class ExportResult:
     checkpoint: Path
     step: int
     max_abs_logit_diff: float
-
-
-def write_run_artifacts(run_dir: Path, config: ModernBertConfig, tokenizer_file: str | Path | None) -> None:
-    """What export needs besides weights, stored in the run directory when training starts."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MODEL_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, run_dir / TOKENIZER_FILE)
 
 
 def write_sentence_transformers_files(out_dir: Path, config: ModernBertConfig) -> None:
@@ -71,8 +71,7 @@ def _read_model_config(run_dir: Path) -> ModernBertConfig:
     if not path.exists():
         raise UserError(f"{run_dir} has no {MODEL_CONFIG_FILE}: export a checkpoint inside the run directory "
                         f"the trainer wrote, or pass --model-config")
-    values = json.loads(path.read_text())
-    return ModernBertConfig(**values)
+    return ModernBertConfig(**read_model_config_values(run_dir))
 
 
 def validate_folder(model: ModernBertForMaskedLM, folder: Path, token_rows: list[list[int]],
@@ -113,13 +112,20 @@ def validation_rows(tokenizer_file: Path | None, config: ModernBertConfig) -> li
 def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float32",
                  tokenizer: str | Path | None = None, model_config: str | Path | None = None,
                  overwrite: bool = False, tolerance: float = 1e-4,
-                 sentence_transformers: bool = False) -> ExportResult:
+                 sentence_transformers: bool = False, trust_checkpoint: bool = False) -> ExportResult:
     source, out_dir = Path(source), Path(out_dir)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
     checkpoint, run_dir = find_checkpoint(source)
+    # Checked before the (slow) export, so a refused --out costs nothing; the rejected-folder slot too.
+    check_safe_to_replace(out_dir, label="--out", recognise=_previous_export, keep=(source, checkpoint, run_dir))
+    rejected = out_dir.absolute().with_name(out_dir.absolute().name + ".rejected")
+    check_safe_to_replace(rejected, label="--out's .rejected folder", recognise=_previous_export,
+                          keep=(source, checkpoint, run_dir))
     config = ModernBertConfig(**json.loads(Path(model_config).read_text())) if model_config else _read_model_config(run_dir)
     tokenizer_file = Path(tokenizer) if tokenizer else (run_dir / TOKENIZER_FILE)
     if not tokenizer_file.exists():
@@ -129,7 +135,8 @@ def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float
         log.warning("no tokenizer in %s: the folder will hold weights and config only", run_dir)
 
     model = ModernBertForMaskedLM(config.replace(attn_backend="auto"))
-    step = load_model_weights_from_checkpoint(model, checkpoint, where=f"{run_dir / MODEL_CONFIG_FILE}: ")
+    step = load_model_weights_from_checkpoint(model, checkpoint, where=f"{run_dir / MODEL_CONFIG_FILE}: ",
+                                              trust=trust_checkpoint)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -146,7 +153,6 @@ def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float
             reference = ModernBertForMaskedLM.from_hf(staging)
         diff = validate_folder(reference, staging, validation_rows(tokenizer_file, config), tolerance)
     except UserError as err:
-        rejected = out_dir.with_name(out_dir.name + ".rejected")
         shutil.rmtree(rejected, ignore_errors=True)
         staging.rename(rejected)
         raise UserError(f"{err} (kept for inspection in {rejected})") from None
@@ -154,6 +160,7 @@ def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if out_dir.exists():
+        check_safe_to_replace(out_dir, label="--out", recognise=_previous_export, keep=(source, checkpoint, run_dir))
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     log.info("exported step %d of %s to %s (max |logit diff| vs transformers %.2e)", step, checkpoint, out_dir, diff)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -22,6 +23,7 @@ SBATCH = LAUNCH_DIR / "slurm_phase.sbatch"
 MULTINODE = LAUNCH_DIR / "multinode.sh"
 NODES = ("gpu-a17", "gpu-a18", "gpu-b02", "gpu-b03")
 OVERRIDES = ("run_name=phase1", "save_folder=/shared/runs/phase1")
+CLEANER = "from modernbert_train.data.dataset import clean_stale_streaming_shm; clean_stale_streaming_shm()"
 
 
 @pytest.fixture
@@ -212,15 +214,20 @@ def test_sbatch_dry_run_prints_node_commands(tmp_path, fake_bin, node_id):
     assert result.stdout.splitlines() == [
         f"srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=64 bash {SBATCH} --node-task "
         "yamls/phase1.yaml run_name=phase1 save_folder=/shared/runs/phase1",
-        f"rm -rf {node_tmp}",
+        f"{sys.executable} -m modernbert_train.safety --remove {node_tmp}",
         f"mkdir -p {node_tmp}",
         f"export TMPDIR={node_tmp}",
-        f"find /dev/shm -maxdepth 1 -user {_user()} -name '[0-9][0-9][0-9][0-9][0-9][0-9]_*' -delete",
+        f"{sys.executable} -c {shlex.quote(CLEANER)}",
         f"composer -n 8 --world_size 32 --node_rank {node_id} --master_addr gpu-a17 --master_port 24242 "
         "-m modernbert_train.train yamls/phase1.yaml run_name=phase1 save_folder=/shared/runs/phase1",
     ]
     assert not (tmp_path / "fake.log").exists()  # nothing ran: no srun, no composer
     assert not node_tmp.exists()
+
+
+def _host() -> str:
+    return subprocess.run(["bash", "-c", "hostname -s 2>/dev/null || hostname"], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def _user() -> str:
@@ -245,8 +252,13 @@ def test_multinode_dry_run_and_missing_master_addr(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:3] == [f"rm -rf '{tmp_path}/node tmp'", f"mkdir -p '{tmp_path}/node tmp'",
-                         f"export TMPDIR='{tmp_path}/node tmp'"]
+    # A manual launch gets its own scratch folder inside NODE_TMPDIR (named by host and launcher pid): nothing
+    # is deleted, and NODE_TMPDIR itself is never emptied.
+    scratch = re.fullmatch(rf"mkdir -p '{re.escape(str(tmp_path))}/node tmp/modernbert-{_user()}-manual-"
+                           rf"{re.escape(_host())}-(\d+)-node1'", lines[0])
+    assert scratch, lines[0]
+    assert lines[1] == f"export TMPDIR={lines[0][len('mkdir -p '):]}"
+    assert not any(line.startswith("rm ") or "--remove" in line for line in lines)
     assert lines[-1] == (f"composer -n 8 --world_size 32 --node_rank 1 --master_addr 10.0.0.1 --master_port 29511 "
                          f"-m modernbert_train.train {shlex.quote(str(recipe))} max_duration=1000000000tok")
 
@@ -301,3 +313,86 @@ def test_sbatch_runs_node_task_requeues_on_usr1_and_forwards_term(tmp_path, fake
     assert "composer got TERM" in log.read_text()
     assert proc.returncode == 143, err
     assert "time limit near: requeueing job 4242" in err
+
+
+def _multinode_dry_run(tmp_path: Path, **env_values: str) -> list[str]:
+    recipe = tmp_path / "phase1.yaml"
+    recipe.write_text("run_name: phase1\n")
+    env = dict(os.environ, DRY_RUN="1", NPROC_PER_NODE="2", PYTHON=sys.executable, **env_values)
+    env.pop("SLURM_JOB_ID", None)
+    result = subprocess.run(["bash", str(MULTINODE), str(recipe)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_manual_launches_get_their_own_scratch_and_only_dead_launchers_scratch_is_removed(tmp_path):
+    """Finding 4: a second manual launch on one host used the first one's fixed scratch folder and emptied it;
+    NODE_TMPDIR went to rm -rf as given."""
+    base = tmp_path / "scratch"
+    user, host = _user(), _host()
+    keep = base / "my notes.txt"  # anything of the user's in NODE_TMPDIR
+    base.mkdir()
+    keep.write_text("mine")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        live = base / f"modernbert-{user}-manual-{host}-{sleeper.pid}-node0"
+        live.mkdir()
+        dead_pid = _ended_pid()
+        dead = base / f"modernbert-{user}-manual-{host}-{dead_pid}-node0"
+        dead.mkdir()
+        other_host = base / f"modernbert-{user}-manual-otherhost-{dead_pid}-node0"
+        other_host.mkdir()
+        first = _multinode_dry_run(tmp_path, NODE_TMPDIR=str(base))
+        second = _multinode_dry_run(tmp_path, NODE_TMPDIR=str(base))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    scratch_of = [next(line for line in lines if line.startswith("mkdir -p ")) for lines in (first, second)]
+    assert scratch_of[0] != scratch_of[1]  # each launch its own folder
+    removed = [line for line in first if "--remove" in line]
+    # Not the live launcher's, not another host's; through the project's deletion guard.
+    assert removed == [f"{sys.executable} -m modernbert_train.safety --remove {shlex.quote(str(dead))}"]
+    assert f"{sys.executable} -c {shlex.quote(CLEANER)}" in first  # the project's shm cleaner, not streaming's
+
+
+def _ended_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_node_tmpdir_folder_itself_is_never_deleted(tmp_path):
+    """The real (non-dry) script: NODE_TMPDIR=$HOME-like folder with user files keeps them all."""
+    base = tmp_path / "home-like"
+    base.mkdir()
+    (base / "thesis.tex").write_text("irreplaceable")
+    recipe = tmp_path / "phase1.yaml"
+    recipe.write_text("run_name: phase1\n")
+    fake = tmp_path / "fakepy"
+    _write_executable(fake, 'echo "ran $*"; echo "TMPDIR=$TMPDIR"\n')
+    env = dict(os.environ, NODE_TMPDIR=str(base), CLEAN_SHM="0", PYTHON=str(fake), NPROC_PER_NODE="1")
+    env.pop("SLURM_JOB_ID", None)
+    env.pop("DRY_RUN", None)
+    result = subprocess.run(["bash", str(MULTINODE), str(recipe)], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (base / "thesis.tex").read_text() == "irreplaceable"
+    tmpdir = Path(result.stdout.split("TMPDIR=")[1].strip())
+    assert tmpdir.parent == base and tmpdir.is_dir() and not any(tmpdir.iterdir())
+
+
+def test_scratch_removal_goes_through_the_deletion_guard(tmp_path, monkeypatch):
+    """The launch scripts delete only through `python -m modernbert_train.safety --remove` (one guard)."""
+    from modernbert_train.safety import main as safety_main
+
+    scratch = tmp_path / "modernbert-me-4242-node0"
+    (scratch / "lock").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert safety_main(["--remove", str(scratch), str(tmp_path / "never-existed")]) == 0
+    assert not scratch.exists()
+    assert safety_main(["--remove", "."]) == 2
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert safety_main(["--remove", str(tmp_path / "home")]) == 2
+    assert (tmp_path / "home").is_dir() and tmp_path.is_dir()

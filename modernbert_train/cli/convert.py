@@ -5,13 +5,17 @@ EPILOG = """examples:
   modernbert-train convert-checkpoint runs/phase1/ep0-ba2000 --out runs/phase1/ep0-ba2000-full.pt
   modernbert-train convert-checkpoint runs/phase1/latest-rank0.pt --out phase1-latest.pt --overwrite
 The file holds model, optimizer, schedule and data position with unsharded tensors, like a checkpoint saved with
-parallelism.fsdp.state_dict_type=full; `export` and `model.init_from` read either form (trusted files only)."""
+parallelism.fsdp.state_dict_type=full; `export` and `model.init_from` read either form.
+A sharded folder's .metadata is a pickle (unpickling can run code): it is read only inside a run folder of ours
+(config.yaml + model_config.json beside it) or with --trust-checkpoint, for folders you trust."""
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("sharded_dir", help="sharded checkpoint folder (.metadata + __R_0.distcp files)")
     parser.add_argument("--out", required=True, help="destination .pt file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle the .metadata even outside our run folders (it can run code)")
 
 
 def run(args) -> int:
@@ -19,6 +23,7 @@ def run(args) -> int:
 
     from modernbert_train.checkpoints import convert_sharded_checkpoint
 
-    out = convert_sharded_checkpoint(Path(args.sharded_dir).resolve(), args.out, overwrite=args.overwrite)
+    out = convert_sharded_checkpoint(Path(args.sharded_dir).resolve(), args.out, overwrite=args.overwrite,
+                                     trust=args.trust_checkpoint)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) from {args.sharded_dir}")
     return 0

@@ -6,7 +6,12 @@ EPILOG = """examples:
   modernbert-train export runs/phase1/ep0-ba2000-rank0.pt --out hf/phase1 --dtype bfloat16
   modernbert-train export runs/phase2/ep0-ba500 --out hf/phase2      # FSDP sharded folder (.distcp)
 The folder loads with transformers.AutoModelForMaskedLM / AutoTokenizer (4.48+ and 5.x); it is checked
-against our model before it is written, and a mismatch fails the export (exit 1 or 2)."""
+against our model before it is written, and a mismatch fails the export (exit 1 or 2).
+--overwrite replaces only a previous export (config.json + model.safetensors and the files an export writes);
+it never deletes the current directory, a home directory, the source run or a folder holding it.
+Checkpoints are pickles. A .pt file is read with torch's weights-only loader, which runs no code; a checkpoint
+that needs full unpickling (any sharded folder: its .metadata is a pickle) is loaded only from a run folder of
+ours or with --trust-checkpoint. Never pass --trust-checkpoint for a file from someone you do not trust."""
 
 
 def add_arguments(parser) -> None:
@@ -15,7 +20,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run directory's)")
     parser.add_argument("--model-config", help="model_config.json (default: the run directory's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --out (nothing else)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="fully unpickle the checkpoint even outside our run folders (it can run code)")
     parser.add_argument("--sentence-transformers", action="store_true",
                         help="also write the files that make SentenceTransformer(OUT) an embedding model (mean pooling)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| accepted (fp32)")
@@ -26,7 +33,7 @@ def run(args) -> int:
 
     result = export_to_hf(args.source, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
                           model_config=args.model_config, overwrite=args.overwrite, tolerance=args.tolerance,
-                          sentence_transformers=args.sentence_transformers)
+                          sentence_transformers=args.sentence_transformers, trust_checkpoint=args.trust_checkpoint)
     print(f"exported {result.checkpoint} (step {result.step}) -> {result.out_dir}; "
           f"transformers reproduces our logits within {result.max_abs_logit_diff:.1e}")
     return 0

@@ -9,7 +9,10 @@ EPILOG = """examples:
   modernbert-train train yamls/phase1.yaml --print-config
   composer -n 8 -m modernbert_train.train yamls/phase1.yaml      # 8 GPUs, same arguments
 Overrides use dotted keys of the recipe (omegaconf): data.micro_batch_size=16, model.config.attn_backend=sdpa.
-Relaunching the same command continues from the newest checkpoint in the run's save_folder."""
+Relaunching the same command continues from the newest checkpoint in the run's save_folder; a second process on
+the same save_folder is refused (run.lock names the holder), and a resume may not change the architecture.
+model.init_from checkpoints are pickles: read with torch's weights-only loader (no code runs); one that needs full
+unpickling (a sharded folder) loads only from a run folder of ours or with model.trust_checkpoint=true."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ class ModelConfig:
     # Starting weights: null (random init), a previous phase's run directory or checkpoint file
     # (weights only; optimizer and schedule start fresh), or 'hf:PATH' (a transformers folder).
     init_from: Optional[str] = None
+    # Fully unpickle an init_from checkpoint that holds more than weights and plain data (it can run code);
+    # needed only for checkpoints outside our own run folders. Trust only files you trust.
+    trust_checkpoint: bool = False
 
 
 @dataclass
@@ -168,6 +172,9 @@ class Recipe:
 
     # Where each key came from ('recipe.yaml:12', "override 'a.b=1'"), for error messages.
     _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # Values that came from the environment (${oc.env:VAR}), as written: to_yaml keeps them unresolved so that
+    # secrets (API keys, tokens) never land in config.yaml or the wandb config. [(path, raw text), ...]
+    _from_env: list = field(default_factory=list, repr=False, compare=False)
 
     def where(self, key: str) -> str:
         """'phase1.yaml:12: '-style prefix locating a key (or its section), '' when it kept its default."""
@@ -179,8 +186,15 @@ class Recipe:
         return ""
 
     def to_yaml(self) -> str:
+        """The recipe as written to config.yaml and wandb: resolved, except values taken from the environment."""
         data = dataclasses.asdict(self)
         data.pop("_sources")
+        data.pop("_from_env")
+        for path, raw in self._from_env:
+            node = data
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = raw
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -347,8 +361,41 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, where_any) from None
     recipe._sources = sources
+    recipe._from_env = _environment_values(merged)
     validate(recipe)
     return recipe
+
+
+_ENV_INTERPOLATION = re.compile(r"\$\{\s*(?:oc\.)?env\s*:\s*([^,}\s]+)")
+
+
+def _environment_values(merged: DictConfig) -> list[tuple[tuple, str]]:
+    """(path, raw text) of every value that holds an env interpolation or resolves to an env variable's value
+    (e.g. through ${run_name} when run_name came from the environment)."""
+    raw = OmegaConf.to_container(merged, resolve=False)
+    resolved = OmegaConf.to_container(merged, resolve=True)
+    found: list[tuple[tuple, str]] = []
+
+    def leaves(node, path=()):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+        if items is None:
+            yield path, node
+            return
+        for key, value in items:
+            yield from leaves(value, (*path, key))
+
+    names = {m.group(1) for _, value in leaves(raw) if isinstance(value, str)
+             for m in _ENV_INTERPOLATION.finditer(value)}
+    values = [os.environ[n] for n in names if os.environ.get(n)]
+    for path, value in leaves(raw):
+        if not (isinstance(value, str) and "${" in value):
+            continue
+        final = resolved
+        for part in path:
+            final = final[part]
+        if _ENV_INTERPOLATION.search(value) or any(v in str(final) for v in values):
+            found.append((path, value))
+    return found
 
 
 def _plain(value: Any) -> Any:

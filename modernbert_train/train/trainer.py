@@ -18,6 +18,8 @@ import yaml
 from modernbert_train.checkpoints import (LATEST_NAME, has_checkpoints, latest_checkpoint,
                                           load_model_weights_from_checkpoint)
 from modernbert_train.errors import UserError
+from modernbert_train.run_dir import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
+                                      write_config, write_run_artifacts)
 from modernbert_train.train.recipe import Recipe, parse_duration
 
 log = logging.getLogger("modernbert_train")
@@ -146,7 +148,7 @@ def build_model(recipe: Recipe, facts: DataFacts):
         if checkpoint is None:
             raise UserError(f"{where}model.init_from: {init_from} does not exist (give the previous phase's run "
                             f"directory, a checkpoint file, or hf:PATH)")
-        step = load_model_weights_from_checkpoint(model, checkpoint, where)
+        step = load_model_weights_from_checkpoint(model, checkpoint, where, trust=recipe.model.trust_checkpoint)
         log.info("initial weights: %s (step %d of the previous phase)", checkpoint, step)
     return model
 
@@ -236,16 +238,17 @@ def build_trainer(recipe: Recipe):
         log.info("shards hold chunks up to %d tokens; the loader re-splits them to %d",
                  facts.max_chunk_len, recipe.data.max_seq_len)
     if dist_info.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(recipe.to_yaml())
+        lock_run_dir(run_dir)  # one writer per run folder (rank 0 speaks for the job); names the holder if taken
         _add_file_log(run_dir)
     torch.manual_seed(recipe.seed)  # model init is reproducible from the recipe's seed
     model = build_model(recipe, facts)
+    if has_checkpoints(run_dir) or (run_dir / LATEST_NAME.format(rank=0)).exists():
+        check_resume_keeps_architecture(run_dir, model.config.to_dict(),
+                                        lambda key: recipe.where(f"model.config.{key}"))
     if dist_info.rank == 0:
         from data_prep.tokenizer import resolve_tokenizer_file
-        from modernbert_train.export import write_run_artifacts
 
-        # model_config.json + tokenizer.json: what `modernbert-train export` rebuilds the model from.
+        write_config(run_dir, recipe.to_yaml())
         write_run_artifacts(run_dir, model.config, resolve_tokenizer_file(recipe.data.tokenizer))
     if recipe.compile:
         model.compile_dense()
@@ -384,6 +387,7 @@ def train(recipe: Recipe) -> TrainResult:
         close_loader = getattr(trainer.state.train_dataloader, "close", None)
         if close_loader is not None:
             close_loader()  # stops the loader's prefetch thread
+        release_run_dir(run_dir)
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
     return TrainResult(run_dir=run_dir, steps=int(trainer.state.timestamp.batch),
                        tokens=int(trainer.state.timestamp.token), final_loss=float(loss) if loss is not None else None)
