@@ -182,14 +182,14 @@ class _LoaderBase:
         return tensor.tolist()
 
     # --- micro-batches -------------------------------------------------------------------------------
-    def _micro_batch(self, pieces: list[Piece]) -> dict[str, Any]:
+    def _micro_batch(self, pieces: list[Piece], mlm_probability: float | None = None) -> dict[str, Any]:
         budget = self.tokens_per_micro_batch
         input_ids, cu_seqlens, lengths = assemble(pieces, budget, self.special_token_ids.pad_id)
         used = int(lengths.sum())
         labels = np.full(budget, IGNORE_INDEX, dtype=np.int64)
         if used:
             keys = np.fromiter((p.key for p in pieces), dtype=np.uint64, count=len(pieces))
-            input_ids[:used], labels[:used] = self.masker.mask(input_ids[:used], keys, lengths)
+            input_ids[:used], labels[:used] = self.masker.mask(input_ids[:used], keys, lengths, mlm_probability)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "cu_seqlens": torch.from_numpy(cu_seqlens),
@@ -235,6 +235,8 @@ class MLMLoader(_LoaderBase):
         self._pending_tokens = 0     # this rank's real tokens of the last step, reduced at the next step
         self.steps = 0
         self._skip = 0
+        # A MaskRateSchedule (set by the trainer) gives each step's mask rate from tokens_seen.
+        self.mask_rate_schedule = None
 
     def __iter__(self) -> "MLMLoader":
         return self
@@ -261,11 +263,12 @@ class MLMLoader(_LoaderBase):
                 raise UserError(f"manifest {self.manifest.path}: an epoch gives no samples to some rank "
                                 f"(world size {self.world_size}); the data is too small for this many ranks")
         num_micro_batches = self.warmup.micro_batches_per_rank(self.tokens_seen)
+        rate = self.mask_rate_schedule(self.tokens_seen) if self.mask_rate_schedule is not None else None
         micro_batches = []
         for index in range(num_micro_batches * self._packing_ranks):
             pieces = self.packer.pack()
             if index // num_micro_batches == self.rank % self._packing_ranks:
-                micro_batches.append(self._micro_batch(pieces))
+                micro_batches.append(self._micro_batch(pieces, rate))
         num_tokens = sum(mb["num_tokens"] for mb in micro_batches)
         self._pending_tokens = num_tokens
         self.steps += 1

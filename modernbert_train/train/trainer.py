@@ -134,6 +134,9 @@ def build_model(recipe: Recipe, facts: DataFacts):
         return model
     config = ModernBertConfig.preset(recipe.model.preset, **values)
     model = ModernBertForMaskedLM(config)
+    if init_from and init_from.startswith("tile:"):
+        _tile_from(model, init_from[len("tile:"):], where)
+        return model
     if init_from:
         source = Path(init_from)
         if source.resolve() == Path(recipe.save_folder).resolve():
@@ -146,6 +149,30 @@ def build_model(recipe: Recipe, facts: DataFacts):
         step = load_model_weights_from_checkpoint(model, checkpoint, where)
         log.info("initial weights: %s (step %d of the previous phase)", checkpoint, step)
     return model
+
+
+def _tile_from(model, source: str, where: str) -> None:
+    """Centre-tile a smaller model (run directory, checkpoint, sharded folder or HF folder) into `model`."""
+    from modernbert_train.checkpoints import find_checkpoint, load_composer_state
+    from modernbert_train.model import ModernBertForMaskedLM
+    from modernbert_train.model.tiling import tile_into
+
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{where}model.init_from: tile source {source} does not exist (give a run directory, a "
+                        f"checkpoint, or a Hugging Face folder of the smaller model)")
+    if (path / "config.json").is_file():
+        weights = ModernBertForMaskedLM.from_hf(path).state_dict()
+    else:
+        checkpoint, _ = find_checkpoint(path)
+        state = load_composer_state(checkpoint)
+        weights = {k[len("model."):]: v for k, v in state["state"]["model"].items() if k.startswith("model.")}
+    if weights["model.embeddings.tok_embeddings.weight"].shape[0] != model.config.vocab_size:
+        raise UserError(f"{where}model.init_from: {source} has another vocabulary size "
+                        f"({weights['model.embeddings.tok_embeddings.weight'].shape[0]}) than this model "
+                        f"({model.config.vocab_size}); tiling needs the same tokenizer")
+    tile_into(model, weights)
+    log.info("initial weights: centre-tiled from %s", source)
 
 
 # -- runtime --------------------------------------------------------------------------------------------------
@@ -225,7 +252,7 @@ def build_trainer(recipe: Recipe):
     from modernbert_train.train.parallel import (attach_wrap_policies, check_even_shards,
                                                  composer_parallelism_config, install_gloo_workarounds,
                                                  shard_group_size)
-    from modernbert_train.train.schedule import LRSchedule, WarmupStableDecay
+    from modernbert_train.train.schedule import LRSchedule, WarmupStableDecay, peak_steps_from_recipe
 
     device, precision = resolve_device_and_precision(recipe)
     # Before any StreamingDataset exists (see REFERENCE: streaming otherwise builds its own group).
@@ -261,8 +288,9 @@ def build_trainer(recipe: Recipe):
     log.info("optimizer %s: %s", recipe.optimizer.name, groups.describe())
 
     train_loader = build_loader(recipe, manifest, dist_info, infinite=True)
+    train_loader.mask_rate_schedule = mask_rate_schedule(recipe)
     schedule, unit = WarmupStableDecay.from_recipe(recipe)
-    lr_schedule = LRSchedule(schedule, unit, recipe.optimizer.lr)
+    lr_schedule = LRSchedule(schedule, unit, recipe.optimizer.lr, peak_steps_from_recipe(recipe))
     callbacks = [lr_schedule, ExactResumeState(train_loader, recipe.seed),
                  MetricsJsonl(run_dir / "metrics.jsonl", recipe.run_name, recipe.data.micro_batch_size,
                               lambda: lr_schedule.current_lr, recipe.peak_flops_per_device),
@@ -344,6 +372,16 @@ def loader_config(recipe: Recipe, manifest):
         raise UserError(f"{recipe.where('data.loader_options')}data.loader_options: {clash[0]!r} has its own key "
                         f"in the data section; set it there")
     return MLMLoaderConfig.from_dict({**values, **data.loader_options}, where="data.loader_options")
+
+
+def mask_rate_schedule(recipe: Recipe):
+    """data.mask_schedule as the loader's MaskRateSchedule (None when the rate is constant)."""
+    from modernbert_train.data.masking import MaskRateSchedule
+
+    cfg = recipe.data.mask_schedule
+    if cfg.kind == "constant":
+        return None
+    return MaskRateSchedule(recipe.data.mlm_probability, cfg.kind, tuple(cfg.tokens), tuple(cfg.rates))
 
 
 def build_loader(recipe: Recipe, manifest, dist_info, *, infinite: bool):
