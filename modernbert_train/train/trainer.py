@@ -247,6 +247,9 @@ def build_trainer(recipe: Recipe):
     from modernbert_train.data.dataset import initialize_distributed
     from modernbert_train.data.manifest import load_manifest
     from modernbert_train.train.callbacks import ExactResumeState, MetricsJsonl, PruneCheckpoints
+    from modernbert_train.train.continuation import (apply_optimizer_settings, carry_optimizer_state,
+                                                     optimizer_settings)
+    from modernbert_train.train.spike_guard import SpikeGuard
     from modernbert_train.train.composer_model import ModernBertMLM, make_data_spec
     from modernbert_train.train.optim import build_optimizer
     from modernbert_train.train.parallel import (attach_wrap_policies, check_even_shards,
@@ -285,6 +288,7 @@ def build_trainer(recipe: Recipe):
         model.compile_dense()
     composer_model = ModernBertMLM(model)
     optimizer, groups = build_optimizer(model, recipe.optimizer, device)
+    recipe_settings = optimizer_settings(optimizer)
     log.info("optimizer %s: %s", recipe.optimizer.name, groups.describe())
 
     train_loader = build_loader(recipe, manifest, dist_info, infinite=True)
@@ -295,6 +299,8 @@ def build_trainer(recipe: Recipe):
                  MetricsJsonl(run_dir / "metrics.jsonl", recipe.run_name, recipe.data.micro_batch_size,
                               lambda: lr_schedule.current_lr, recipe.peak_flops_per_device),
                  PruneCheckpoints(run_dir, recipe.checkpoint.keep_last, LATEST_NAME.format(rank=0))]
+    if recipe.spike_guard.enabled:  # after MetricsJsonl: its rollback line follows the resume clean-up
+        callbacks.append(SpikeGuard(recipe.spike_guard, run_dir, run_dir / "metrics.jsonl", train_loader, lr_schedule))
 
     evaluators = []
     if recipe.eval.manifest is not None:
@@ -351,6 +357,10 @@ def build_trainer(recipe: Recipe):
         accumulate_train_batch_on_tokens=True,  # loss weights = masked tokens (see composer_model.py)
         seed=recipe.seed,
     )
+    if int(trainer.state.timestamp.batch) == 0 and recipe.model.init_optimizer:
+        carry_optimizer_state(trainer, recipe.model.init_from, recipe_settings, recipe.where("model.init_optimizer"))
+    elif int(trainer.state.timestamp.batch) > 0 and recipe.checkpoint.restart_override:
+        apply_optimizer_settings(trainer.state.optimizers[0], recipe_settings)
     return trainer, run_dir
 
 
@@ -398,6 +408,16 @@ def build_loader(recipe: Recipe, manifest, dist_info, *, infinite: bool):
     return build_mlm_loader(cfg, rank=dist_info.rank, world_size=dist_info.world_size, infinite=infinite)
 
 
+def _rank() -> int:
+    from composer.utils import dist
+    return dist.get_global_rank()
+
+
+def _barrier() -> None:
+    from composer.utils import dist
+    dist.barrier()
+
+
 def _load_manifest(load_manifest, path: str, recipe: Recipe, key: str):
     try:
         return load_manifest(path)
@@ -406,16 +426,26 @@ def _load_manifest(load_manifest, path: str, recipe: Recipe, key: str):
 
 
 def train(recipe: Recipe) -> TrainResult:
-    trainer, run_dir = build_trainer(recipe)
-    try:
-        elapsed = trainer.state.get_elapsed_duration()
-        if elapsed is not None and elapsed >= 1.0:
-            # Relaunching a finished run (e.g. a phase script run twice) is not an error: nothing to do.
-            log.warning("%s already reached max_duration %s; nothing to train", run_dir, recipe.max_duration)
-        else:
-            trainer.fit()
-    finally:
-        trainer.close()
+    from modernbert_train.train.spike_guard import SpikeRollback, prepare_rollback
+
+    while True:
+        trainer, run_dir = build_trainer(recipe)
+        try:
+            elapsed = trainer.state.get_elapsed_duration()
+            if elapsed is not None and elapsed >= 1.0:
+                # Relaunching a finished run (e.g. a phase script run twice) is not an error: nothing to do.
+                log.warning("%s already reached max_duration %s; nothing to train", run_dir, recipe.max_duration)
+            else:
+                trainer.fit()
+            break
+        except SpikeRollback as rollback:
+            # Every rank saw the same (all-reduced) spikes; rank 0 rearranges the run directory, then all
+            # ranks restart from the good checkpoint it chose.
+            if _rank() == 0:
+                prepare_rollback(run_dir, rollback.spike_steps, recipe.spike_guard)
+        finally:
+            trainer.close()
+        _barrier()
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
     return TrainResult(run_dir=run_dir, steps=int(trainer.state.timestamp.batch),
                        tokens=int(trainer.state.timestamp.token), final_loss=float(loss) if loss is not None else None)
