@@ -517,7 +517,8 @@ def validate(recipe: Recipe) -> None:
     if recipe.model.init_optimizer and (recipe.model.init_from is None
                                         or str(recipe.model.init_from).startswith(("hf:", "tile:"))):
         fail("model.init_optimizer", "needs model.init_from to name a previous run directory or checkpoint "
-                                     "(an HF folder or a tiled model has no optimizer state to carry)")
+                                     "(an HF folder or a tiled model has no optimizer state to carry); set "
+                                     "model.init_optimizer=false to start with fresh moments")
     guard = recipe.spike_guard
     if guard.z_threshold <= 0 or guard.min_rise < 0 or not 0.0 < guard.ema < 1.0:
         fail("spike_guard.z_threshold", "z_threshold must be > 0, min_rise >= 0 and ema in (0, 1)")
