@@ -106,6 +106,12 @@ def test_a_poisoned_batch_is_rolled_back_with_the_guard_and_degrades_the_run_wit
     assert tail(steps) < tail(clean) + 0.25
     assert tail(unguarded) > tail(clean) + 0.5
 
+    # The report lists the rollback.
+    from modernbert_train.report import write_report
+    report = write_report([tmp_path / "guarded"], tmp_path / "report").read_text()
+    assert "## Loss-spike guard" in report
+    assert "| rollback | after spikes at steps 15, 16, 17: restarted from step 12, skipped the data of 5 steps" in report
+
 
 def test_guard_statistics_are_checkpointed():
     stats = RunningStats()
