@@ -526,6 +526,9 @@ def validate(recipe: Recipe) -> None:
         fail("spike_guard.max_consecutive", "warmup_steps and max_consecutive must be >= 1, max_rollbacks >= 0")
     if not 0.0 < guard.lr_factor <= 1.0:
         fail("spike_guard.lr_factor", f"must be in (0, 1], got {guard.lr_factor}")
+    if guard.enabled and not recipe.checkpoint.autoresume:
+        fail("spike_guard.enabled", "a rollback restarts from a checkpoint of this run: it needs "
+                                    "checkpoint.autoresume=true")
     for key in ("model.config", "parallelism.fsdp", "data.loader_options"):
         section, name = key.split(".")
         setattr(getattr(recipe, section), name, _plain(getattr(getattr(recipe, section), name)))

@@ -52,6 +52,8 @@ def test_large_phase1_recipe_is_the_authors_run(capsys):
     ("data.mask_schedule={kind: linear, tokens: [1000], rates: []}", "data.mask_schedule.tokens"),
     ("data.mask_schedule={kind: steps}", "data.mask_schedule.kind"),
     ("model.init_optimizer=true", "model.init_optimizer"),
+    ("spike_guard={enabled: true, max_consecutive: 0}", "spike_guard.max_consecutive"),
+    ("spike_guard={enabled: true, lr_factor: 2}", "spike_guard.lr_factor"),
 ])
 def test_bad_continuation_keys_name_the_key(data_overrides, override, message):
     with pytest.raises(UserError, match=message):
@@ -139,3 +141,8 @@ def test_loader_masks_at_the_scheduled_rate_and_resumes_exactly(data_overrides):
             got = next(loader)
             for a, b in zip(got["micro_batches"], expected["micro_batches"]):
                 assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_spike_guard_needs_autoresume_to_roll_back(data_overrides):
+    with pytest.raises(UserError, match="spike_guard.enabled: .*checkpoint.autoresume=true"):
+        tiny(data_overrides, "spike_guard.enabled=true", "checkpoint.autoresume=false")
