@@ -43,7 +43,20 @@ class PoisonLr(Callback):
                 group["lr"] *= self.factor
 
 
-def run(data_overrides, save_folder: Path, extra: list[str], poison: tuple[int, int] | None, monkeypatch):
+class CrashAt(Callback):
+    """Kills the run (once) at the start of step `step` + 1, like a preemption after checkpoint `step`."""
+
+    def __init__(self, step: int):
+        self.step, self.fired = step, False
+
+    def batch_start(self, state, logger) -> None:
+        if int(state.timestamp.batch) == self.step and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt("simulated preemption")
+
+
+def run(data_overrides, save_folder: Path, extra: list[str], poison: tuple[int, int] | None, monkeypatch,
+        hooks: list[Callback] = ()):
     recipe = load_recipe(REPO / "yamls/tiny/phase1.yaml", data_overrides() + [
         f"save_folder={save_folder}", "checkpoint.interval=4ba", "checkpoint.keep_last=-1",
         "batch_warmup.tokens=2000", "scheduler.warmup=4ba", *extra])
@@ -53,10 +66,15 @@ def run(data_overrides, save_folder: Path, extra: list[str], poison: tuple[int, 
         trainer, run_dir = build(recipe)
         if poison is not None:
             trainer.state.callbacks.append(PoisonLr(*poison))
+        trainer.state.callbacks.extend(hooks)
         return trainer, run_dir
 
     monkeypatch.setattr(trainer_module, "build_trainer", build_with_poison)
-    trainer_module.train(recipe)
+    try:
+        trainer_module.train(recipe)
+    except KeyboardInterrupt:
+        monkeypatch.setattr(trainer_module, "build_trainer", build)
+        return run(data_overrides, save_folder, extra, poison, monkeypatch)  # relaunch: autoresume
     return read_metrics(save_folder)
 
 
@@ -76,12 +94,20 @@ def test_a_run_without_spikes_is_bit_identical_with_the_guard_on(clean_runs):
         assert [r[key] for r in on] == [r[key] for r in off], key
 
 
-def test_a_poisoned_batch_is_rolled_back_with_the_guard_and_degrades_the_run_without(clean_runs, data_overrides,
-                                                                                     tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def poisoned_runs(clean_runs, data_overrides, tmp_path_factory):
     clean, _ = clean_runs
+    root = tmp_path_factory.mktemp("spike_poisoned")
     window = (clean[POISONED_STEP - 2]["tokens"], clean[POISONED_STEP - 1]["tokens"])  # step 14's data
-    unguarded = run(data_overrides, tmp_path / "unguarded", ["max_duration=28ba"], window, monkeypatch)
-    guarded = run(data_overrides, tmp_path / "guarded", ["max_duration=28ba", *GUARD], window, monkeypatch)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        unguarded = run(data_overrides, root / "unguarded", ["max_duration=28ba"], window, monkeypatch)
+        guarded = run(data_overrides, root / "guarded", ["max_duration=28ba", *GUARD], window, monkeypatch)
+    return window, unguarded, guarded, root
+
+
+def test_a_poisoned_batch_is_rolled_back_with_the_guard_and_degrades_the_run_without(clean_runs, poisoned_runs):
+    clean, _ = clean_runs
+    _, unguarded, guarded, root = poisoned_runs
 
     # The poisoned update shows as a loss spike on the next step.
     assert unguarded[POISONED_STEP]["train/loss"] > clean[POISONED_STEP]["train/loss"] + 2
@@ -91,8 +117,8 @@ def test_a_poisoned_batch_is_rolled_back_with_the_guard_and_degrades_the_run_wit
     assert len(rollbacks) == 1
     assert rollbacks[0]["step"] == 12 and rollbacks[0]["spike_steps"] == [15, 16, 17]
     assert rollbacks[0]["skipped_steps"] == 5 and rollbacks[0]["lr_scale"] == 0.5
-    assert read_rollbacks(tmp_path / "guarded")[0].to_step == 12
-    assert (tmp_path / "guarded" / "rolled_back" / "ep0-ba16-rank0.pt").exists()
+    assert read_rollbacks(root / "guarded")[0].to_step == 12
+    assert (root / "guarded" / "rolled_back" / "ep0-ba16-rank0.pt").exists()
     steps = steps_of(guarded)
     assert [r["step"] for r in steps] == list(range(1, 29))
     assert steps[12]["lr"] == pytest.approx(clean[12]["lr"] * 0.5)
@@ -108,9 +134,21 @@ def test_a_poisoned_batch_is_rolled_back_with_the_guard_and_degrades_the_run_wit
 
     # The report lists the rollback.
     from modernbert_train.report import write_report
-    report = write_report([tmp_path / "guarded"], tmp_path / "report").read_text()
+    report = write_report([root / "guarded"], root / "report").read_text()
     assert "## Loss-spike guard" in report
     assert "| rollback | after spikes at steps 15, 16, 17: restarted from step 12, skipped the data of 5 steps" in report
+
+
+def test_a_preempted_guarded_run_decides_exactly_as_an_uninterrupted_one(poisoned_runs, data_overrides, tmp_path,
+                                                                         monkeypatch):
+    """Preempted after the checkpoint of step 16, with two spikes (15, 16) already counted: the resumed run must
+    remember them (the guard's state is in the checkpoint) and roll back at step 17, as the uninterrupted one."""
+    window, _, guarded, _ = poisoned_runs
+    resumed = run(data_overrides, tmp_path / "preempted", ["max_duration=28ba", *GUARD], window, monkeypatch,
+                  hooks=[CrashAt(16)])
+    assert [r.get("event") for r in resumed] == [r.get("event") for r in guarded]
+    for key in ("step", "train/loss", "lr", "tokens", "spike_steps"):
+        assert [r.get(key) for r in resumed] == [r.get(key) for r in guarded], key
 
 
 def test_guard_statistics_are_checkpointed():
