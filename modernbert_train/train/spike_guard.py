@@ -136,6 +136,14 @@ def prepare_rollback(run_dir: Path, spike_steps: list[int], cfg: SpikeGuardConfi
     return rollback
 
 
+def roll_back(run_dir: Path, spike_steps: list[int], cfg: SpikeGuardConfig) -> None:
+    """On every rank after the trainer closed: rank 0 prepares the run directory, the others wait for it.
+    Every rank saw the same (all-reduced) spikes, so all of them arrive here together."""
+    if dist.get_global_rank() == 0:
+        prepare_rollback(Path(run_dir), spike_steps, cfg)
+    dist.barrier()
+
+
 class SpikeGuard(Callback):
     """See the module docstring. `loader` is the training loader; `lr_schedule` the LRSchedule callback."""
 
@@ -244,4 +252,5 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-__all__ = ["SpikeGuard", "SpikeRollback", "RunningStats", "Rollback", "prepare_rollback", "read_rollbacks"]
+__all__ = ["SpikeGuard", "SpikeRollback", "RunningStats", "Rollback", "prepare_rollback", "read_rollbacks",
+           "roll_back"]

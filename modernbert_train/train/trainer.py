@@ -408,16 +408,6 @@ def build_loader(recipe: Recipe, manifest, dist_info, *, infinite: bool):
     return build_mlm_loader(cfg, rank=dist_info.rank, world_size=dist_info.world_size, infinite=infinite)
 
 
-def _rank() -> int:
-    from composer.utils import dist
-    return dist.get_global_rank()
-
-
-def _barrier() -> None:
-    from composer.utils import dist
-    dist.barrier()
-
-
 def _load_manifest(load_manifest, path: str, recipe: Recipe, key: str):
     try:
         return load_manifest(path)
@@ -426,26 +416,26 @@ def _load_manifest(load_manifest, path: str, recipe: Recipe, key: str):
 
 
 def train(recipe: Recipe) -> TrainResult:
-    from modernbert_train.train.spike_guard import SpikeRollback, prepare_rollback
+    from modernbert_train.train.spike_guard import SpikeRollback, roll_back
 
-    while True:
-        trainer, run_dir = build_trainer(recipe)
-        try:
-            elapsed = trainer.state.get_elapsed_duration()
-            if elapsed is not None and elapsed >= 1.0:
-                # Relaunching a finished run (e.g. a phase script run twice) is not an error: nothing to do.
-                log.warning("%s already reached max_duration %s; nothing to train", run_dir, recipe.max_duration)
-            else:
-                trainer.fit()
-            break
-        except SpikeRollback as rollback:
-            # Every rank saw the same (all-reduced) spikes; rank 0 rearranges the run directory, then all
-            # ranks restart from the good checkpoint it chose.
-            if _rank() == 0:
-                prepare_rollback(run_dir, rollback.spike_steps, recipe.spike_guard)
-        finally:
-            trainer.close()
-        _barrier()
+    trainer, run_dir = build_trainer(recipe)
+    rollback = None
+    try:
+        elapsed = trainer.state.get_elapsed_duration()
+        if elapsed is not None and elapsed >= 1.0:
+            # Relaunching a finished run (e.g. a phase script run twice) is not an error: nothing to do.
+            log.warning("%s already reached max_duration %s; nothing to train", run_dir, recipe.max_duration)
+        else:
+            trainer.fit()
+    except SpikeRollback as spikes:
+        rollback = spikes
+    finally:
+        trainer.close()
+    if rollback is not None:
+        # The spike guard asked for a rollback: restart from the good checkpoint it chose (bounded by
+        # spike_guard.max_rollbacks).
+        roll_back(run_dir, rollback.spike_steps, recipe.spike_guard)
+        return train(recipe)
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
     return TrainResult(run_dir=run_dir, steps=int(trainer.state.timestamp.batch),
                        tokens=int(trainer.state.timestamp.token), final_loss=float(loss) if loss is not None else None)

@@ -83,7 +83,8 @@ def test_next_phase_carries_the_optimizer_state_with_this_recipes_settings(train
     assert saved["param_groups"][0]["weight_decay"] == 1e-5
     assert optimizer.param_groups[0]["weight_decay"] == 2e-5 and optimizer.param_groups[0]["max_lr"] == 2e-3
     trainer.close()
-    fresh, _ = build_trainer(tiny(data_overrides, *common, f"save_folder={tmp_path}/fresh", name="phase2"))
+    fresh, _ = build_trainer(tiny(data_overrides, *common, "model.init_optimizer=false",
+                                  f"save_folder={tmp_path}/fresh", name="phase2"))
     assert not fresh.state.optimizers[0].state  # weights only: fresh moments
     fresh.close()
 
