@@ -470,6 +470,29 @@ def _median_text(phase: Phase, key: str) -> str:
     return format_metric(key, float(np.median(values))) if len(values) else "-"
 
 
+def spike_guard_rows(phases: Sequence[Phase]) -> list[list[str]]:
+    """One row per spike-guard action: skipped spikes and rollbacks."""
+    rows = []
+    for phase in phases:
+        for record in phase.records:
+            event = record.get("event")
+            if event == "spike_skipped":
+                loss, norm = record.get("spike/loss"), record.get("spike/grad_norm")
+                details = (f"loss {_number(loss)} (limit {_number(record.get('spike/loss_limit'))}), grad norm "
+                           f"{_number(norm)} (limit {_number(record.get('spike/grad_norm_limit'))})")
+                rows.append([phase.name, f"{record['step']:,}", "update skipped", details])
+            elif event == "rollback":
+                details = (f"after spikes at steps {', '.join(map(str, record.get('spike_steps', [])))}: restarted "
+                           f"from step {record['step']:,}, skipped the data of {record.get('skipped_steps')} steps, "
+                           f"lr x {record.get('lr_scale')}")
+                rows.append([phase.name, f"{record['step']:,}", "rollback", details])
+    return rows
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def build_summary(phases: Sequence[Phase], plots: Sequence[tuple[PlotSpec, Path]], notes: Sequence[str]) -> _Doc:
     doc = _Doc()
     chain = " → ".join(p.name for p in phases)
@@ -491,6 +514,13 @@ def build_summary(phases: Sequence[Phase], plots: Sequence[tuple[PlotSpec, Path]
           human_duration(p.time_end), _final_text(p, "train/loss"), _final_text(p, "eval/loss"),
           _final_text(p, "eval/masked_accuracy"), _median_text(p, "throughput/tokens_per_s"),
           _median_text(p, "throughput/mfu")] for p in phases])
+
+    events = spike_guard_rows(phases)
+    if events:
+        doc.heading("Loss-spike guard")
+        doc.para("Steps whose update the guard skipped, and rollbacks to an earlier checkpoint (metrics.jsonl "
+                 "lines with an \"event\" key).")
+        doc.table(["phase", "step", "action", "details"], events)
 
     last = phases[-1]
     doc.heading(f"Final metrics ({last.name})")

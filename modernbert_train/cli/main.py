@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("modernbert_train.cli.train", "train from a YAML recipe (one process, or per rank under a launcher)"),
     "launch": ("modernbert_train.cli.launch", "build and run the composer launcher command for N GPUs / M nodes"),
     "export": ("modernbert_train.cli.export", "write a checkpoint or run directory as a Hugging Face folder"),
+    "average": ("modernbert_train.cli.average", "average the weights of several checkpoints into one"),
     "convert-checkpoint": ("modernbert_train.cli.convert", "merge an FSDP sharded checkpoint folder into one .pt file"),
     "report": ("modernbert_train.cli.report", "plot metrics.jsonl of one or more run directories"),
 }
@@ -28,6 +29,7 @@ EPILOG = """examples:
   modernbert-train train yamls/tiny/phase1.yaml max_duration=200ba
   modernbert-train launch yamls/phase1.yaml --nproc 8
   modernbert-train export runs/phase3 --out hf/my-modernbert
+  modernbert-train average runs/phase3/ep0-ba8000-rank0.pt runs/phase3 --out runs/phase3/averaged.pt
   modernbert-train convert-checkpoint runs/phase1/ep0-ba2000 --out phase1-ba2000.pt
   modernbert-train report runs/phase1 runs/phase2 runs/phase3
 progress: a bar on a terminal; in a log file (SLURM, `> log`) one plain line per interval with an ETA.

@@ -207,7 +207,8 @@ class _LoaderBase:
         return tensor.tolist()
 
     # --- micro-batches -------------------------------------------------------------------------------
-    def _micro_batch(self, pieces: list[Piece], rows: int | None = None) -> dict[str, Any]:
+    def _micro_batch(self, pieces: list[Piece], rows: int | None = None,
+                     mlm_probability: float | None = None) -> dict[str, Any]:
         rows = self.config.micro_batch_size if rows is None else rows
         budget = rows * self.config.max_seq_len
         input_ids, cu_seqlens, lengths = assemble(pieces, budget, self.special_token_ids.pad_id,
@@ -220,7 +221,7 @@ class _LoaderBase:
         labels = np.full(budget, IGNORE_INDEX, dtype=np.int64)
         if used:
             keys = np.fromiter((p.key for p in pieces), dtype=np.uint64, count=len(pieces))
-            input_ids[:used], labels[:used] = self.masker.mask(input_ids[:used], keys, lengths)
+            input_ids[:used], labels[:used] = self.masker.mask(input_ids[:used], keys, lengths, mlm_probability)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "cu_seqlens": torch.from_numpy(cu_seqlens),
@@ -282,6 +283,8 @@ class MLMLoader(_LoaderBase):
         if self._yielded_state is not None:
             return int(self._yielded_state["tokens_seen"])
         return self._tokens_seen
+        # A MaskRateSchedule (set by the trainer) gives each step's mask rate from tokens_seen.
+        self.mask_rate_schedule = None
 
     def __iter__(self) -> "MLMLoader":
         return self
@@ -330,12 +333,14 @@ class MLMLoader(_LoaderBase):
                 raise UserError(f"manifest {self.manifest.path}: an epoch gives no samples to some rank "
                                 f"(world size {self.world_size}); the data is too small for this many ranks")
         rows = self.warmup.micro_batch_rows(self._tokens_seen)
+        # The producer's own token count: with prefetching, this step is packed ahead of the trainer.
+        rate = self.mask_rate_schedule(self._tokens_seen) if self.mask_rate_schedule is not None else None
         micro_batches = []
         for packing_rank in range(self._packing_ranks):
             for micro_batch_rows in rows:
                 pieces = self.packer.pack(micro_batch_rows * self.config.max_seq_len)
                 if packing_rank == self.rank % self._packing_ranks:
-                    micro_batches.append(self._micro_batch(pieces, micro_batch_rows))
+                    micro_batches.append(self._micro_batch(pieces, micro_batch_rows, rate))
         num_tokens = sum(mb["num_tokens"] for mb in micro_batches)
         self._pending_tokens = num_tokens
         self.steps += 1

@@ -98,12 +98,17 @@ class Masker:
                             f"shards and tokenizer do not match")
         return self._is_special[ids]
 
-    def mask(self, token_ids: np.ndarray, doc_keys: np.ndarray, doc_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def mask(self, token_ids: np.ndarray, doc_keys: np.ndarray, doc_lengths: np.ndarray,
+             mlm_probability: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mask a stream of whole documents laid end to end.
 
-        token_ids: (N,) ints; doc_keys: (D,) uint64 from `document_key`; doc_lengths: (D,) summing to N.
+        token_ids: (N,) ints; doc_keys: (D,) uint64 from `document_key`; doc_lengths: (D,) summing to N;
+        mlm_probability: this step's rate from a MaskRateSchedule (None: the config's).
         Returns (masked input ids int64 (N,), labels int64 (N,) with IGNORE_INDEX where not masked).
         """
+        select_below = self._select_below
+        if mlm_probability is not None:
+            select_below = np.uint64(round(mlm_probability * _FRACTION_SCALE))
         token_ids = np.asarray(token_ids, dtype=np.int64)
         lengths = np.asarray(doc_lengths, dtype=np.int64)
         total = int(lengths.sum())
@@ -116,7 +121,7 @@ class Masker:
         _splitmix64_array(hashed)
 
         select_draw = hashed >> np.uint64(64 - _FRACTION_BITS)
-        selected = (select_draw < self._select_below) & ~self.is_special(token_ids)
+        selected = (select_draw < select_below) & ~self.is_special(token_ids)
         labels = np.full(total, IGNORE_INDEX, dtype=np.int64)
         labels[selected] = token_ids[selected]
         masked = token_ids.copy()
@@ -133,3 +138,31 @@ class Masker:
                 picks = draw % np.uint64(self.replacement_ids.size)
                 masked[chosen[to_random]] = self.replacement_ids[picks.astype(np.int64)]
         return masked, labels
+
+
+@dataclass(frozen=True)
+class MaskRateSchedule:
+    """The mask rate as a function of real tokens seen in the phase (the loader's `tokens_seen`).
+
+    constant: `start` throughout. stepped: the rate of the last point whose token count was reached.
+    linear: piecewise linear from (0, start) through the points, then constant. A pure function of the
+    token count, which the loader restores on resume, and each document's draws stay keyed by the document,
+    so a resumed run masks exactly as an uninterrupted one.
+    """
+    start: float
+    kind: str = "constant"
+    tokens: tuple[float, ...] = ()
+    rates: tuple[float, ...] = ()
+
+    def __call__(self, tokens_seen: float) -> float:
+        if self.kind == "constant" or not self.tokens:
+            return self.start
+        if self.kind == "stepped":
+            rate = self.start
+            for at, value in zip(self.tokens, self.rates):
+                if tokens_seen >= at:
+                    rate = value
+            return rate
+        if self.kind == "linear":
+            return float(np.interp(tokens_seen, (0.0, *self.tokens), (self.start, *self.rates)))
+        raise ValueError(f"unknown mask schedule kind {self.kind!r}")

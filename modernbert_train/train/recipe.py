@@ -22,6 +22,16 @@ from modernbert_train.errors import UserError, did_you_mean
 
 
 @dataclass
+class MaskScheduleConfig:
+    # constant: data.mlm_probability throughout; stepped: the rate jumps to rates[i] once tokens[i] real
+    # tokens of this phase were seen; linear: it moves linearly from data.mlm_probability at token 0 through
+    # (tokens[i], rates[i]); after the last point it stays.
+    kind: str = "constant"
+    tokens: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
     # Mixture manifest (yamls/data/*.yaml) of the training data; relative paths resolve against the CWD.
     manifest: str = MISSING
@@ -39,6 +49,8 @@ class DataConfig:
     # Of the masked positions: fraction replaced by [MASK], fraction by a random token; the rest keep theirs.
     mask_token_fraction: float = 0.8
     random_token_fraction: float = 0.1
+    # A mask rate that changes within the phase (mmBERT, Ettin lower it between phases).
+    mask_schedule: MaskScheduleConfig = field(default_factory=MaskScheduleConfig)
     shuffle: bool = True
     # Seeds the data order and the masking; null uses the recipe's seed.
     seed: Optional[int] = None
@@ -64,11 +76,15 @@ class ModelConfig:
     # vocab_size and the special token ids default to the data's tokenizer.
     config: dict[str, Any] = field(default_factory=dict)
     # Starting weights: null (random init), a previous phase's run directory or checkpoint file
-    # (weights only; optimizer and schedule start fresh), or 'hf:PATH' (a transformers folder).
+    # (weights only unless init_optimizer; the schedule starts fresh), 'hf:PATH' (a transformers folder),
+    # or 'tile:PATH' (centre-tile a smaller model's run directory, checkpoint or HF folder into this one).
     init_from: Optional[str] = None
     # Fully unpickle an init_from checkpoint that holds more than weights and plain data (it can run code);
     # needed only for checkpoints outside our own run folders. Trust only files you trust.
     trust_checkpoint: bool = False
+    # Also take the optimizer state (Adam moments) of init_from's checkpoint; lr, weight decay, betas and
+    # the schedule stay this recipe's (the authors' reset_time with restart_override).
+    init_optimizer: bool = False
 
 
 @dataclass
@@ -88,6 +104,12 @@ class OptimizerConfig:
 
 
 @dataclass
+class LrStep:
+    at: str = MISSING
+    lr: float = MISSING
+
+
+@dataclass
 class SchedulerConfig:
     # Linear warmup from 0 to the peak lr, in the unit of max_duration (or 'dur', a fraction of it).
     warmup: str = "0tok"
@@ -96,6 +118,9 @@ class SchedulerConfig:
     decay_shape: str = "1-sqrt"
     # lr at the very end, as a fraction of the peak.
     min_lr_ratio: float = 0.0
+    # A stepped peak: from each `at` (max_duration's unit, or dur) on, the peak lr is `lr` (warmup,
+    # plateau and decay follow it), e.g. ModernBERT-large's drop 5e-4 -> 5e-5 after 900B tokens.
+    lr_steps: list[LrStep] = field(default_factory=list)
 
 
 @dataclass
@@ -106,6 +131,10 @@ class CheckpointConfig:
     keep_last: int = 3
     # Continue from the newest checkpoint in save_folder when one exists (same run_name).
     autoresume: bool = True
+    # On resume, replace the checkpoint's optimizer settings (peak lr, weight decay, betas, eps) by this
+    # recipe's (the authors' restart_override); false keeps the checkpoint's. The lr schedule is always
+    # this recipe's.
+    restart_override: bool = False
 
 
 @dataclass
@@ -145,6 +174,25 @@ class ParallelismConfig:
 
 
 @dataclass
+class SpikeGuardConfig:
+    # A step is a spike when its loss or its gradient norm exceeds the running mean by more than
+    # z_threshold running standard deviations AND by more than min_rise x the mean (exponential moving
+    # statistics of accepted steps, decay ema). A spike's update is skipped.
+    enabled: bool = False
+    z_threshold: float = 6.0
+    min_rise: float = 0.2
+    ema: float = 0.98
+    # Accepted steps before any step can be called a spike (the statistics need to settle).
+    warmup_steps: int = 20
+    # This many spikes in a row: roll back to the newest checkpoint before the streak, skip the data the
+    # streak read, and multiply the peak lr by lr_factor (1.0 keeps it).
+    max_consecutive: int = 3
+    lr_factor: float = 1.0
+    # Rollbacks allowed in one run before it stops with an error.
+    max_rollbacks: int = 3
+
+
+@dataclass
 class Recipe:
     run_name: str = MISSING
     seed: int = 17
@@ -169,6 +217,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
 
     # Where each key came from ('recipe.yaml:12', "override 'a.b=1'"), for error messages.
     _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -205,6 +254,7 @@ DEVICES = ("auto", "cpu", "gpu")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PROGRESS_BAR_CHOICES = ("auto", "true", "false")
 OPTIMIZERS = ("stable_adamw", "adamw")
+MASK_SCHEDULES = ("constant", "stepped", "linear")
 TRAIN_UNITS = ("tok", "ba")
 
 _DURATION = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*(tok|ba|dur)\s*$")
@@ -447,6 +497,15 @@ def validate(recipe: Recipe) -> None:
                                          "at most 1")
     if data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
+    mask_schedule = data.mask_schedule
+    choice("data.mask_schedule.kind", mask_schedule.kind, MASK_SCHEDULES)
+    if mask_schedule.kind != "constant":
+        if not mask_schedule.tokens or len(mask_schedule.tokens) != len(mask_schedule.rates):
+            fail("data.mask_schedule.tokens", "needs one or more token counts and as many rates")
+        if any(b <= a for a, b in zip(mask_schedule.tokens, mask_schedule.tokens[1:])) or mask_schedule.tokens[0] <= 0:
+            fail("data.mask_schedule.tokens", f"must be positive and increasing, got {list(mask_schedule.tokens)}")
+        if not all(0.0 < r < 1.0 for r in mask_schedule.rates):
+            fail("data.mask_schedule.rates", f"must be in (0, 1), got {list(mask_schedule.rates)}")
 
     warm = recipe.batch_warmup
     if warm.start_batch_size is not None:
@@ -486,6 +545,15 @@ def validate(recipe: Recipe) -> None:
         fail("scheduler.decay", f"warmup ({sched.warmup}) + decay ({sched.decay}) exceed max_duration "
                                 f"({recipe.max_duration}{', set at ' + set_at if set_at else ''})")
 
+    previous_at = -1.0
+    for i, lr_step in enumerate(sched.lr_steps):
+        at = in_unit(f"scheduler.lr_steps.{i}.at", lr_step.at)
+        if not previous_at < at < total:
+            fail(f"scheduler.lr_steps.{i}.at", f"{lr_step.at!r} must lie inside max_duration and after the step before")
+        if not lr_step.lr > 0:
+            fail(f"scheduler.lr_steps.{i}.lr", f"must be positive, got {lr_step.lr}")
+        previous_at = at
+
     ckpt = recipe.checkpoint
     duration("checkpoint.interval", ckpt.interval)
     if ckpt.keep_last == 0 or ckpt.keep_last < -1:
@@ -498,6 +566,21 @@ def validate(recipe: Recipe) -> None:
     duration("logging.console_interval", recipe.logging.console_interval)
     if recipe.model.init_from is not None and not str(recipe.model.init_from).strip():
         fail("model.init_from", "is empty; use null for random initialisation")
+    if recipe.model.init_optimizer and (recipe.model.init_from is None
+                                        or str(recipe.model.init_from).startswith(("hf:", "tile:"))):
+        fail("model.init_optimizer", "needs model.init_from to name a previous run directory or checkpoint "
+                                     "(an HF folder or a tiled model has no optimizer state to carry); set "
+                                     "model.init_optimizer=false to start with fresh moments")
+    guard = recipe.spike_guard
+    if guard.z_threshold <= 0 or guard.min_rise < 0 or not 0.0 < guard.ema < 1.0:
+        fail("spike_guard.z_threshold", "z_threshold must be > 0, min_rise >= 0 and ema in (0, 1)")
+    if guard.warmup_steps < 1 or guard.max_consecutive < 1 or guard.max_rollbacks < 0:
+        fail("spike_guard.max_consecutive", "warmup_steps and max_consecutive must be >= 1, max_rollbacks >= 0")
+    if not 0.0 < guard.lr_factor <= 1.0:
+        fail("spike_guard.lr_factor", f"must be in (0, 1], got {guard.lr_factor}")
+    if guard.enabled and not recipe.checkpoint.autoresume:
+        fail("spike_guard.enabled", "a rollback restarts from a checkpoint of this run: it needs "
+                                    "checkpoint.autoresume=true")
     for key in ("model.config", "parallelism.fsdp", "data.loader_options"):
         section, name = key.split(".")
         setattr(getattr(recipe, section), name, _plain(getattr(getattr(recipe, section), name)))
@@ -525,6 +608,6 @@ def _model_config_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(ModernBertConfig))
 
 
-__all__ = ["Recipe", "DataConfig", "BatchWarmupConfig", "ModelConfig", "OptimizerConfig", "SchedulerConfig",
+__all__ = ["Recipe", "DataConfig", "MaskScheduleConfig", "LrStep", "SpikeGuardConfig", "BatchWarmupConfig", "ModelConfig", "OptimizerConfig", "SchedulerConfig",
            "CheckpointConfig", "EvalConfig", "LoggingConfig", "WandbConfig", "ParallelismConfig",
            "load_recipe", "validate", "parse_duration", "resolve_in_unit"]

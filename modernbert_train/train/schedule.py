@@ -58,14 +58,35 @@ class WarmupStableDecay:
                    shape=sched.decay_shape, min_ratio=sched.min_lr_ratio), unit
 
 
-class LRSchedule(Callback):
-    """Sets every param group's lr to peak * schedule(elapsed) before each optimizer step."""
+def peak_steps_from_recipe(recipe: Recipe) -> list[tuple[float, float]]:
+    """scheduler.lr_steps as (elapsed time in max_duration's unit, peak lr from then on)."""
+    total, unit = parse_duration(recipe.max_duration, "max_duration")
+    return [(resolve_in_unit(step.at, f"scheduler.lr_steps.{i}.at", total, unit), float(step.lr))
+            for i, step in enumerate(recipe.scheduler.lr_steps)]
 
-    def __init__(self, schedule: WarmupStableDecay, unit: str, peak_lr: float):
+
+class LRSchedule(Callback):
+    """Sets every param group's lr to peak(elapsed) * schedule(elapsed) * scale before each optimizer step.
+
+    peak(elapsed) is the recipe's lr, or the lr of the last scheduler.lr_steps entry already reached;
+    `scale` is lowered by the spike guard after a rollback (1.0 otherwise).
+    """
+
+    def __init__(self, schedule: WarmupStableDecay, unit: str, peak_lr: float,
+                 peak_steps: list[tuple[float, float]] = ()):
         self.schedule = schedule
         self.unit = unit
         self.peak_lr = peak_lr
-        self.current_lr = peak_lr * schedule(0)
+        self.peak_steps = sorted(peak_steps)
+        self.scale = 1.0
+        self.current_lr = self.lr_at(0)
+
+    def lr_at(self, elapsed: float) -> float:
+        peak = self.peak_lr
+        for at, lr in self.peak_steps:
+            if elapsed >= at:
+                peak = lr
+        return peak * self.schedule(elapsed) * self.scale
 
     def elapsed(self, state: State) -> int:
         return int(state.timestamp.token if self.unit == "tok" else state.timestamp.batch)
@@ -73,10 +94,10 @@ class LRSchedule(Callback):
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         if event not in (Event.FIT_START, Event.BATCH_START):
             return
-        self.current_lr = self.peak_lr * self.schedule(self.elapsed(state))
+        self.current_lr = self.lr_at(self.elapsed(state))
         for optimizer in state.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = self.current_lr
 
 
-__all__ = ["WarmupStableDecay", "LRSchedule"]
+__all__ = ["WarmupStableDecay", "LRSchedule", "peak_steps_from_recipe"]

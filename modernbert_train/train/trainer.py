@@ -139,6 +139,9 @@ def build_model(recipe: Recipe, facts: DataFacts):
         return model
     config = ModernBertConfig.preset(recipe.model.preset, **values)
     model = ModernBertForMaskedLM(config)
+    if init_from and init_from.startswith("tile:"):
+        _tile_from(model, init_from[len("tile:"):], where)
+        return model
     if init_from:
         source = Path(init_from)
         if source.resolve() == Path(recipe.save_folder).resolve():
@@ -151,6 +154,30 @@ def build_model(recipe: Recipe, facts: DataFacts):
         step = load_model_weights_from_checkpoint(model, checkpoint, where, trust=recipe.model.trust_checkpoint)
         log.info("initial weights: %s (step %d of the previous phase)", checkpoint, step)
     return model
+
+
+def _tile_from(model, source: str, where: str) -> None:
+    """Centre-tile a smaller model (run directory, checkpoint, sharded folder or HF folder) into `model`."""
+    from modernbert_train.checkpoints import find_checkpoint, load_composer_state
+    from modernbert_train.model import ModernBertForMaskedLM
+    from modernbert_train.model.tiling import tile_into
+
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{where}model.init_from: tile source {source} does not exist (give a run directory, a "
+                        f"checkpoint, or a Hugging Face folder of the smaller model)")
+    if (path / "config.json").is_file():
+        weights = ModernBertForMaskedLM.from_hf(path).state_dict()
+    else:
+        checkpoint, _ = find_checkpoint(path)
+        state = load_composer_state(checkpoint)
+        weights = {k[len("model."):]: v for k, v in state["state"]["model"].items() if k.startswith("model.")}
+    if weights["model.embeddings.tok_embeddings.weight"].shape[0] != model.config.vocab_size:
+        raise UserError(f"{where}model.init_from: {source} has another vocabulary size "
+                        f"({weights['model.embeddings.tok_embeddings.weight'].shape[0]}) than this model "
+                        f"({model.config.vocab_size}); tiling needs the same tokenizer")
+    tile_into(model, weights)
+    log.info("initial weights: centre-tiled from %s", source)
 
 
 # -- runtime --------------------------------------------------------------------------------------------------
@@ -214,13 +241,16 @@ def build_trainer(recipe: Recipe):
     from modernbert_train.data.dataset import initialize_distributed
     from modernbert_train.data.manifest import load_manifest
     from modernbert_train.train.callbacks import ExactResumeState, MetricsJsonl, PruneCheckpoints
+    from modernbert_train.train.continuation import (apply_optimizer_settings, carry_optimizer_state,
+                                                     optimizer_settings)
+    from modernbert_train.train.spike_guard import SpikeGuard
     from modernbert_train.train.composer_model import ModernBertMLM, make_data_spec
     from modernbert_train.train.console import ConsoleLines, console_mode
     from modernbert_train.train.optim import build_optimizer
     from modernbert_train.train.parallel import (attach_wrap_policies, check_even_shards,
                                                  composer_parallelism_config, install_gloo_workarounds,
                                                  shard_group_size)
-    from modernbert_train.train.schedule import LRSchedule, WarmupStableDecay
+    from modernbert_train.train.schedule import LRSchedule, WarmupStableDecay, peak_steps_from_recipe
 
     device, precision = resolve_device_and_precision(recipe)
     # Before any StreamingDataset exists (see REFERENCE: streaming otherwise builds its own group).
@@ -254,6 +284,7 @@ def build_trainer(recipe: Recipe):
         model.compile_dense()
     composer_model = ModernBertMLM(model)
     optimizer, groups = build_optimizer(model, recipe.optimizer, device)
+    recipe_settings = optimizer_settings(optimizer)
     log.info("optimizer %s: %s", recipe.optimizer.name, groups.describe())
 
     train_loader = build_loader(recipe, manifest, dist_info, infinite=True)
@@ -264,12 +295,15 @@ def build_trainer(recipe: Recipe):
         log.info("\n".join(batch_schedule))
         with open(run_dir / "config.yaml", "a", encoding="utf-8") as config_file:
             config_file.write("".join(f"# {line}\n" for line in batch_schedule))
+    train_loader.mask_rate_schedule = mask_rate_schedule(recipe)
     schedule, unit = WarmupStableDecay.from_recipe(recipe)
-    lr_schedule = LRSchedule(schedule, unit, recipe.optimizer.lr)
+    lr_schedule = LRSchedule(schedule, unit, recipe.optimizer.lr, peak_steps_from_recipe(recipe))
     callbacks = [lr_schedule, ExactResumeState(train_loader, recipe.seed),
                  MetricsJsonl(run_dir / "metrics.jsonl", recipe.run_name, recipe.data.micro_batch_size,
                               lambda: lr_schedule.current_lr, recipe.peak_flops_per_device),
                  PruneCheckpoints(run_dir, recipe.checkpoint.keep_last, LATEST_NAME.format(rank=0))]
+    if recipe.spike_guard.enabled:  # after MetricsJsonl: its rollback line follows the resume clean-up
+        callbacks.append(SpikeGuard(recipe.spike_guard, run_dir, run_dir / "metrics.jsonl", train_loader, lr_schedule))
 
     evaluators = []
     if recipe.eval.manifest is not None:
@@ -329,6 +363,10 @@ def build_trainer(recipe: Recipe):
         accumulate_train_batch_on_tokens=True,  # loss weights = masked tokens (see composer_model.py)
         seed=recipe.seed,
     )
+    if int(trainer.state.timestamp.batch) == 0 and recipe.model.init_optimizer:
+        carry_optimizer_state(trainer, recipe.model.init_from, recipe_settings, recipe.where("model.init_optimizer"))
+    elif int(trainer.state.timestamp.batch) > 0 and recipe.checkpoint.restart_override:
+        apply_optimizer_settings(trainer.state.optimizers[0], recipe_settings)
     return trainer, run_dir
 
 
@@ -350,6 +388,16 @@ def loader_config(recipe: Recipe, manifest):
         raise UserError(f"{recipe.where('data.loader_options')}data.loader_options: {clash[0]!r} has its own key "
                         f"in the data section; set it there")
     return MLMLoaderConfig.from_dict({**values, **data.loader_options}, where="data.loader_options")
+
+
+def mask_rate_schedule(recipe: Recipe):
+    """data.mask_schedule as the loader's MaskRateSchedule (None when the rate is constant)."""
+    from modernbert_train.data.masking import MaskRateSchedule
+
+    cfg = recipe.data.mask_schedule
+    if cfg.kind == "constant":
+        return None
+    return MaskRateSchedule(recipe.data.mlm_probability, cfg.kind, tuple(cfg.tokens), tuple(cfg.rates))
 
 
 def build_loader(recipe: Recipe, manifest, dist_info, *, infinite: bool):
@@ -374,7 +422,10 @@ def _load_manifest(load_manifest, path: str, recipe: Recipe, key: str):
 
 
 def train(recipe: Recipe) -> TrainResult:
+    from modernbert_train.train.spike_guard import SpikeRollback, roll_back
+
     trainer, run_dir = build_trainer(recipe)
+    rollback = None
     try:
         elapsed = trainer.state.get_elapsed_duration()
         if elapsed is not None and elapsed >= 1.0:
@@ -382,12 +433,19 @@ def train(recipe: Recipe) -> TrainResult:
             log.warning("%s already reached max_duration %s; nothing to train", run_dir, recipe.max_duration)
         else:
             trainer.fit()
+    except SpikeRollback as spikes:
+        rollback = spikes
     finally:
         trainer.close()
         close_loader = getattr(trainer.state.train_dataloader, "close", None)
         if close_loader is not None:
             close_loader()  # stops the loader's prefetch thread
         release_run_dir(run_dir)
+    if rollback is not None:
+        # The spike guard asked for a rollback: restart from the good checkpoint it chose (bounded by
+        # spike_guard.max_rollbacks).
+        roll_back(run_dir, rollback.spike_steps, recipe.spike_guard)
+        return train(recipe)
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
     return TrainResult(run_dir=run_dir, steps=int(trainer.state.timestamp.batch),
                        tokens=int(trainer.state.timestamp.token), final_loss=float(loss) if loss is not None else None)

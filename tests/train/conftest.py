@@ -50,3 +50,17 @@ def data_overrides(tiny_data):
         return [f"data.manifest={tiny_data[manifest]}", f"data.tokenizer={tiny_data['tokenizer']}",
                 "logging.progress_bar=false"]
     return overrides
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tiny_data, data_overrides, tmp_path_factory) -> Path:
+    """A tiny phase-1 run of 16 steps with a checkpoint every 4 steps, all kept (ba4, ba8, ba12, ba16)."""
+    from modernbert_train.train.recipe import load_recipe
+    from modernbert_train.train.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("trained_tiny") / "run"
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "yamls/tiny/phase1.yaml", data_overrides() + [
+        f"save_folder={run_dir}", "max_duration=16ba", "checkpoint.interval=4ba", "checkpoint.keep_last=-1",
+        "batch_warmup.tokens=2000"])
+    train(recipe)
+    return run_dir

@@ -63,7 +63,8 @@ def test_init_from_hugging_face_folder_takes_rope_from_the_recipe(tiny_data, dat
                                                               sep_token_id=2, mask_token_id=4, bos_token_id=1,
                                                               eos_token_id=2))
     published.save_hf(tmp_path / "hf")
-    recipe = load_recipe(REPO / "yamls/tiny/phase2.yaml", data_overrides() + [f"model.init_from=hf:{tmp_path / 'hf'}"])
+    recipe = load_recipe(REPO / "yamls/tiny/phase2.yaml", data_overrides() + [f"model.init_from=hf:{tmp_path / 'hf'}",
+                                                                    "model.init_optimizer=false"])
     model = build_model(recipe, read_data_facts(load_manifest(recipe.data.manifest), recipe))
     assert model.config.global_rope_theta == 160_000.0 and model.config.max_position_embeddings == 512
     own, theirs = model.state_dict(), published.state_dict()
