@@ -10,10 +10,12 @@ verifies each compressed shard's hash and decompresses it into the cache, never 
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,20 +249,58 @@ def dataset_class():
     return _DATASET_CLASS
 
 
-def shard_cache_dir(source: SourceSpec) -> str:
-    """The cache folder a prepared local source is decompressed into: one per folder and content.
+def shard_cache_dir(source: SourceSpec, dataset_ordinal: int = 0) -> str:
+    """The cache folder a prepared local source is decompressed into: one per folder, content and job.
 
     Keyed by the folder's absolute path and its index.json (which holds every shard's size and hash), so
-    re-preparing a folder never reads an older preparation's decompressed shards.
+    re-preparing a folder never reads an older preparation's decompressed shards; and by the job and the
+    dataset's ordinal in this process, because streaming lets one live dataset at a time use a cache folder
+    on a host: two runs side by side on the same data, or a train and an eval loader over one source, each
+    get their own. A normal exit removes the job's folders; a killed job's stay under the root, safe to delete.
     """
     root = os.environ.get(SHARD_CACHE_ENV) or os.path.join(tempfile.gettempdir(),
                                                            f"modernbert-shard-cache-{os.getuid()}")
     digest = hashlib.blake2s(os.path.abspath(source.local).encode(), digest_size=8)
     digest.update((Path(source.local) / INDEX_FILE).read_bytes())
-    return os.path.join(root, f"{Path(source.local).name}-{digest.hexdigest()}")
+    source_root = Path(root) / f"{Path(source.local).name}-{digest.hexdigest()}"
+    job = _job_key()
+    if job.startswith("pid-"):
+        _remove_caches_of_dead_processes(source_root)
+    folder = source_root / f"{job}-{dataset_ordinal}"
+    if _env_int("LOCAL_RANK", 0) == 0:
+        _CACHES_TO_REMOVE_AT_EXIT.add(str(folder))
+    return str(folder)
 
 
-def _stream_for(source: SourceSpec, download_timeout: float):
+_CACHES_TO_REMOVE_AT_EXIT: set[str] = set()
+_datasets_built = 0
+
+
+@atexit.register
+def _remove_own_caches() -> None:
+    for folder in _CACHES_TO_REMOVE_AT_EXIT:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _job_key() -> str:
+    """The same on every rank of one job on this host; different for jobs running side by side."""
+    if _env_int("WORLD_SIZE", 1) > 1:
+        rendezvous = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+        return "job-" + hashlib.blake2s(rendezvous.encode(), digest_size=6).hexdigest()
+    return f"pid-{os.getpid()}"
+
+
+def _remove_caches_of_dead_processes(source_root: Path) -> None:
+    """Single-process runs key their caches by pid: those of pids no longer alive on this host are stale."""
+    if not source_root.is_dir():
+        return
+    for folder in source_root.iterdir():
+        match = re.fullmatch(r"pid-(\d+)-\d+", folder.name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stream_for(source: SourceSpec, download_timeout: float, dataset_ordinal: int = 0):
     from streaming import Stream
 
     weights = source.stream_weight_kwargs()
@@ -271,7 +311,7 @@ def _stream_for(source: SourceSpec, download_timeout: float):
     if validate is None:
         log.warning("source %r: %s has no shard hashes (prepared by an older version); corrupt shards are not "
                     "detected until re-prepared", source.name, source.local)
-    return Stream(remote=os.path.abspath(source.local), local=shard_cache_dir(source), validate_hash=validate,
+    return Stream(remote=os.path.abspath(source.local), local=shard_cache_dir(source, dataset_ordinal), validate_hash=validate,
                   download_timeout=download_timeout, **weights)
 
 
@@ -285,7 +325,10 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
     replication=N: N consecutive ranks get the same samples (N = world size: every rank sees the stream a
     single process would).
     """
-    streams = [_stream_for(source, download_timeout) for source in manifest.sources]
+    global _datasets_built
+    # Every rank builds its datasets in the same order, so this ordinal names the same cache on each of them.
+    ordinal, _datasets_built = _datasets_built, _datasets_built + 1
+    streams = [_stream_for(source, download_timeout, ordinal) for source in manifest.sources]
     try:
         dataset = dataset_class()(
             streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed, shuffle_algo=shuffle_algo,
