@@ -272,6 +272,8 @@ class MLMLoader(_LoaderBase):
         self._skip = 0
         self._prefetcher: StepPrefetcher | None = None
         self._yielded_state: dict[str, Any] | None = None  # producer state right after the last yielded step
+        # A MaskRateSchedule (set by the trainer) gives each step's mask rate from the tokens seen.
+        self.mask_rate_schedule = None
         if config.prefetch_steps and self.world_size > 1:
             import torch.distributed as torch_dist
 
@@ -283,8 +285,6 @@ class MLMLoader(_LoaderBase):
         if self._yielded_state is not None:
             return int(self._yielded_state["tokens_seen"])
         return self._tokens_seen
-        # A MaskRateSchedule (set by the trainer) gives each step's mask rate from tokens_seen.
-        self.mask_rate_schedule = None
 
     def __iter__(self) -> "MLMLoader":
         return self
