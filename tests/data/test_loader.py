@@ -244,7 +244,8 @@ def test_prefetch_thread_gives_the_same_steps_and_states(mixed, tmp_path):
                 deadline = time.monotonic() + 30
                 while ahead.steps < 9 and time.monotonic() < deadline:  # the thread runs two steps ahead
                     time.sleep(0.05)
-                assert ahead.steps == 9
+                # Two queued, and possibly a third packed and waiting for a free slot.
+                assert ahead.steps in (9, 10)
                 assert pickle.dumps(ahead.state_dict()) == pickle.dumps(sync.state_dict())
                 assert ahead.realized_token_shares() == sync.realized_token_shares()
     finally:
