@@ -94,3 +94,30 @@ def test_train_metric_updates_of_a_step_do_not_read_the_device_and_are_right():
     mean_loss = sum(out.loss.item() * n for out, n in zip(outputs, counts) if n) / sum(counts)
     assert computed["cross_entropy"].item() == pytest.approx(mean_loss, rel=1e-6)
     assert computed["perplexity"].item() == pytest.approx(torch.tensor(mean_loss).exp().item(), rel=1e-6)
+
+
+def _two_rank_metrics(rank: int, store: str, results) -> None:
+    import torch.distributed as dist
+
+    from modernbert_train.train.composer_model import MaskedAccuracy, MaskedCrossEntropy
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        accuracy, cross_entropy = MaskedAccuracy(), MaskedCrossEntropy()
+        # rank 0: 3 of 4 right, loss 1.0 over 4 tokens; rank 1: 0 of 2 right, loss 4.0 over 2 tokens
+        logits = torch.eye(5)[[1, 2, 3, 0]] if rank == 0 else torch.eye(5)[[1, 1]]
+        labels = torch.tensor([1, 2, 3, 4]) if rank == 0 else torch.tensor([0, 0])
+        accuracy.update(logits, labels)
+        cross_entropy.update(torch.tensor(1.0 if rank == 0 else 4.0), labels.numel())
+        results[rank] = (accuracy.compute().item(), cross_entropy.compute().item())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metrics_are_summed_over_ranks(tmp_path):
+    """compute() all_reduces the sums (no torchmetrics gather): the global ratio on every rank."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_two_rank_metrics, args=(str(tmp_path / "store"), results), nprocs=2)
+    assert results[0] == results[1] == (pytest.approx(3 / 6), pytest.approx((4 * 1.0 + 2 * 4.0) / 6))
