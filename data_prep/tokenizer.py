@@ -2,7 +2,8 @@
 
 `load_tokenizer` and `special_token_ids` are the one way the rest of the project takes a tokenizer (contract 1).
 A trained tokenizer is byte-level BPE whose pre-tokenizer keeps whitespace runs and indentation as their own
-pieces and never adds a prefix space, so `decode(encode(text)) == text` for every string.
+pieces and never adds a prefix space, so `decode(encode(text)) == text` for every string (except a literal
+mask token, which takes the space before it, as ModernBERT's own tokenizer does).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from modernbert_train.errors import UserError
 
@@ -126,6 +127,25 @@ def _wrap_with_cls_sep(tok: Tokenizer) -> None:
     )
 
 
+def mask_absorbs_preceding_space(tok: Tokenizer) -> bool:
+    """Whether the mask token is an added token with lstrip=true."""
+    mask = tok.get_added_tokens_decoder().get(special_token_ids(tok).mask_id)
+    return mask is not None and mask.lstrip
+
+
+def make_mask_absorb_preceding_space(tok: Tokenizer) -> bool:
+    """Give the mask token lstrip=true (in place); True if it did not have it.
+
+    Masking happens on ids, so in training the mask replaces a whole token, leading space included; a user's
+    "the [MASK] is" must therefore tokenize as `the`, `[MASK]`, `is`, not with a stray space token (`Ġ`) the
+    model never saw before a mask. ModernBERT's tokenizer sets the same flag."""
+    if mask_absorbs_preceding_space(tok):
+        return False
+    content = tok.id_to_token(special_token_ids(tok).mask_id)
+    tok.add_special_tokens([AddedToken(content, lstrip=True, rstrip=False, normalized=False, special=True)])
+    return True
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
                     show_progress: bool = True, length: int | None = None,
                     total_chars: int | None = None) -> Tokenizer:
@@ -155,6 +175,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         tok.train_from_iterator(_counted(texts, reading), trainer=trainer, length=length)
         reading.note(f"merges done, vocabulary {tok.get_vocab_size():,}")
     _wrap_with_cls_sep(tok)
+    make_mask_absorb_preceding_space(tok)
     return tok
 
 

@@ -143,9 +143,13 @@ def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float
     try:
         model.save_hf(staging, dtype=DTYPES[dtype])
         if tokenizer_file is not None:
-            from data_prep.tokenizer import load_tokenizer, save_tokenizer
+            from data_prep.tokenizer import load_tokenizer, make_mask_absorb_preceding_space, save_tokenizer
 
-            save_tokenizer(load_tokenizer(tokenizer_file), staging, model_max_length=config.max_position_embeddings)
+            tok = load_tokenizer(tokenizer_file)
+            if make_mask_absorb_preceding_space(tok):  # a tokenizer trained before train-tokenizer set it
+                log.warning("%s: its mask token kept the space before it (fill-mask would see a stray space "
+                            "token); the exported tokenizer's mask token absorbs it (lstrip=true)", tokenizer_file)
+            save_tokenizer(tok, staging, model_max_length=config.max_position_embeddings)
         if sentence_transformers:
             write_sentence_transformers_files(staging, config)
         reference = model

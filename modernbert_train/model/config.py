@@ -47,7 +47,9 @@ class ModernBertConfig:
     pad_token_id: int = 50283
     cls_token_id: int = 50281
     sep_token_id: int = 50282
-    mask_token_id: int = 50284
+    # Only masking needs it (the model never reads it); None for a folder that does not say (transformers'
+    # ModernBertConfig has no such field).
+    mask_token_id: int | None = 50284
     bos_token_id: int = 50281
     eos_token_id: int = 50282
     tie_word_embeddings: bool = True
@@ -66,6 +68,8 @@ class ModernBertConfig:
             if getattr(self, name) != "gelu":
                 raise UserError(f"{name}={getattr(self, name)!r}: only 'gelu' (exact erf GELU) is implemented")
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
+            if getattr(self, name) is None and name == "mask_token_id":
+                continue
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise UserError(f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size={self.vocab_size})")
         if self.global_rope_theta <= 0 or self.local_rope_theta <= 0:

@@ -67,10 +67,27 @@ def config_from_hf_dict(values: dict, **overrides) -> ModernBertConfig:
         fields["global_attn_every_n_layers"] = every
     if "local_attention" not in fields and values.get("sliding_window"):
         fields["local_attention"] = 2 * int(values["sliding_window"])
-    if values.get("mask_token_id") is not None:
-        fields["mask_token_id"] = values["mask_token_id"]
+    # transformers' ModernBertConfig has no mask_token_id: without one here the model simply has none.
+    fields["mask_token_id"] = values.get("mask_token_id")
     fields.update(overrides)
     return ModernBertConfig(**fields)
+
+
+# Our config field -> the tokenizer role that defines it (data_prep.tokenizer.SpecialTokenIds).
+_TOKENIZER_ROLES = {"pad_token_id": "pad_id", "cls_token_id": "cls_id", "sep_token_id": "sep_id",
+                    "mask_token_id": "mask_id", "bos_token_id": "cls_id", "eos_token_id": "sep_id"}
+
+
+def special_ids_from_tokenizer(folder: Path) -> dict[str, int]:
+    """Special token ids of the folder's tokenizer.json, the authority on its vocabulary; {} without one.
+
+    A ModernBERT with its own vocabulary often keeps transformers' default ids (50281-50284) in config.json."""
+    if not (folder / "tokenizer.json").is_file():
+        return {}
+    from data_prep.tokenizer import load_tokenizer, special_token_ids
+
+    ids = special_token_ids(load_tokenizer(folder), folder / "tokenizer.json")
+    return {field: getattr(ids, role) for field, role in _TOKENIZER_ROLES.items()}
 
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -98,7 +115,8 @@ def load_hf(model_cls, source, **config_overrides):
         config_file = folder / "config.json"
         if not config_file.exists():
             raise UserError(f"{folder}: not a Hugging Face model folder (no config.json)")
-        config = config_from_hf_dict(json.loads(config_file.read_text()), **config_overrides)
+        config = config_from_hf_dict(json.loads(config_file.read_text()),
+                                     **{**special_ids_from_tokenizer(folder), **config_overrides})
         state = _read_state_dict(folder)
     else:
         config = config_from_hf_dict(source.config.to_dict(), **config_overrides)

@@ -3,6 +3,10 @@
 The whole stack sees one flat stream of tokens: `input_ids` (tokens,), `cu_seqlens` (documents + 1,) and
 `max_seqlen`. No FLOP goes to padding except the tail of a fixed-size packed row. Module and parameter
 names equal transformers' `ModernBertForMaskedLM`, so state dicts load both ways unchanged.
+
+Initialisation follows the authors' training code, not transformers: the prediction head's dense layer is
+an input-side projection and gets the input std (initializer_range, 0.02), where transformers uses the
+output-projection std 0.02/sqrt(2 * layers).
 """
 from __future__ import annotations
 
@@ -157,7 +161,9 @@ class ModernBertForMaskedLM(nn.Module):
     # -- init ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Megatron-style init: truncated normal (+-cutoff sigma); output projections scaled by 1/sqrt(2 layers)."""
+        """Megatron-style init: truncated normal (+-cutoff sigma); output projections scaled by 1/sqrt(2 layers).
+
+        The head's dense layer takes the input std, as in the authors' code (transformers scales it down)."""
         std_in = self.config.initializer_range
         std_out = std_in / math.sqrt(2.0 * self.config.num_hidden_layers)
         cutoff = self.config.initializer_cutoff_factor
@@ -173,7 +179,7 @@ class ModernBertForMaskedLM(nn.Module):
             init(layer.attn.Wo, std_out)
             init(layer.mlp.Wi, std_in)
             init(layer.mlp.Wo, std_out)
-        init(self.head.dense, std_out)
+        init(self.head.dense, std_in)
         if not self.config.tie_word_embeddings:
             init(self.decoder, std_out)
         elif self.decoder.bias is not None:

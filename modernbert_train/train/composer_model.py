@@ -6,6 +6,12 @@ micro-batch loss by (its loss-generating count) / (mean per-rank total). With
 accumulate_train_batch_on_tokens=True and the loss-generating count = masked tokens, the summed
 gradient is exactly the gradient of the mean cross-entropy over every masked token of the global
 batch (DDP then averages over ranks, which the per-rank mean in the denominator accounts for).
+
+Metrics never read device memory on the host inside a step: every update adds to device-side sums (the
+model returns one logit row per masked token, so accuracy is `(argmax == labels).sum()`, no boolean mask),
+and compute() sums the ranks' states with one all_reduce instead of torchmetrics' gather, whose shape
+checks read the device. Composer computes train metrics once per optimizer step; the only host read is
+the logger's (metrics.jsonl, one line per step).
 """
 from __future__ import annotations
 
@@ -13,7 +19,6 @@ from typing import Any, Mapping
 
 import torch
 from composer.core import DataSpec
-from composer.metrics.nlp import MaskedAccuracy
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
@@ -51,22 +56,50 @@ def make_data_spec(loader) -> DataSpec:
                     get_num_samples_in_batch=documents_in_batch)
 
 
-class MaskedCrossEntropy(Metric):
-    """Mean cross-entropy over masked tokens, from the model's own (fp32) loss: no second softmax."""
+class _DeviceSum(Metric):
+    """A ratio of two device-side sums, summed over ranks by one all_reduce at compute() (no host read)."""
     full_state_update = False
 
-    def __init__(self):
-        super().__init__()
-        self.add_state("sum_loss", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    def __init__(self, numerator_dtype: torch.dtype):
+        super().__init__(sync_on_compute=False)  # compute() reduces itself: see summed_over_ranks
+        self.add_state("numerator", default=torch.tensor(0, dtype=numerator_dtype), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def summed_over_ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        numerator, total = self.numerator.double(), self.total.double()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            both = torch.stack([numerator, total])
+            torch.distributed.all_reduce(both)
+            numerator, total = both[0], both[1]
+        return numerator, total
+
+    def compute(self) -> torch.Tensor:
+        numerator, total = self.summed_over_ranks()
+        return (numerator / total.clamp(min=1)).float()
+
+
+class MaskedAccuracy(_DeviceSum):
+    """Share of masked tokens whose argmax is the label; the rows passed in are the masked tokens only."""
+
+    def __init__(self):
+        super().__init__(torch.int64)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.numerator += (logits.argmax(dim=-1) == labels).sum()
+        self.total += labels.numel()  # a shape: known on the host
+
+
+class MaskedCrossEntropy(_DeviceSum):
+    """Mean cross-entropy over masked tokens, from the model's own (fp32) loss: no second softmax."""
+
+    def __init__(self):
+        super().__init__(torch.float64)
 
     def update(self, mean_loss: torch.Tensor | None, count: int) -> None:
         if count:
-            self.sum_loss += mean_loss.detach().double() * count
+            self.numerator += mean_loss.detach().double() * count
             self.total += count
-
-    def compute(self) -> torch.Tensor:
-        return (self.sum_loss / self.total.clamp(min=1)).float()
 
 
 class MaskedPerplexity(MaskedCrossEntropy):
@@ -75,7 +108,7 @@ class MaskedPerplexity(MaskedCrossEntropy):
 
 
 def _metric_set() -> dict[str, Metric]:
-    return {"masked_accuracy": MaskedAccuracy(ignore_index=-100), "cross_entropy": MaskedCrossEntropy(),
+    return {"masked_accuracy": MaskedAccuracy(), "cross_entropy": MaskedCrossEntropy(),
             "perplexity": MaskedPerplexity()}
 
 
@@ -131,4 +164,4 @@ def document_lengths(micro_batch: Mapping[str, Any]) -> list[int]:
 
 
 __all__ = ["ModernBertMLM", "make_data_spec", "split_micro_batches", "real_and_masked_tokens",
-           "documents_in_batch", "document_lengths", "MaskedCrossEntropy", "MaskedPerplexity"]
+           "documents_in_batch", "document_lengths", "MaskedAccuracy", "MaskedCrossEntropy", "MaskedPerplexity"]

@@ -3,13 +3,20 @@
 Parameters are classified by the module that owns them, not by name patterns, so a renamed layer
 cannot silently start decaying its norm: LayerNorm weights/biases are "norms", nn.Embedding weights
 (and the decoder weight tied to them) are "embeddings", any other `bias` is a "bias".
+
+FSDP2 turns parameters into DTensors after the optimizer is built. torch-optimi would route them to its
+Triton kernels on CUDA (DTensor is one of torch's foreach types), and those kernels treat a shard as the
+whole tensor (its global numel() with the local storage); ShardSafeStableAdamW keeps DTensor groups on
+optimi's per-tensor PyTorch path, whose DTensor ops reduce across shards.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from optimi import StableAdamW
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from modernbert_train.errors import UserError
 from modernbert_train.train.recipe import OptimizerConfig
@@ -57,6 +64,17 @@ def split_decay_groups(model: nn.Module, no_decay: list[str] | tuple[str, ...]) 
     return decay, no_decay_params, ParamGroupSummary(tuple(decay_names), tuple(no_decay_names))
 
 
+class ShardSafeStableAdamW(StableAdamW):
+    """optimi's StableAdamW that never hands DTensor (FSDP2-sharded) parameters to its Triton kernels."""
+
+    def step(self, closure=None, param=None):
+        for group in self.param_groups:
+            # triton=None means "decide at the first step": decide it here, when FSDP2 has sharded the params.
+            if group.get("triton") is None and any(isinstance(p, DTensor) for p in group["params"]):
+                group["triton"] = False
+        return super().step(closure, param)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: str = "cpu"
                     ) -> tuple[torch.optim.Optimizer, ParamGroupSummary]:
     """`device` is where training will run ('cpu' | 'gpu'): the optimizer is built before composer moves
@@ -69,12 +87,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: str = "cpu"
     groups = [g for g in groups if g["params"]]
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if cfg.name == "stable_adamw":
-        from optimi import StableAdamW
-
         # max_lr is the peak: the schedule lowers group["lr"] and the decay follows lr / max_lr.
-        optimizer = StableAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                decouple_lr=cfg.decouple_lr, max_lr=cfg.lr if cfg.decouple_lr else None,
-                                triton=None if device == "gpu" else False)
+        optimizer = ShardSafeStableAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                          decouple_lr=cfg.decouple_lr, max_lr=cfg.lr if cfg.decouple_lr else None,
+                                          triton=None if device == "gpu" else False)
     elif cfg.name == "adamw":
         # torch AdamW multiplies the decay by lr; decouple_lr rescales so the applied decay per step
         # equals weight_decay * lr / peak lr, as StableAdamW(decouple_lr=True) does.
@@ -87,4 +103,4 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: str = "cpu"
     return optimizer, summary
 
 
-__all__ = ["build_optimizer", "split_decay_groups", "parameter_kind", "ParamGroupSummary"]
+__all__ = ["build_optimizer", "ShardSafeStableAdamW", "split_decay_groups", "parameter_kind", "ParamGroupSummary"]

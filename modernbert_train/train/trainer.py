@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from modernbert_train.checkpoints import (LATEST_NAME, has_checkpoints, latest_checkpoint,
-                                          load_model_weights_from_checkpoint)
+                                          load_model_weights_from_checkpoint, recover_interrupted_save)
 from modernbert_train.errors import UserError
 from modernbert_train.run_dir import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
                                       write_config, write_run_artifacts)
@@ -258,6 +258,11 @@ def build_trainer(recipe: Recipe):
     # After torch.distributed is up: HYBRID_SHARD builds its device mesh here.
     parallelism = composer_parallelism_config(recipe.parallelism.fsdp, recipe.where("parallelism.fsdp"))
     run_dir = Path(recipe.save_folder)
+    if recipe.checkpoint.autoresume:
+        if dist_info.rank == 0:
+            recover_interrupted_save(run_dir)  # a kill mid-save leaves a file composer would refuse to resume past
+        from composer.utils import dist as composer_dist
+        composer_dist.barrier()
     if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
         raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
                         f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")

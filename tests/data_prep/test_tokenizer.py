@@ -30,7 +30,7 @@ def test_round_trip_is_lossless_on_held_out_stdlib_files(trained_tokenizer_dir, 
     assert len(held_out) >= 10
     texts = [p.read_text(encoding="utf-8") for p in held_out]
     texts += ["\tif x:\r\n\t\treturn  y   \n\n\n\n    # trailing   \n", " leading space", "   ", "日本語 😀 naïve",
-              "a [MASK] b [CLS]"]
+              "a[MASK] b [CLS]"]  # a literal mask takes the space before it (lstrip, as ModernBERT's)
     for text in texts:
         ids = tok.encode(text, add_special_tokens=False).ids
         assert tok.decode(ids, skip_special_tokens=False) == text
@@ -101,3 +101,13 @@ def test_load_errors_name_the_path(tmp_path):
 def test_vocab_too_small_is_refused():
     with pytest.raises(UserError, match="--vocab-size 100 is too small"):
         train_tokenizer(["abc"], vocab_size=100, show_progress=False)
+
+
+def test_trained_mask_token_absorbs_the_space_before_it(trained_tokenizer_dir):
+    """Issue 12 item 6: "the state of the [MASK] is" has no stray space token before the mask."""
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(trained_tokenizer_dir), local_files_only=True)
+    tokens = hf_tok.convert_ids_to_tokens(hf_tok("the state of the [MASK] is")["input_ids"])
+    assert tokens[tokens.index("[MASK]") - 1:] == ["Ġthe", "[MASK]", "Ġis", "[SEP]"], tokens
+    assert json.loads((trained_tokenizer_dir / "tokenizer.json").read_text())["added_tokens"][4]["lstrip"] is True

@@ -1,7 +1,7 @@
 """Trainer -> export -> transformers' fill-mask pipeline: a model trained on real sentences fills them in.
 
 The corpus is small enough (a few Python reference-manual paragraphs) for the tiny model to learn it in a
-couple of hundred steps, so "sensible" can be asserted: the masked word comes back in the top 5.
+few hundred steps, so "sensible" can be asserted: the masked word comes back in the top 5.
 """
 import json
 from pathlib import Path
@@ -19,6 +19,8 @@ from modernbert_train.export import export_to_hf
 
 pytestmark = pytest.mark.slow
 REPO_RECIPE = "yamls/tiny/phase1.yaml"
+# With the authors' head init (issue 12 item 12) 300 steps left the loss at 2.3 and " loop" out of the top 5.
+STEPS = 450
 TOPICS = ("break", "continue", "pass", "return", "while", "del")
 # (sentence as it appears in the corpus, the word to mask)
 PROBES = [
@@ -41,14 +43,14 @@ def test_trained_export_fills_masks_from_its_training_text(tmp_path, monkeypatch
 
     recipe = load_recipe(Path(__file__).resolve().parents[2] / REPO_RECIPE, [
         f"data.manifest={tmp_path / 'mix.yaml'}", f"data.tokenizer={tokenizer_dir}", f"save_folder={tmp_path / 'run'}",
-        "max_duration=300ba", "checkpoint.interval=300ba", "logging.progress_bar=false",
+        f"max_duration={STEPS}ba", f"checkpoint.interval={STEPS}ba", "logging.progress_bar=false",
         "model.config.attention_output_dropout=0.0", "batch_warmup.start_batch_size=null"])
     result = train(recipe)
     assert result.final_loss < 2.0, result.final_loss  # from ln(400) = 6.0 at the start
 
     # Export reloads the folder with transformers and compares logits on a padded batch of real text.
     exported = export_to_hf(tmp_path / "run", tmp_path / "hf")
-    assert exported.step == 300 and exported.max_abs_logit_diff <= 1e-5
+    assert exported.step == STEPS and exported.max_abs_logit_diff <= 1e-5
     fill = transformers.pipeline("fill-mask", model=str(tmp_path / "hf"), device="cpu")
     mask = fill.tokenizer.mask_token
     for sentence, word in PROBES:

@@ -191,3 +191,33 @@ def test_sentence_transformers_export_gives_mean_pooled_encoder_embeddings(run_d
     expected = torch.stack([hidden[cu[i]:cu[i + 1]].mean(0) for i in range(len(PROSE))])
     assert embeddings.shape == (len(PROSE), model.config.hidden_size)
     assert (embeddings.cpu() - expected).abs().max().item() <= 1e-5
+
+
+def test_export_gives_older_tokenizers_a_mask_that_absorbs_the_space(tmp_path, tokenizer_file, caplog):
+    """Issue 12 item 6: a tokenizer trained before the fix (mask lstrip=false) is fixed in the exported folder,
+    so fill-mask sees `Ġthe [MASK] Ġis`, not `Ġthe Ġ [MASK] Ġis`; export says so."""
+    from tokenizers import AddedToken
+
+    from data_prep.tokenizer import load_tokenizer
+
+    old = load_tokenizer(tokenizer_file)
+    old.add_special_tokens([AddedToken("[MASK]", lstrip=False, rstrip=False, normalized=False, special=True)])
+    old_file = tmp_path / "old" / "tokenizer.json"
+    old_file.parent.mkdir()
+    old.save(str(old_file))
+    assert old.encode("the state of the [MASK] is").tokens[-4:-2] == ["Ġ", "[MASK]"]  # the defect
+    model = trained_like_model(tokenizer_file)
+    run = tmp_path / "run"
+    write_run_artifacts(run, model.config, old_file)
+    composer_checkpoint(model, run / "ep0-ba3-rank0.pt")
+    with caplog.at_level("WARNING", logger="modernbert_train"):
+        export_to_hf(run, tmp_path / "hf")
+    assert "absorbs it (lstrip=true)" in caplog.text
+
+    fill = transformers.pipeline("fill-mask", model=str(tmp_path / "hf"), device="cpu")
+    ids = fill.preprocess("the state of the [MASK] is")["input_ids"][0].tolist()
+    tokens = fill.tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[tokens.index("[MASK]") - 1:] == ["Ġthe", "[MASK]", "Ġis", "[SEP]"], tokens
+    predictions = fill("the state of the [MASK] is", top_k=3)
+    assert len(predictions) == 3 and all(p["sequence"].startswith("the state of the") for p in predictions)
+    assert (run / "tokenizer.json").read_bytes() == old_file.read_bytes()  # the run's own copy is untouched

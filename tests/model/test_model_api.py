@@ -95,3 +95,13 @@ def test_save_hf_loads_in_transformers_and_from_hf_round_trips_bit_identically(t
 def test_from_hf_refuses_a_folder_without_a_model(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         ModernBertForMaskedLM.from_hf(tmp_path)
+
+
+def test_head_dense_init_uses_the_authors_input_std():
+    torch.manual_seed(0)
+    config = ModernBertConfig.preset("base", num_hidden_layers=2, vocab_size=256, pad_token_id=3, cls_token_id=1,
+                                     sep_token_id=2, mask_token_id=4, bos_token_id=1, eos_token_id=2)
+    dense = ModernBertForMaskedLM(config).head.dense.weight  # 768 x 768: the sample std is within 1% of the truth
+    # A normal truncated at +-2 sigma has std 0.8796 sigma; transformers' output std would be 0.01 here.
+    assert abs(dense.std().item() - 0.02 * 0.8796) < 0.0003
+    assert dense.abs().max() <= 2 * 0.02 + 1e-7
