@@ -15,7 +15,7 @@ from modernbert_train.export import export_to_hf, validate_folder, write_run_art
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
 REPO = Path(__file__).resolve().parents[2]
-HF5_PYTHON = REPO / ".venv-hf5" / "bin" / "python"
+HF5_PYTHON = REPO / ".venv-current" / "bin" / "python"
 PROSE = [
     "The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b\n",
@@ -161,7 +161,7 @@ torch.save({"version": transformers.__version__, "input_ids": batch["input_ids"]
 
 def test_exported_folder_loads_in_transformers_5_with_the_same_logits(run_dir, tmp_path):
     # A CPU-runnable check: never skipped. `make test` (the README's test command) builds the environment.
-    assert HF5_PYTHON.exists(), ".venv-hf5 is missing: run `make test`, which builds the transformers 5.x environment"
+    assert HF5_PYTHON.exists(), ".venv-current is missing: run `make test`, which builds the transformers 5.x environment"
     run, model = run_dir
     export_to_hf(run, tmp_path / "hf")
     out = tmp_path / "hf5.pt"
