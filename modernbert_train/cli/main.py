@@ -20,6 +20,7 @@ COMMANDS = {
     "export": ("modernbert_train.cli.export", "write a checkpoint or run directory as a Hugging Face folder"),
     "convert-checkpoint": ("modernbert_train.cli.convert", "merge an FSDP sharded checkpoint folder into one .pt file"),
     "report": ("modernbert_train.cli.report", "plot metrics.jsonl of one or more run directories"),
+    "eval": ("modernbert_train.cli.eval", "fine-tune and score models on an evaluation suite (yamls/eval/)"),
 }
 
 EPILOG = """examples:
@@ -29,6 +30,7 @@ EPILOG = """examples:
   modernbert-train export runs/phase3 --out hf/my-modernbert
   modernbert-train convert-checkpoint runs/phase1/ep0-ba2000 --out phase1-ba2000.pt
   modernbert-train report runs/phase1 runs/phase2 runs/phase3
+  modernbert-train eval yamls/eval/local.yaml --model demo_out/hf --model random:demo_out/hf
 exit codes: 0 ok, 1 failure, 2 bad input"""
 
 
