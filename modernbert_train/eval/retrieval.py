@@ -64,23 +64,28 @@ def search(embedder, data: BeirData, doc_ids, doc_sequences, query_encoder: Text
 
 
 def run_retrieval(task: TaskSpec, model: EvalModel, *, lr: float, weight_decay: float, epochs: int, seed: int,
-                  device, where: str) -> dict[str, float]:
-    """Fine-tune (unless zero-shot or epochs == 0) and score; returns the task's metrics on eval_split."""
+                  device, where: str, start_from=None) -> tuple[dict[str, float], MeanPoolingEmbedder]:
+    """Fine-tune (unless zero-shot or epochs == 0) and score: (the task's metrics on eval_split, embedder).
+
+    `start_from`: an embedder fine-tuned by an earlier task (DPR on MS MARCO, then every BEIR set)."""
     max_length = task.max_length or model.config.max_position_embeddings
     doc_encoder = TextEncoder(model.tokenizer_file, max_length)
     query_encoder = TextEncoder(model.tokenizer_file, min(task.query_max_length, max_length))
     evaluation = load_beir(task.data.beir, task.data.eval_split, where)
     doc_ids = list(evaluation.corpus)
     doc_sequences = doc_encoder.encode([evaluation.corpus[d] for d in doc_ids])
-    embedder = MeanPoolingEmbedder(model.build(seed)).to(device)
+    embedder = MeanPoolingEmbedder(model.build(seed))
+    if start_from is not None:
+        embedder.load_state_dict(start_from.state_dict())
+    embedder.to(device)
     if not task.zero_shot and epochs > 0:
-        train = load_beir(task.data.beir, task.data.train_split, where)
+        train = load_beir(task.data.train_beir or task.data.beir, task.data.train_split, where)
         negatives = load_hard_negatives(task.data.hard_negatives, where)
         _contrastive_finetune(task, embedder, train, doc_encoder, query_encoder, negatives, lr=lr,
                               weight_decay=weight_decay, epochs=epochs, seed=seed, device=device)
     run = search(embedder, evaluation, doc_ids, doc_sequences, query_encoder, evaluation.qrels,
                  task.sweep.batch_size * 2, device)
-    return {m: retrieval_metric(m, evaluation.qrels, run) for m in task.metrics}
+    return {m: retrieval_metric(m, evaluation.qrels, run) for m in task.metrics}, embedder.cpu()
 
 
 def _contrastive_finetune(task, embedder, train: BeirData, doc_encoder, query_encoder, negatives, *, lr,

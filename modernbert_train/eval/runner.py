@@ -46,8 +46,9 @@ def _seeds(task: TaskSpec) -> list[int]:
 class Progress:
     """tqdm with ETA on a terminal; one plain line per finished run otherwise (logs, CI, pipes)."""
 
-    def __init__(self, total: int, enabled: bool | None = None):
+    def __init__(self, total: int, enabled: bool | None = None, silent: bool = False):
         self.interactive = sys.stderr.isatty() if enabled is None else enabled
+        self.silent = silent
         self.total, self.done, self.started = total, 0, time.perf_counter()
         self.bar = None
         if self.interactive:
@@ -60,6 +61,8 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(label[:60])
             self.bar.update(1)
+            return
+        if self.silent:
             return
         elapsed = time.perf_counter() - self.started
         eta = elapsed / self.done * (self.total - self.done)
@@ -78,20 +81,29 @@ def run_suite(suite: Suite, model_sources: list[str], out_dir: str | Path, devic
               progress: bool | None = None) -> list[TaskSummary]:
     device = torch.device(device) if device else _default_device()
     models = [load_eval_model(source) for source in model_sources]
-    total = len(models) * sum(len(_grid(t)) * len(_seeds(t)) for t in suite.tasks)
-    bar = Progress(total, progress)
+    bar = Progress(len(models) * runs_per_model(suite), progress)
     runs, summaries = [], []
     try:
         for model in models:
-            finetuned: dict[str, object] = {}  # task name -> chosen classifier, for init_from_task
-            for task in suite.tasks:
-                task_runs = _run_task(suite, task, model, device, bar, finetuned)
+            for task_runs, summary in evaluate_model(suite, model, device, bar):
                 runs.extend(task_runs)
-                summaries.append(_summarise(task, model, task_runs))
+                summaries.append(summary)
+                write_results(out_dir, suite, models, runs, summaries)  # finished tasks survive an interruption
     finally:
         bar.close()
-    write_results(out_dir, suite, models, runs, summaries)
     return summaries
+
+
+def runs_per_model(suite: Suite) -> int:
+    return sum(len(_grid(t)) * len(_seeds(t)) for t in suite.tasks)
+
+
+def evaluate_model(suite: Suite, model: EvalModel, device, bar: Progress):
+    """Yields (runs, summary) per task of the suite, in order."""
+    finetuned: dict[str, object] = {}  # task name -> chosen fine-tuned model, for init_from_task
+    for task in suite.tasks:
+        task_runs = _run_task(suite, task, model, device, bar, finetuned)
+        yield task_runs, _summarise(task, model, task_runs)
 
 
 def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progress, finetuned: dict) -> list[dict]:
@@ -120,13 +132,19 @@ def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progr
     elif task.type == "retrieval":
         from modernbert_train.eval.retrieval import run_retrieval
 
+        best_score, best_model = None, None
         for point in _grid(task):
             for seed in _seeds(task):
                 settings = point or dict(lr=0.0, weight_decay=0.0, epochs=0)
-                scores = run_retrieval(task, model, seed=seed, device=device, where=where, **settings)
+                scores, embedder = run_retrieval(task, model, seed=seed, device=device, where=where,
+                                                 start_from=finetuned.get(task.init_from_task), **settings)
                 records.append(dict(task=task.name, type=task.type, model=model.name, seed=seed, **point,
                                     zero_shot=task.zero_shot, eval=scores))
+                if keep and (best_score is None or scores[task.main_metric] > best_score):
+                    best_score, best_model = scores[task.main_metric], embedder
                 bar.finished(f"{model.name} {task.name} seed {seed}")
+        if keep:
+            finetuned[task.name] = best_model
     else:
         from modernbert_train.eval.mlm import evaluate_mlm
 
@@ -164,25 +182,32 @@ def _summarise(task: TaskSpec, model: EvalModel, records: list[dict]) -> TaskSum
         per_seed=per_seed)
 
 
-def markdown_table(summaries: list[TaskSummary]) -> str:
-    """One row per (task, metric), one column per model: mean +- std over seeds, then the chosen grid point."""
-    models = list(dict.fromkeys(s.model for s in summaries))
-    by_key = {(s.task, s.model): s for s in summaries}
-    lines = ["| task | metric | split | " + " | ".join(models) + " |",
-             "|---|---|---|" + "---|" * len(models)]
-    for task in dict.fromkeys(s.task for s in summaries):
+def table_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per (task, metric), one column per model with mean +- std over seeds and the
+    chosen grid point. `summaries`: TaskSummary dicts (as results.json stores them)."""
+    models = list(dict.fromkeys(s["model"] for s in summaries))
+    by_key = {(s["task"], s["model"]): s for s in summaries}
+    rows = []
+    for task in dict.fromkeys(s["task"] for s in summaries):
         first = by_key[(task, models[0])]
-        for metric in first.metric_means:
+        for metric in first["metric_means"]:
             cells = []
             for model in models:
                 s = by_key.get((task, model))
                 if s is None:
                     cells.append("")
                     continue
-                spread = f" +- {s.metric_stds[metric]:.3f}" if s.seeds > 1 else ""
-                chosen = ", ".join(f"{k} {v:g}" for k, v in s.chosen.items())
-                cells.append(f"{s.metric_means[metric]:.3f}{spread}" + (f" ({chosen})" if chosen else ""))
-            lines.append(f"| {task} | {metric} | {first.split} | " + " | ".join(cells) + " |")
+                spread = f" +- {s['metric_stds'][metric]:.3f}" if s["seeds"] > 1 else ""
+                chosen = ", ".join(f"{k} {v:g}" for k, v in s["chosen"].items())
+                cells.append(f"{s['metric_means'][metric]:.3f}{spread}" + (f" ({chosen})" if chosen else ""))
+            rows.append([task, metric, first["split"], *cells])
+    return ["task", "metric", "split", *models], rows
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    header, rows = table_rows(summaries)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -197,4 +222,4 @@ def write_results(out_dir, suite: Suite, models: list[EvalModel], runs: list[dic
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     header = (f"# Evaluation: {suite.name}\n\nSuite `{suite.path}`; mean +- sample std over seeds at the grid point "
               f"chosen on dev (in brackets).\n\n")
-    (out / "results.md").write_text(header + markdown_table(summaries))
+    (out / "results.md").write_text(header + markdown_table([asdict(s) for s in summaries]))

@@ -40,7 +40,8 @@ class DataSpec:
     test: str | None = None
     columns: dict = field(default_factory=dict)  # role -> column: text, text_pair, label
     label_names: list | None = None  # label values in order (strings or ints); default: sorted values seen
-    beir: str | None = None  # retrieval: BEIR folder
+    beir: str | None = None  # retrieval: BEIR folder scored (eval_split) and, unless train_beir, trained on
+    train_beir: str | None = None  # retrieval: BEIR folder of the training pairs (e.g. MS MARCO)
     train_split: str = "train"  # retrieval qrels splits
     eval_split: str = "test"
     hard_negatives: str | None = None  # retrieval: jsonl {"query_id": ..., "negative_ids": [...]}
@@ -58,7 +59,8 @@ class TaskSpec:
     max_length: int | None = None  # tokens per input; default: the model's max_position_embeddings
     query_max_length: int = 64
     sweep: Sweep = field(default_factory=Sweep)
-    init_from_task: str | None = None  # start from this earlier task's fine-tuned encoder (RTE from MNLI)
+    init_from_task: str | None = None  # start from this earlier task's fine-tuned model (RTE from MNLI;
+    # BEIR sets from the MS MARCO embedder); it must be an earlier task of the same type
     zero_shot: bool = False  # retrieval: score without fine-tuning
     mlm_probability: float = 0.15
     mask_seed: int = 1234  # mlm: the same masks for every model sharing a tokenizer
@@ -106,7 +108,7 @@ def _coerce_lists(sweep: Sweep, where: str) -> None:
         raise UserError(f"{where}.sweep.batch_size: must be >= 1")
 
 
-def _validate_task(task: TaskSpec, where: str, earlier: list[str]) -> None:
+def _validate_task(task: TaskSpec, where: str, earlier: dict[str, str]) -> None:
     if task.type not in TASK_TYPES:
         raise UserError(f"{where}.type: {task.type!r} is not one of {', '.join(TASK_TYPES)}{did_you_mean(task.type, TASK_TYPES)}")
     allowed = {"classification": CLASSIFICATION_METRICS, "retrieval": None, "mlm": ("loss", "accuracy")}[task.type]
@@ -136,9 +138,10 @@ def _validate_task(task: TaskSpec, where: str, earlier: list[str]) -> None:
             raise UserError(f"{where}.data.beir: a retrieval task needs a BEIR folder")
     elif not task.data.train:
         raise UserError(f"{where}.data.train: an mlm task needs held-out text (a file or a split)")
-    if task.init_from_task is not None and task.init_from_task not in earlier:
-        raise UserError(f"{where}.init_from_task: {task.init_from_task!r} is not an earlier task of this suite "
-                        f"(earlier: {earlier})")
+    if task.init_from_task is not None and earlier.get(task.init_from_task) != task.type:
+        same_type = [name for name, kind in earlier.items() if kind == task.type]
+        raise UserError(f"{where}.init_from_task: {task.init_from_task!r} is not an earlier {task.type} task of "
+                        f"this suite (those are: {same_type})")
 
 
 def suite_config(path: Path, overrides: list[str] | None = None):
@@ -188,7 +191,7 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
         values["data"] = _build(DataSpec, values["data"], f"{where}.data")
         values["sweep"] = _build(Sweep, values.get("sweep") or {}, f"{where}.sweep")
         task = _build(TaskSpec, values, where)
-        _validate_task(task, where, [t.name for t in tasks])
+        _validate_task(task, where, {t.name: t.type for t in tasks})
         if task.name in (t.name for t in tasks):
             raise UserError(f"{where}.name: {task.name!r} appears twice")
         tasks.append(task)

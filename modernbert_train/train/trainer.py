@@ -267,6 +267,13 @@ def build_trainer(recipe: Recipe):
                  MetricsJsonl(run_dir / "metrics.jsonl", recipe.run_name, recipe.data.micro_batch_size,
                               lambda: lr_schedule.current_lr, recipe.peak_flops_per_device),
                  PruneCheckpoints(run_dir, recipe.checkpoint.keep_last, LATEST_NAME.format(rank=0))]
+    if recipe.eval.suite is not None:
+        from data_prep.tokenizer import resolve_tokenizer_file
+        from modernbert_train.eval.live import LiveEvaluation
+
+        callbacks.insert(0, LiveEvaluation(recipe.eval.suite, recipe.eval.suite_interval, run_dir / "metrics.jsonl",
+                                           recipe.run_name, model.config, resolve_tokenizer_file(recipe.data.tokenizer),
+                                           where="eval.suite"))
 
     evaluators = []
     if recipe.eval.manifest is not None:

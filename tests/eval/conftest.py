@@ -78,3 +78,6 @@ def toy_tasks(tmp_path_factory):
             "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in span))
     write_jsonl(root / "heldout.jsonl", [{"text": text[:400]} for _, text in topics[:12]])
     return root
+
+
+from tests.train.conftest import data_overrides, tiny_data  # noqa: E402,F401 - shared fixtures (real shards)
