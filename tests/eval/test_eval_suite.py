@@ -127,3 +127,15 @@ def test_missing_column_and_missing_tokenizer_exit_2_with_one_line(tmp_path, toy
     assert main(["eval", str(suite), "--model", str(no_tokenizer)]) == 2
     line = capsys.readouterr().err.strip()
     assert line.count("\n") == 0 and f"--model {no_tokenizer}" in line and "tokenizer.json" in line
+
+
+@pytest.mark.parametrize("name", ["local", "glue", "boolq", "beir"])
+def test_shipped_suites_are_valid(name):
+    from pathlib import Path
+
+    suite = load_suite(Path(__file__).resolve().parents[2] / "yamls" / "eval" / f"{name}.yaml")
+    assert suite.tasks and all(t.metrics and t.main_metric in t.metrics for t in suite.tasks)
+    if name == "glue":  # the paper's protocol: 4 x 4 x 3 grid, RTE/MRPC/STS-B from MNLI
+        rte = next(t for t in suite.tasks if t.name == "rte")
+        assert (len(rte.sweep.lr), len(rte.sweep.weight_decay), len(rte.sweep.epochs)) == (4, 4, 3)
+        assert {t.name for t in suite.tasks if t.init_from_task == "mnli"} == {"rte", "mrpc", "stsb"}
