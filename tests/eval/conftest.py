@@ -76,6 +76,8 @@ def toy_tasks(tmp_path_factory):
     for split, span in (("train", range(0, 24)), ("test", range(24, 40))):
         (beir / "qrels" / f"{split}.tsv").write_text(
             "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in span))
+    write_jsonl(beir / "hard_negatives.jsonl", [{"query_id": f"q{i}", "negative_ids": [f"d{(i + 1) % 40}"]}
+                                               for i in range(24)])
     write_jsonl(root / "heldout.jsonl", [{"text": text[:400]} for _, text in topics[:12]])
     return root
 

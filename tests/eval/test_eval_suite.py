@@ -26,9 +26,12 @@ def _suite(tmp_path, toy_tasks, **changes):
          "data": {"train": f"{toy_tasks}/cls/train.jsonl", "dev": f"{toy_tasks}/cls/dev.jsonl",
                   "columns": {"text": "sentence", "text_pair": "other", "label": "score"}},
          "sweep": {"lr": [3e-3], "epochs": [1], "batch_size": 16, "seeds": [0]}},
-        {"name": "search", "type": "retrieval", "max_length": 64, "data": {"beir": f"{toy_tasks}/beir"},
+        {"name": "search", "type": "retrieval", "max_length": 64,
+         "data": {"beir": f"{toy_tasks}/beir", "hard_negatives": f"{toy_tasks}/beir/hard_negatives.jsonl"},
          "sweep": {"lr": [1e-3], "epochs": [1], "batch_size": 8, "seeds": [0]}},
         {"name": "search-zero-shot", "type": "retrieval", "zero_shot": True, "data": {"beir": f"{toy_tasks}/beir"}},
+        {"name": "search-again", "type": "retrieval", "zero_shot": True, "init_from_task": "search",
+         "max_length": 64, "data": {"beir": f"{toy_tasks}/beir"}},
         {"name": "mlm", "type": "mlm", "data": {"train": f"{toy_tasks}/heldout.jsonl", "columns": {"text": "text"}}},
     ]}
     for key, value in changes.items():
@@ -45,7 +48,7 @@ def test_suite_runs_every_task_type_for_two_models(tmp_path, toy_tasks, hf_folde
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     summary = {(s["task"], s["model"]): s for s in results["summary"]}
-    assert len(summary) == 10
+    assert len(summary) == 12
     topic = summary[("topic", "micro")]
     # 2 weight decays x 2 seeds; the chosen point's test scores are the mean of its 2 seeds' runs.
     runs = [r for r in results["runs"] if r["task"] == "topic" and r["model"] == "micro"]
@@ -59,6 +62,8 @@ def test_suite_runs_every_task_type_for_two_models(tmp_path, toy_tasks, hf_folde
         assert set(search) == {"ndcg@10", "mrr@10", "recall@100"}
         assert 0 <= search["ndcg@10"] <= 1 and search["recall@100"] == 1.0  # 40 documents: all retrieved
         assert summary[("mlm", model)]["metric_means"]["loss"] > 0
+        # A later task starting from the fine-tuned embedder scores exactly what that embedder scored.
+        assert summary[("search-again", model)]["metric_means"] == search
     table = (out / "results.md").read_text()
     assert "| topic | accuracy | test |" in table and "random init (micro)" in table
     assert "eval run 1/" in capsys.readouterr().out  # plain progress lines when not on a terminal
