@@ -1,4 +1,5 @@
-"""The whole job on a built-in default: local corpus -> tokenizer -> shards -> three tiny phases -> HF -> fill-mask.
+"""The whole job on a built-in default: local corpus -> tokenizer -> shards -> three tiny phases -> HF -> fill-mask
+-> evaluation of each phase against random init on local tasks.
 
 Each step is the same CLI a user would type (printed before it runs), and each is skipped when its output
 is already complete, so re-running the demo resumes where it stopped. Everything lands under `out_dir`.
