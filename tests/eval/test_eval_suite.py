@@ -10,7 +10,6 @@ from modernbert_train.cli.main import main
 from modernbert_train.errors import UserError
 from modernbert_train.eval.data import load_split
 from modernbert_train.eval.mlm import fixed_masks
-from modernbert_train.eval.runner import run_suite
 from modernbert_train.eval.suite import load_suite
 
 
