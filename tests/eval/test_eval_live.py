@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from modernbert_train.errors import UserError
@@ -40,6 +41,15 @@ def test_live_evaluation_logs_scores_and_leaves_training_unchanged(tmp_path, toy
     assert [r["step"] for r in scores] == [2, 4]
     assert all(0 <= r["live_eval/topic/accuracy"] <= 1 and r["live_eval/mlm/loss"] > 0 for r in scores)
     assert [r["train/loss"] for r in live if "train/loss" in r] == [r["train/loss"] for r in plain]
+
+    # --model accepts the run directory (newest checkpoint) and a checkpoint file alike.
+    from modernbert_train.checkpoints import latest_checkpoint
+    from modernbert_train.eval.models import load_eval_model
+
+    by_dir = load_eval_model(str(tmp_path / "live"))
+    by_file = load_eval_model(str(latest_checkpoint(tmp_path / "live")))
+    assert by_dir.step == by_file.step == 4 and by_dir.tokenizer_file.name == "tokenizer.json"
+    assert all(torch.equal(by_dir.weights[k], by_file.weights[k]) for k in by_dir.weights)
 
     report = write_report([tmp_path / "live"], tmp_path / "report")
     assert (tmp_path / "report" / "live_eval.png").stat().st_size > 5000
