@@ -1,4 +1,5 @@
-"""The whole job on a built-in default: local corpus -> tokenizer -> shards -> three tiny phases -> HF -> fill-mask.
+"""The whole job on a built-in default: local corpus -> tokenizer -> shards -> three tiny phases -> HF -> fill-mask
+-> evaluation of each phase against random init on local tasks.
 
 Each step is the same CLI a user would type (printed before it runs), and each is skipped when its output
 is already complete, so re-running the demo resumes where it stopped. Everything lands under `out_dir`.
@@ -30,12 +31,16 @@ class DemoSize:
     vocab_size: int
     steps: tuple[int, int, int]  # optimizer steps of phase 1, 2, 3
     phase1_batch_rows: int  # global batch of phase 1 (rows of 128 tokens) after its batch-size warmup
+    eval_overrides: tuple[str, ...] = ()  # changes to yamls/eval/local.yaml for this size
 
 
 SIZES = {
     "default": DemoSize(corpus_mb=6.0, vocab_size=8192, steps=(1500, 100, 80), phase1_batch_rows=16),
-    "small": DemoSize(corpus_mb=0.6, vocab_size=1024, steps=(12, 6, 6), phase1_batch_rows=8),
+    "small": DemoSize(corpus_mb=0.6, vocab_size=1024, steps=(12, 6, 6), phase1_batch_rows=8,
+                      eval_overrides=("tasks.0.sweep.seeds=[0]", "tasks.0.sweep.epochs=[1]", "tasks.0.limit=64",
+                                      "tasks.1.sweep.seeds=[0]", "tasks.1.limit=64")),
 }
+EVAL_SUITE = REPO / "yamls" / "eval" / "local.yaml"
 
 
 def _say(text: str) -> None:
@@ -161,15 +166,40 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: i
     _say("7/7 export to Hugging Face, fill-mask, report")
     hf_dir = out / "hf"
     _run_cli(["modernbert-train", "export", str(previous), "--out", str(hf_dir), "--overwrite"])
+    eval_dir = _evaluate_phases(out, runs, plan)
     report_dir = out / "report"
-    _run_cli(["modernbert-train", "report", *[str(runs / f"tiny-{p}") for p in PHASES], "--out", str(report_dir)])
+    _run_cli(["modernbert-train", "report", *[str(runs / f"tiny-{p}") for p in PHASES], "--out", str(report_dir),
+              "--eval", str(eval_dir)])
     for prompt, predictions in fill_mask_examples(hf_dir):
         shown = ", ".join(f"{token!r} {score:.2f}" for token, score in predictions)
         print(f"fill-mask {prompt!r}: {shown}")
+    print(f"\nevaluation (local tasks; {eval_dir / 'results.md'}):\n" + (eval_dir / "results.md").read_text()
+          .split("\n\n", 2)[-1])
     minutes = (time.perf_counter() - started) / 60
     print(f"\ndone in {minutes:.1f} min. Hugging Face model: {hf_dir}  report: {report_dir / 'report.md'}"
           f"\nload it with: transformers.AutoModelForMaskedLM.from_pretrained({str(hf_dir)!r})")
     return hf_dir
+
+
+def _evaluate_phases(out: Path, runs: Path, plan: DemoSize) -> Path:
+    """Every phase's newest checkpoint and a random init of the same architecture, fine-tuned and scored on
+    the local tasks (stdlib topic classification, docstring -> code retrieval, fixed-mask MLM)."""
+    eval_dir = out / "eval"
+    models = [str(runs / f"tiny-{p}") for p in PHASES] + [f"random:{runs / 'tiny-phase3'}"]
+    argv = ["modernbert-train", "eval", str(EVAL_SUITE), "--build-local-tasks", "--out", str(eval_dir),
+            *[arg for model in models for arg in ("--model", model)], f"data_root={out / 'eval_data'}",
+            *plan.eval_overrides]
+    _say("evaluation: each phase against random init, fine-tuned on local tasks (mean +- std over seeds)")
+    done = eval_dir / "results.json"
+    if done.exists() and json.loads(done.read_text()).get("command") == argv[1:] and all(
+            (runs / f"tiny-{p}" / "metrics.jsonl").stat().st_mtime < done.stat().st_mtime for p in PHASES):
+        print(f"reusing {eval_dir}")
+        return eval_dir
+    _run_cli(argv)
+    results = json.loads(done.read_text())
+    results["command"] = argv[1:]  # what these results answer: reused only for the same command and runs
+    done.write_text(json.dumps(results, indent=2) + "\n")
+    return eval_dir
 
 
 def _rerooted_manifest(recipe: Path, out: Path) -> Path:

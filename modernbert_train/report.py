@@ -558,8 +558,41 @@ def build_summary(phases: Sequence[Phase], plots: Sequence[tuple[PlotSpec, Path]
     return doc
 
 
-def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
-    """Plots and summary of the given run directories (in phase order); returns the path of report.md."""
+LIVE_EVAL_PREFIX = "live_eval/"  # written by modernbert_train.eval.live.LiveEvaluation
+
+
+def _add_evaluation(doc: _Doc, phases: Sequence[Phase], eval_dirs: Sequence[str | os.PathLike],
+                    out_dir: Path) -> None:
+    """Downstream scores: the live-evaluation curve (metrics.jsonl) and `modernbert-train eval` tables."""
+    live_keys = sorted({k for p in phases for r in p.records for k in r if k.startswith(LIVE_EVAL_PREFIX)})
+    if not live_keys and not eval_dirs:
+        return
+    doc.heading("Downstream evaluation")
+    if live_keys:
+        spec = PlotSpec("live_eval.png", "Evaluation suite during training",
+                        (("score", tuple((k, k[len(LIVE_EVAL_PREFIX):]) for k in live_keys)),))
+        path, _ = _draw_plot(spec, phases, out_dir)
+        rows = [[k[len(LIVE_EVAL_PREFIX):], f"{rec[k]:.4g}", f"{rec['step']:,}"]
+                for k in live_keys if (rec := phases[-1].final(k)) is not None]
+        if rows:
+            doc.table(["task/metric (live)", f"last value ({phases[-1].name})", "at step"], rows)
+        if path is not None:
+            doc.image(path.name, spec.title)
+    for eval_dir in eval_dirs:
+        from modernbert_train.eval.runner import table_rows
+
+        results_file = Path(eval_dir) / "results.json"
+        if not results_file.exists():
+            raise UserError(f"--eval {eval_dir}: no results.json (write one with `modernbert-train eval`)")
+        results = json.loads(results_file.read_text())
+        doc.para(f"Suite `{results['suite']}` ({results_file}): mean +- std over seeds, grid point chosen on dev.")
+        doc.table(*table_rows(results["summary"]))
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                 eval_dirs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Plots and summary of the given run directories (in phase order) and of evaluation results folders;
+    returns the path of report.md."""
     from modernbert_train.progress import Progress
 
     out_dir = Path(out_dir)
@@ -581,6 +614,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                 plots.append((spec, path))
             bar.update()
         doc = build_summary(phases, plots, notes)
+        _add_evaluation(doc, phases, eval_dirs, out_dir)
         markdown_path = out_dir / "report.md"
         markdown_path.write_text(doc.markdown(), encoding="utf-8")
         (out_dir / "report.html").write_text(doc.html(f"Training report: {phases[-1].name}"), encoding="utf-8")

@@ -22,6 +22,7 @@ COMMANDS = {
     "average": ("modernbert_train.cli.average", "average the weights of several checkpoints into one"),
     "convert-checkpoint": ("modernbert_train.cli.convert", "merge an FSDP sharded checkpoint folder into one .pt file"),
     "report": ("modernbert_train.cli.report", "plot metrics.jsonl of one or more run directories"),
+    "eval": ("modernbert_train.cli.eval", "fine-tune and score models on an evaluation suite (yamls/eval/)"),
 }
 
 EPILOG = """examples:
@@ -32,6 +33,7 @@ EPILOG = """examples:
   modernbert-train average runs/phase3/ep0-ba8000-rank0.pt runs/phase3 --out runs/phase3/averaged.pt
   modernbert-train convert-checkpoint runs/phase1/ep0-ba2000 --out phase1-ba2000.pt
   modernbert-train report runs/phase1 runs/phase2 runs/phase3
+  modernbert-train eval yamls/eval/local.yaml --model demo_out/hf --model random:demo_out/hf
 progress: a bar on a terminal; in a log file (SLURM, `> log`) one plain line per interval with an ETA.
   --progress auto|bar|lines|none after any command forces a mode; ranks other than 0 print only warnings and
   errors, prefixed with their rank.

@@ -10,6 +10,7 @@ masked_accuracy.png, report.md and report.html; a plot whose metrics were never 
 
 example:
   modernbert-train report runs/phase1 runs/phase2 runs/phase3 --out reports/base
+  modernbert-train report runs/phase3 --eval eval_out/local   # with a downstream evaluation table
   (default --out: RUN_DIR/report of the last run directory)"""
 
 
@@ -18,12 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directory holding metrics.jsonl and config.yaml (several: phases in order)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="output folder (default: RUN_DIR/report of the last run directory)")
+    parser.add_argument("--eval", action="append", default=[], metavar="DIR", dest="eval_dirs",
+                        help="add the table of a `modernbert-train eval` output folder (results.json); repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
     from modernbert_train.report import write_report
 
     out_dir = args.out if args.out is not None else Path(args.run_dirs[-1]) / "report"
-    markdown_path = write_report(args.run_dirs, out_dir)
+    markdown_path = write_report(args.run_dirs, out_dir, eval_dirs=args.eval_dirs)
     print(f"wrote {markdown_path} and {markdown_path.with_suffix('.html')}")
     return 0

@@ -144,6 +144,9 @@ class EvalConfig:
     interval: str = "1000ba"
     # Micro-batches per evaluation (data.micro_batch_size rows each); -1 runs the whole held-out set.
     max_batches: int = 20
+    # Live downstream evaluation: a suite file (yamls/eval/) run on the current weights every suite_interval.
+    suite: Optional[str] = None
+    suite_interval: str = "1000ba"
 
 
 @dataclass

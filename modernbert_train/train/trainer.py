@@ -309,6 +309,13 @@ def build_trainer(recipe: Recipe):
                  PruneCheckpoints(run_dir, recipe.checkpoint.keep_last, LATEST_NAME.format(rank=0))]
     if recipe.spike_guard.enabled:  # after MetricsJsonl: its rollback line follows the resume clean-up
         callbacks.append(SpikeGuard(recipe.spike_guard, run_dir, run_dir / "metrics.jsonl", train_loader, lr_schedule))
+    if recipe.eval.suite is not None:
+        from data_prep.tokenizer import resolve_tokenizer_file
+        from modernbert_train.eval.live import LiveEvaluation
+
+        callbacks.insert(0, LiveEvaluation(recipe.eval.suite, recipe.eval.suite_interval, run_dir / "metrics.jsonl",
+                                           recipe.run_name, model.config, resolve_tokenizer_file(recipe.data.tokenizer),
+                                           where="eval.suite"))
 
     evaluators = []
     if recipe.eval.manifest is not None:

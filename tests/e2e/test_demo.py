@@ -51,7 +51,16 @@ def test_demo_runs_every_step_and_reuses_them(tmp_path, capsys):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert "tiny-phase3" in (out / "report" / "report.md").read_text()
 
+    # Evaluation: every phase and a random init side by side, in the report and at the end of the output.
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == [f"tiny-{p}" for p in ("phase1", "phase2", "phase3")] + [
+        "random init (tiny-phase3)"]
+    assert {s["task"] for s in results["summary"]} >= {"stdlib-topic", "stdlib-code-search", "heldout-mlm"}
+    report = (out / "report" / "report.md").read_text()
+    assert "Downstream evaluation" in report and "| stdlib-topic | accuracy |" in report
+    assert "random init (tiny-phase3)" in printed.split("evaluation (local tasks")[-1]
+
     # Re-running reuses every finished step.
     run_demo(out, size="small")
     again = capsys.readouterr().out
-    assert again.count("reusing") >= 6 and "$ modernbert-train train" not in again
+    assert again.count("reusing") >= 7 and "$ modernbert-train train" not in again

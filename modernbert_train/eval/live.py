@@ -1,0 +1,79 @@
+"""Live evaluation during pretraining (the authors ran MNLI live): every N optimizer steps, the current
+weights are fine-tuned / scored on a small suite and the scores appended to the run's metrics.jsonl as
+`live_eval/<task>/<metric>` (mean over the suite's seeds), which `modernbert-train report` plots.
+
+Enabled by the recipe keys `eval.suite` (a suite file) and `eval.suite_interval` (e.g. 500ba). Training's
+random state is untouched (the evaluation runs under a forked RNG), so exact resume still holds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from modernbert_train.errors import UserError
+from modernbert_train.eval.models import EvalModel
+from modernbert_train.eval.runner import Progress, evaluate_model, runs_per_model
+from modernbert_train.eval.suite import load_suite
+
+log = logging.getLogger("modernbert_train")
+PREFIX = "live_eval/"
+
+
+def parse_steps(interval: str, key: str = "eval.suite_interval") -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*ba\s*", str(interval))
+    if not match or int(match.group(1)) < 1:
+        raise UserError(f"{key}: {interval!r} must be a number of optimizer steps like 500ba")
+    return int(match.group(1))
+
+
+class LiveEvaluation(Callback):
+    def __init__(self, suite_file: str, interval: str, metrics_path: str | Path, phase: str, model_config,
+                 tokenizer_file: str | Path, overrides: list[str] | None = None, where: str = "eval.suite"):
+        try:  # a bad suite fails before training starts
+            self.suite = load_suite(suite_file, overrides)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        self.every = parse_steps(interval)
+        self.metrics_path = Path(metrics_path)
+        self.phase = phase
+        self.model_config = model_config
+        self.tokenizer_file = Path(tokenizer_file)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        step = int(state.timestamp.batch)
+        if step % self.every:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        inner = getattr(state.model, "module", state.model).model
+        # Collective under FSDP: every rank takes part, rank 0 evaluates.
+        weights = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_global_rank() == 0:
+            record = self.evaluate(weights, step, int(state.timestamp.token), next(inner.parameters()).device)
+            logger.log_metrics({k: v for k, v in record.items() if k.startswith(PREFIX)})
+        dist.barrier()
+
+    def evaluate(self, weights: dict, step: int, tokens: int, device) -> dict:
+        started = time.perf_counter()
+        model = EvalModel(name=f"{self.phase}@{step}", source=f"step {step}", config=self.model_config,
+                          tokenizer_file=self.tokenizer_file, weights={k: v.float() for k, v in weights.items()})
+        record = {"step": step, "tokens": tokens, "phase": self.phase}
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            bar = Progress(runs_per_model(self.suite), enabled=False, silent=True)
+            for _, summary in evaluate_model(self.suite, model, device, bar):
+                for metric, value in summary.metric_means.items():
+                    record[f"{PREFIX}{summary.task}/{metric}"] = value
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("live evaluation at step %d (%.0f s): %s", step, time.perf_counter() - started,
+                 {k[len(PREFIX):]: round(v, 4) for k, v in record.items() if k.startswith(PREFIX)})
+        return record

@@ -1,0 +1,225 @@
+"""Run a suite over one or more models: every (task, grid point, seed) is one run; results side by side.
+
+Output folder: `results.json` (every run, its hyperparameters and scores, and the summary) and
+`results.md` (per task and model: metric mean +- std over seeds at the grid point chosen on dev).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modernbert_train.eval.models import EvalModel, load_eval_model
+from modernbert_train.eval.suite import Suite, TaskSpec
+
+
+@dataclass
+class TaskSummary:
+    task: str
+    type: str
+    model: str
+    metric_means: dict[str, float]
+    metric_stds: dict[str, float]
+    split: str  # where the reported scores come from: test, dev or eval_split
+    chosen: dict  # hyperparameters chosen on dev
+    seeds: int
+    per_seed: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _grid(task: TaskSpec) -> list[dict]:
+    if task.type == "mlm" or (task.type == "retrieval" and task.zero_shot):
+        return [{}]
+    s = task.sweep
+    return [dict(lr=lr, weight_decay=wd, epochs=ep) for lr, wd, ep in itertools.product(s.lr, s.weight_decay, s.epochs)]
+
+
+def _seeds(task: TaskSpec) -> list[int]:
+    return task.sweep.seeds[:1] if task.type == "mlm" or (task.type == "retrieval" and task.zero_shot) else task.sweep.seeds
+
+
+class Progress:
+    """tqdm with ETA on a terminal; one plain line per finished run otherwise (logs, CI, pipes)."""
+
+    def __init__(self, total: int, enabled: bool | None = None, silent: bool = False):
+        self.interactive = sys.stderr.isatty() if enabled is None else enabled
+        self.silent = silent
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.bar = None
+        if self.interactive:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="eval", unit="run", dynamic_ncols=True)
+
+    def finished(self, label: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label[:60])
+            self.bar.update(1)
+            return
+        if self.silent:
+            return
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"eval run {self.done}/{self.total} ({label}) elapsed {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_suite(suite: Suite, model_sources: list[str], out_dir: str | Path, device=None,
+              progress: bool | None = None) -> list[TaskSummary]:
+    device = torch.device(device) if device else _default_device()
+    models = [load_eval_model(source) for source in model_sources]
+    bar = Progress(len(models) * runs_per_model(suite), progress)
+    runs, summaries = [], []
+    try:
+        for model in models:
+            for task_runs, summary in evaluate_model(suite, model, device, bar):
+                runs.extend(task_runs)
+                summaries.append(summary)
+                write_results(out_dir, suite, models, runs, summaries)  # finished tasks survive an interruption
+    finally:
+        bar.close()
+    return summaries
+
+
+def runs_per_model(suite: Suite) -> int:
+    return sum(len(_grid(t)) * len(_seeds(t)) for t in suite.tasks)
+
+
+def evaluate_model(suite: Suite, model: EvalModel, device, bar: Progress):
+    """Yields (runs, summary) per task of the suite, in order."""
+    finetuned: dict[str, object] = {}  # task name -> chosen fine-tuned model, for init_from_task
+    for task in suite.tasks:
+        task_runs = _run_task(suite, task, model, device, bar, finetuned)
+        yield task_runs, _summarise(task, model, task_runs)
+
+
+def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progress, finetuned: dict) -> list[dict]:
+    where = f"{suite.path}: task {task.name}"
+    keep = any(t.init_from_task == task.name for t in suite.tasks)
+    records = []
+    if task.type == "classification":
+        from modernbert_train.eval.classify import finetune_classifier, load_classification_data
+        from modernbert_train.eval.encoder import TextEncoder
+
+        data = load_classification_data(
+            task, TextEncoder(model.tokenizer_file, task.max_length or model.config.max_position_embeddings), where)
+        best_dev, best_model = None, None
+        for point in _grid(task):
+            for seed in _seeds(task):
+                result = finetune_classifier(task, data, model, seed=seed, device=device, keep_model=keep,
+                                             start_from=finetuned.get(task.init_from_task), **point)
+                records.append(dict(task=task.name, type=task.type, model=model.name, seed=seed, **point,
+                                    dev=result.dev, test=result.test, best_epoch=result.best_epoch,
+                                    epochs_run=result.epochs_run))
+                if keep and (best_dev is None or result.dev[task.main_metric] > best_dev):
+                    best_dev, best_model = result.dev[task.main_metric], result.classifier
+                bar.finished(f"{model.name} {task.name} seed {seed}")
+        if keep:
+            finetuned[task.name] = best_model
+    elif task.type == "retrieval":
+        from modernbert_train.eval.retrieval import run_retrieval
+
+        best_score, best_model = None, None
+        for point in _grid(task):
+            for seed in _seeds(task):
+                settings = point or dict(lr=0.0, weight_decay=0.0, epochs=0)
+                scores, embedder = run_retrieval(task, model, seed=seed, device=device, where=where,
+                                                 start_from=finetuned.get(task.init_from_task), **settings)
+                records.append(dict(task=task.name, type=task.type, model=model.name, seed=seed, **point,
+                                    zero_shot=task.zero_shot, eval=scores))
+                if keep and (best_score is None or scores[task.main_metric] > best_score):
+                    best_score, best_model = scores[task.main_metric], embedder
+                bar.finished(f"{model.name} {task.name} seed {seed}")
+        if keep:
+            finetuned[task.name] = best_model
+    else:
+        from modernbert_train.eval.mlm import evaluate_mlm
+
+        scores = evaluate_mlm(task, model, device, where)
+        records.append(dict(task=task.name, type=task.type, model=model.name, seed=task.mask_seed, eval=scores))
+        bar.finished(f"{model.name} {task.name}")
+    return records
+
+
+def _summarise(task: TaskSpec, model: EvalModel, records: list[dict]) -> TaskSummary:
+    """Choose the grid point with the best mean dev main metric over seeds; report its scores.
+
+    Classification reports test when the task has a test split, else dev (as GLUE dev numbers are
+    reported). Retrieval has no dev split here: with more than one grid point, the choice and the
+    reported score come from the same eval split, which the table says."""
+    keys = ("lr", "weight_decay", "epochs")
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault(tuple(record.get(k) for k in keys), []).append(record)
+    if task.type == "classification":
+        select = lambda rs: np.mean([r["dev"][task.main_metric] for r in rs])  # noqa: E731
+        report_split = "test" if records[0]["test"] is not None else "dev"
+    else:
+        lower_better = task.type == "mlm" and task.main_metric == "loss"
+        select = lambda rs: (-1 if lower_better else 1) * np.mean([r["eval"][task.main_metric] for r in rs])  # noqa: E731
+        report_split = "eval" if task.type == "mlm" else task.data.eval_split
+    point, chosen = max(groups.items(), key=lambda kv: select(kv[1]))
+    field_name = report_split if task.type == "classification" else "eval"
+    per_seed = {m: [r[field_name][m] for r in chosen] for m in task.metrics}
+    return TaskSummary(
+        task=task.name, type=task.type, model=model.name,
+        metric_means={m: float(np.mean(v)) for m, v in per_seed.items()},
+        metric_stds={m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in per_seed.items()},
+        split=report_split, chosen={k: v for k, v in zip(keys, point) if v is not None}, seeds=len(chosen),
+        per_seed=per_seed)
+
+
+def table_rows(summaries: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per (task, metric), one column per model with mean +- std over seeds and the
+    chosen grid point. `summaries`: TaskSummary dicts (as results.json stores them)."""
+    models = list(dict.fromkeys(s["model"] for s in summaries))
+    by_key = {(s["task"], s["model"]): s for s in summaries}
+    rows = []
+    for task in dict.fromkeys(s["task"] for s in summaries):
+        first = by_key[(task, models[0])]
+        for metric in first["metric_means"]:
+            cells = []
+            for model in models:
+                s = by_key.get((task, model))
+                if s is None:
+                    cells.append("")
+                    continue
+                spread = f" +- {s['metric_stds'][metric]:.3f}" if s["seeds"] > 1 else ""
+                chosen = ", ".join(f"{k} {v:g}" for k, v in s["chosen"].items())
+                cells.append(f"{s['metric_means'][metric]:.3f}{spread}" + (f" ({chosen})" if chosen else ""))
+            rows.append([task, metric, first["split"], *cells])
+    return ["task", "metric", "split", *models], rows
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    header, rows = table_rows(summaries)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir, suite: Suite, models: list[EvalModel], runs: list[dict], summaries) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "suite": str(suite.path), "suite_name": suite.name,
+        "models": [{"name": m.name, "source": m.source, "step": m.step} for m in models],
+        "summary": [asdict(s) for s in summaries], "runs": runs,
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    header = (f"# Evaluation: {suite.name}\n\nSuite `{suite.path}`; mean +- sample std over seeds at the grid point "
+              f"chosen on dev (in brackets).\n\n")
+    (out / "results.md").write_text(header + markdown_table([asdict(s) for s in summaries]))
