@@ -47,7 +47,8 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]], names: list[str])
     return averaged
 
 
-def average_checkpoints(sources: list[str | Path], out_file: str | Path, *, overwrite: bool = False) -> Path:
+def average_checkpoints(sources: list[str | Path], out_file: str | Path, *, overwrite: bool = False,
+                        trust: bool = False) -> Path:
     """Average the model weights of `sources` into `out_file` (composer-style); returns its path.
 
     model_config.json and tokenizer.json of the first source's run directory are copied beside the output
@@ -61,7 +62,7 @@ def average_checkpoints(sources: list[str | Path], out_file: str | Path, *, over
     states, names, last_state, run_dirs = [], [], None, []
     for source in sources:
         checkpoint, run_dir = find_checkpoint(Path(source))
-        composer_state = load_composer_state(checkpoint)
+        composer_state = load_composer_state(checkpoint, trust=trust)
         try:
             states.append(composer_state["state"]["model"])
         except (KeyError, TypeError):

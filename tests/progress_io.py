@@ -47,9 +47,11 @@ def run_in_pty(args: list[str], env: dict[str, str] | None = None, timeout: floa
                             env=env or cli_env(), close_fds=True)
     os.close(slave)
     chunks, deadline = [], time.monotonic() + timeout
+    poller = select.poll()  # not select.select: it fails on descriptors past 1024, which a long session reaches
+    poller.register(master, select.POLLIN)
     try:
         while True:
-            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            ready = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
             if not ready:
                 raise TimeoutError(f"{args} still running after {timeout}s")
             try:

@@ -47,7 +47,8 @@ def run(args) -> int:
 
     # The averaged file gets the first source's model_config.json and tokenizer.json beside it.
     with tempfile.TemporaryDirectory() as tmp:
-        return _export(average_checkpoints(args.source, Path(tmp) / "averaged.pt"), args)
+        return _export(average_checkpoints(args.source, Path(tmp) / "averaged.pt", trust=args.trust_checkpoint),
+                       args)
 
 
 def _export(source, args) -> int:

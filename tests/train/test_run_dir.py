@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from modernbert_train.errors import UserError
 from modernbert_train.run_dir import (LOCK_FILE, STALE_AFTER_S, check_resume_keeps_architecture, lock_run_dir,
@@ -114,7 +115,8 @@ def test_trainer_resume_keeps_model_config(tiny_data, data_overrides, tmp_path):
     run = tmp_path / "run"
     trainer, _ = build_trainer(_recipe(tiny_data, data_overrides, run))
     trainer.close()
-    (run / "ep0-ba2-rank0.pt").write_bytes(b"")  # the run has checkpoints now: the next build resumes it
+    # The run has a (complete: a whole zip) checkpoint now, so the next build resumes it.
+    torch.save({"state": {}}, run / "ep0-ba2-rank0.pt")
     before = {name: (run / name).read_text() for name in ("model_config.json", "config.yaml")}
     with pytest.raises(UserError, match=r"^override 'model.config.num_hidden_layers=2': resuming .* would change "
                                         r"the architecture: num_hidden_layers is 6 in .*model_config.json but 2 now"):

