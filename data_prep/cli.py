@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from modernbert_train.errors import did_you_mean, run_command
+from modernbert_train.errors import UserError, did_you_mean, run_command
 
 EPILOG = """examples:
   modernbert-data build-local-corpus --out demo_out/corpus --max-mb 4
@@ -35,6 +35,10 @@ formats: jsonl (.jsonl .jsonl.gz .jsonl.zst, one JSON object per line, --text-fi
 column), text (one document per file), code (one document per file, by --language/--extension).
 Re-running on the same --out resumes: finished work units are kept, changed inputs are redone; different
 settings (tokenizer, --max-seq-len, ...) are refused unless --overwrite.
+object storage: --out s3://bucket/prefix (or gs://, oci://, azure://, ...) writes parts under --staging and
+uploads each as it finishes (index.json last); a re-run resumes without re-uploading finished parts.
+Credentials come from the environment (AWS_ACCESS_KEY_ID/AWS_PROFILE, S3_ENDPOINT_URL for S3-compatible stores).
+  modernbert-data prepare data/web/*.jsonl.zst --tokenizer tok --out s3://corpus/shards/web --staging /scratch/web
 bad records: malformed JSON, missing/non-string text field, invalid UTF-8 and unreadable files follow
 --on-error (default fail); binary files met in code/text directories follow --on-binary (default skip);
 empty documents are always skipped and counted. prep_summary.json accounts for every record read."""
@@ -42,6 +46,7 @@ empty documents are always skipped and counted. prep_summary.json accounts for e
 STATS_EPILOG = """examples:
   modernbert-data stats demo_out/shards/code demo_out/shards/prose
   modernbert-data stats yamls/data/demo.yaml --scan
+  modernbert-data stats s3://corpus/shards/web      (reads the metadata remotely; --scan downloads the shards)
 --scan recounts from the shards themselves and checks prep_meta.json."""
 
 CORPUS_EPILOG = """example:
@@ -101,7 +106,11 @@ def run_train_tokenizer(args) -> int:
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     _add_input_selection(parser)
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding one")
-    parser.add_argument("--out", required=True, help="output folder for this source's shards")
+    parser.add_argument("--out", required=True,
+                        help="output folder for this source's shards, or an object-store URL (s3://bucket/prefix)")
+    parser.add_argument("--staging", default=None,
+                        help="with a remote --out: local folder for parts before upload (default: "
+                             "~/.cache/modernbert-data/staging/...; keep it stable so a re-run resumes)")
     parser.add_argument("--source", default=None, help="source name written in every sample (default: --out name)")
     parser.add_argument("--max-seq-len", type=int, default=8192,
                         help="ids per chunk incl. [CLS]/[SEP]; longer documents are split (8192)")
@@ -118,6 +127,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_prepare(args) -> int:
     from data_prep.prepare import PrepareConfig, format_summary, prepare
+    from data_prep.remote import is_remote, prepare_remote
 
     cfg = PrepareConfig(
         inputs=args.inputs, out=args.out, tokenizer=args.tokenizer, source=args.source, format=args.format,
@@ -126,14 +136,16 @@ def run_prepare(args) -> int:
         on_error=args.on_error, on_binary=args.on_binary, overwrite=args.overwrite,
         unit_bytes=max(1, int(args.unit_mb * (1 << 20))) if args.unit_mb else None, shard_size_limit=max(1 << 16, int(args.shard_mb * (1 << 20))),
         progress=not args.no_progress)
-    print(format_summary(prepare(cfg)))
+    if args.staging and not is_remote(args.out):
+        raise UserError(f"--staging only applies when --out is an object-store URL (got --out {args.out})")
+    print(format_summary(prepare_remote(cfg, args.staging) if is_remote(args.out) else prepare(cfg)))
     print(f"wrote {args.out}/index.json, prep_meta.json, prep_summary.json")
     return 0
 
 
 def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="FOLDER_OR_MANIFEST",
-                        help="prepared shard folders, or a mixture manifest .yaml")
+                        help="prepared shard folders or object-store URLs, or a mixture manifest .yaml")
     parser.add_argument("--scan", action="store_true", help="recount from the shards and check prep_meta.json")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -145,16 +157,18 @@ def _folders_of(paths: list[str]) -> list[str]:
             from modernbert_train.data.manifest import load_manifest
 
             for source in load_manifest(path).sources:
-                folders.append(str(source.local))
+                folders.append(source.remote if source.remote else str(source.local))
         else:
             folders.append(path)
     return folders
 
 
 def run_stats(args) -> int:
+    from data_prep.remote import is_remote, remote_folder_stats
     from data_prep.stats import folder_stats, format_stats
 
-    stats = [folder_stats(folder, scan=args.scan, progress=args.scan and not args.json)
+    stats = [(remote_folder_stats if is_remote(folder) else folder_stats)(
+                 folder, scan=args.scan, progress=args.scan and not args.json)
              for folder in _folders_of(args.paths)]
     print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
     return 0 if all(s.get("scan_matches_meta", True) for s in stats) else 1

@@ -330,12 +330,19 @@ class _Progress:
         self.bar.close()
 
 
-def _run_in_process(units: list[WorkUnit], tok, settings: dict, out: Path, progress: _Progress) -> list[dict]:
+def _part_done(summary: dict, out: Path, hooks) -> dict:
+    if hooks is not None:
+        hooks.on_unit_done(out / f"{PART_PREFIX}{summary['index']:05d}")
+    return summary
+
+
+def _run_in_process(units: list[WorkUnit], tok, settings: dict, out: Path, progress: _Progress,
+                    hooks=None) -> list[dict]:
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # same one-core-per-worker rule as the pool
     try:
         writer = UnitWriter(tok, special_token_ids(tok), settings, out, report=progress.update)
-        return [writer.run(unit) for unit in units]
+        return [_part_done(writer.run(unit), out, hooks) for unit in units]
     finally:
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -344,7 +351,7 @@ def _run_in_process(units: list[WorkUnit], tok, settings: dict, out: Path, progr
 
 
 def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, settings: dict, out: Path,
-                 progress: _Progress) -> list[dict]:
+                 progress: _Progress, hooks=None) -> list[dict]:
     import multiprocessing as mp
     import queue as queue_module
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -370,7 +377,7 @@ def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, setti
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 drain()
                 for future in done:
-                    results.append(future.result())  # re-raises a worker's UserError here
+                    results.append(_part_done(future.result(), out, hooks))  # re-raises a worker's UserError
         except BaseException:
             stop_event.set()
             for future in pending:
@@ -420,8 +427,12 @@ def _previous_unit_bytes(out: Path) -> int | None:
         return None
 
 
-def prepare(cfg: PrepareConfig) -> dict:
-    """Run (or resume) one source's preparation; return the summary also written to prep_summary.json."""
+def prepare(cfg: PrepareConfig, hooks=None) -> dict:
+    """Run (or resume) one source's preparation; return the summary also written to prep_summary.json.
+
+    hooks (optional): on_start() once the output is marked incomplete, on_unit_done(part folder) as each work
+    unit finishes, on_finish() after the index and metadata are written (data_prep/remote.py uploads with them).
+    """
     cfg.validate()
     tok = load_tokenizer(cfg.tokenizer)
     tok.encode_special_tokens = True  # "[MASK]" written in a document is text, never the mask id
@@ -449,15 +460,17 @@ def prepare(cfg: PrepareConfig) -> dict:
         (out / name).unlink(missing_ok=True)  # the folder is incomplete until the end of this run
     plan = {"settings": settings, "inputs": files, "units": [u.to_json() for u in units]}
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    if hooks is not None:
+        hooks.on_start()
 
     run_settings = dict(settings, policies={"on_error": cfg.on_error, "on_binary": cfg.on_binary})
     progress = _Progress(sum(u.size for u in todo), cfg.progress, desc=f"prepare {source}")
     start = time.perf_counter()
     try:
         if cfg.workers == 1 or len(todo) <= 1:
-            new = _run_in_process(todo, tok, run_settings, out, progress)
+            new = _run_in_process(todo, tok, run_settings, out, progress, hooks)
         else:
-            new = _run_in_pool(todo, min(cfg.workers, len(todo)), cfg.tokenizer, run_settings, out, progress)
+            new = _run_in_pool(todo, min(cfg.workers, len(todo)), cfg.tokenizer, run_settings, out, progress, hooks)
     except UserError as err:
         finished = sum(1 for p in out.iterdir() if p.name.startswith(PART_PREFIX))
         raise UserError(f"{err}. {finished} of {len(units)} work units are finished and kept in {out}; "
@@ -500,6 +513,8 @@ def prepare(cfg: PrepareConfig) -> dict:
                      "workers": cfg.workers},
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    if hooks is not None:
+        hooks.on_finish()
     return summary
 
 

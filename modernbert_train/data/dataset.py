@@ -21,6 +21,12 @@ from modernbert_train.errors import UserError
 _STREAMING_SHM_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|"
                                  r"shard_access_times|resume|epoch_shape|epoch_data)$")
 SHM_DIR = Path("/dev/shm")
+# Sources with a `remote` are cached in their `local` folder; unless the recipe sets data.cache_limit, the
+# cache may use this share of the free disk (plus what it already holds), so a 2T-token mixture never fills it.
+DEFAULT_CACHE_DISK_FRACTION = 0.5
+# streaming's attempts per shard download, spaced 1, 2, 4, 8, 16 s apart (on top of the client's own retries,
+# e.g. botocore's AWS_MAX_ATTEMPTS): an object store unreachable for about half a minute is ridden out.
+DOWNLOAD_RETRY = 6
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,18 @@ def _make_dataset_class():
         """StreamingDataset whose samples carry their global index (the masking key and resume handle)."""
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
-            sample = super().get_item(sample_id, retry)
+            try:
+                sample = super().get_item(sample_id, retry)
+            except FileNotFoundError:
+                raise
+            except Exception as err:
+                remotes = sorted({s.remote for s in self.streams if s.remote})
+                if not remotes or isinstance(err, UserError):
+                    raise
+                first = str(err).splitlines()[0] if str(err) else ""
+                raise UserError(f"could not download shards from {', '.join(remotes)} after the retry budget "
+                                f"({type(err).__name__}: {first}); the checkpoints are intact: re-run the same "
+                                f"command to resume once the store is reachable") from err
             return {"input_ids": sample["input_ids"], "sample_id": int(sample_id)}
 
     return IndexedStreamingDataset
@@ -177,20 +194,49 @@ def dataset_class():
     return _DATASET_CLASS
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def default_cache_limit(manifest: Manifest) -> int | None:
+    """Bound on the local shard cache when any source streams from a remote, else None (nothing to evict).
+
+    DEFAULT_CACHE_DISK_FRACTION of (free space + what the caches hold already) on the fullest filesystem
+    among the sources' `local` folders. The recipe's data.cache_limit (bytes or "200gb") replaces it.
+    """
+    import shutil
+
+    if not any(source.remote for source in manifest.sources):
+        return None
+    limits = []
+    for source in manifest.sources:
+        folder = Path(source.local).resolve()
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        limits.append(free + _folder_bytes(folder))
+    return int(min(limits) * DEFAULT_CACHE_DISK_FRACTION)
+
+
 def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: bool, seed: int,
                             shuffle_algo: str = "py1e", num_canonical_nodes: int | None = None,
                             shuffle_block_size: int | None = None, predownload: int | None = None,
                             cache_limit: int | str | None = None, download_timeout: float = 60.0,
-                            sampling_method: str = "balanced", replication: int | None = None):
+                            sampling_method: str = "balanced", replication: int | None = None,
+                            download_retry: int = DOWNLOAD_RETRY):
     """One `Stream` per manifest source, weights as the manifest says, deterministic shuffle by `seed`.
 
     replication=N: N consecutive ranks get the same samples (N = world size: every rank sees the stream a
-    single process would).
+    single process would). cache_limit None: `default_cache_limit` (bounded whenever a source is remote).
     """
     from streaming import Stream
 
+    if cache_limit is None:
+        cache_limit = default_cache_limit(manifest)
     streams = [Stream(remote=source.remote, local=source.local, download_timeout=download_timeout,
-                      **source.stream_weight_kwargs()) for source in manifest.sources]
+                      download_retry=download_retry, **source.stream_weight_kwargs())
+               for source in manifest.sources]
     try:
         return dataset_class()(
             streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed, shuffle_algo=shuffle_algo,
@@ -203,6 +249,8 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
             raise UserError(f"manifest {manifest.path}: a shard folder is already in use by another dataset in "
                             f"this job or by another job on this host ({err}); give each loader (train, eval) and "
                             f"each concurrent run its own folders") from err
+        if "ache limit" in str(err) or "cache_limit" in str(err):
+            raise UserError(f"data.cache_limit {cache_limit}: {err}") from err
         raise UserError(f"manifest {manifest.path}: streaming rejected the sources: {err}") from err
     except RuntimeError as err:
         if "contains no samples" in str(err):
