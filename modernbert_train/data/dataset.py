@@ -172,14 +172,24 @@ def _make_dataset_class():
             except FileNotFoundError:
                 raise
             except Exception as err:
-                remotes = sorted({s.remote for s in self.streams if s.remote})
-                if not remotes or isinstance(err, UserError):
+                if isinstance(err, UserError) or not any(s.remote for s in self.streams):
                     raise
-                first = str(err).splitlines()[0] if str(err) else ""
-                raise UserError(f"could not download shards from {', '.join(remotes)} after the retry budget "
-                                f"({type(err).__name__}: {first}); the checkpoints are intact: re-run the same "
-                                f"command to resume once the store is reachable") from err
+                self._raise_download_failure(err)
             return {"input_ids": sample["input_ids"], "sample_id": int(sample_id)}
+
+        def __iter__(self):
+            yield from super().__iter__()
+            # streaming ends the epoch early, silently, when its download thread failed (e.g. the object
+            # store stayed unreachable past the retry budget): that would skip samples, so stop instead.
+            if getattr(self, "_event", None) is not None and self._event.is_set():
+                self._raise_download_failure(RuntimeError("the background download thread failed"))
+
+        def _raise_download_failure(self, err: BaseException):
+            remotes = sorted({s.remote for s in self.streams if s.remote}) or ["the shard folders"]
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise UserError(f"could not download shards from {', '.join(remotes)} after the retry budget "
+                            f"({type(err).__name__}: {first}); the checkpoints are intact: re-run the same "
+                            f"command to resume once the store is reachable") from err
 
     return IndexedStreamingDataset
 
