@@ -39,6 +39,9 @@ object storage: --out s3://bucket/prefix (or gs://, oci://, azure://, ...) write
 uploads each as it finishes (index.json last); a re-run resumes without re-uploading finished parts.
 Credentials come from the environment (AWS_ACCESS_KEY_ID/AWS_PROFILE, S3_ENDPOINT_URL for S3-compatible stores).
   modernbert-data prepare data/web/*.jsonl.zst --tokenizer tok --out s3://corpus/shards/web --staging /scratch/web
+many machines: --engine spark runs each work unit as a Spark task (retried by Spark if it fails); see
+launch/spark_prepare.sh. The output equals a single-machine prepare's.
+  modernbert-data prepare data/web --tokenizer tok --out /shared/shards/web --engine spark --workers 2
 bad records: malformed JSON, missing/non-string text field, invalid UTF-8 and unreadable files follow
 --on-error (default fail); binary files met in code/text directories follow --on-binary (default skip);
 empty documents are always skipped and counted. prep_summary.json accounts for every record read."""
@@ -123,6 +126,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                              "1-64 MB; a resumed run keeps its plan's)")
     parser.add_argument("--shard-mb", type=float, default=64, help="uncompressed MB per MDS shard")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--engine", default="local", choices=("local", "spark"),
+                        help="local: this machine's process pool; spark: one Spark task per work unit (needs "
+                             "pyspark; --out on a filesystem every executor sees)")
+    parser.add_argument("--spark-master", default=None,
+                        help="with --engine spark: master URL (default local[--workers,4]: local mode with 4 "
+                             "attempts per task; 'active' uses the running session, e.g. under spark-submit)")
 
 
 def run_prepare(args) -> int:
@@ -138,7 +147,14 @@ def run_prepare(args) -> int:
         progress=not args.no_progress)
     if args.staging and not is_remote(args.out):
         raise UserError(f"--staging only applies when --out is an object-store URL (got --out {args.out})")
-    print(format_summary(prepare_remote(cfg, args.staging) if is_remote(args.out) else prepare(cfg)))
+    if args.engine == "spark":
+        from data_prep.distributed import local_master, prepare_on_spark
+
+        master = None if args.spark_master == "active" else (args.spark_master or local_master(args.workers))
+        summary = prepare_on_spark(cfg, master, args.staging)
+    else:
+        summary = prepare_remote(cfg, args.staging) if is_remote(args.out) else prepare(cfg)
+    print(format_summary(summary))
     print(f"wrote {args.out}/index.json, prep_meta.json, prep_summary.json")
     return 0
 

@@ -431,7 +431,9 @@ def prepare(cfg: PrepareConfig, hooks=None) -> dict:
     """Run (or resume) one source's preparation; return the summary also written to prep_summary.json.
 
     hooks (optional): on_start() once the output is marked incomplete, on_unit_done(part folder) as each work
-    unit finishes, on_finish() after the index and metadata are written (data_prep/remote.py uploads with them).
+    unit finishes, on_finish() after the index and metadata are written (data_prep/remote.py uploads with them);
+    run_units(units, settings, out) -> summaries, when present, runs the units instead of the local pool
+    (data_prep/distributed.py hands them to Spark).
     """
     cfg.validate()
     tok = load_tokenizer(cfg.tokenizer)
@@ -467,7 +469,10 @@ def prepare(cfg: PrepareConfig, hooks=None) -> dict:
     progress = _Progress(sum(u.size for u in todo), cfg.progress, desc=f"prepare {source}")
     start = time.perf_counter()
     try:
-        if cfg.workers == 1 or len(todo) <= 1:
+        if hooks is not None and getattr(hooks, "run_units", None) is not None:
+            # A distributed engine runs the units (data_prep/distributed.py); same writer, same parts.
+            new = [_part_done(s, out, hooks) for s in hooks.run_units(todo, run_settings, out)]
+        elif cfg.workers == 1 or len(todo) <= 1:
             new = _run_in_process(todo, tok, run_settings, out, progress, hooks)
         else:
             new = _run_in_pool(todo, min(cfg.workers, len(todo)), cfg.tokenizer, run_settings, out, progress, hooks)

@@ -253,8 +253,10 @@ class RemoteHooks:
         self.output.finish()
 
 
-def prepare_remote(cfg, staging: str | os.PathLike | None = None) -> dict:
-    """`prepare` with cfg.out an object-store URL: write parts in `staging`, upload each when finished."""
+def prepare_remote(cfg, staging: str | os.PathLike | None = None, engine=None) -> dict:
+    """`prepare` with cfg.out an object-store URL: write parts in `staging`, upload each when finished.
+
+    engine: optional callable wrapping the upload hooks (data_prep/distributed.py's Spark engine)."""
     from data_prep.prepare import prepare
 
     remote = cfg.out.rstrip("/")
@@ -269,7 +271,8 @@ def prepare_remote(cfg, staging: str | os.PathLike | None = None) -> dict:
     local_cfg = type(cfg)(**{**cfg.__dict__, "out": str(staging),
                              "source": cfg.source or urllib.parse.urlparse(remote).path.rstrip("/").split("/")[-1]
                              or urllib.parse.urlparse(remote).netloc})
-    summary = prepare(local_cfg, hooks=RemoteHooks(output))
+    hooks = RemoteHooks(output)
+    summary = prepare(local_cfg, hooks=engine(hooks) if engine else hooks)
     summary["this_run"]["remote"] = {"url": remote, "staging": str(staging), **synced}
     return summary
 
