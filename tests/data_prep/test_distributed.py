@@ -78,3 +78,18 @@ def test_spark_bad_input_is_one_line_with_file_and_line_and_keeps_finished_parts
     assert finished  # the good file's units are kept for the resume
     assert data_cli(args + ["--on-error", "skip"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_cluster_recipe_dry_run_submits_prepare_on_the_active_session():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DRY_RUN="1", SPARK_MASTER="spark://head:7077", NUM_EXECUTORS="16", EXECUTOR_CORES="64",
+               PYTHON=sys.executable)
+    out = subprocess.run([str(repo / "launch" / "spark_prepare.sh"), "raw/web", "--tokenizer", "tok", "--out",
+                          "s3://corpus/web"], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("spark-submit --master spark://head:7077 --num-executors 16 --executor-cores 64")
+    assert "data_prep/cli.py prepare raw/web --tokenizer tok --out s3://corpus/web --engine spark " \
+           "--spark-master active --workers 1024" in out
