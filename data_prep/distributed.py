@@ -76,7 +76,9 @@ class SparkEngine:
         except ImportError as err:
             raise UserError("--engine spark needs pyspark (pip install 'modernbert-train[spark]') and Java 17+")\
                 from err
-        builder = SparkSession.builder.appName(self.app_name)
+        # Workers fork from a daemon that has streaming imported already (data_prep/spark_daemon.py).
+        builder = SparkSession.builder.appName(self.app_name).config("spark.python.daemon.module",
+                                                                     "data_prep.spark_daemon")
         if self.master:
             builder = builder.master(self.master)
             if self.master.startswith("local"):
