@@ -4,6 +4,8 @@
     sources.py       input discovery, work units, readers that turn bad records into counted Problems
     prepare.py       prepare(PrepareConfig): parallel, resumable tokenize + chunk + MDS write (contract 2)
     stats.py         iter_samples, folder_stats, length histograms
+    remote.py        prepare to object storage (parts uploaded as finished, index last), remote metadata
+    distributed.py   prepare on Apache Spark: one task per work unit (spark_daemon.py: its worker daemon)
     local_corpus.py  the offline demo corpus (stdlib code + Python prose)
     cli.py           `modernbert-data train-tokenizer | prepare | stats | build-local-corpus`
 """
