@@ -272,7 +272,10 @@ def prepare_remote(cfg, staging: str | os.PathLike | None = None, engine=None) -
                              "source": cfg.source or urllib.parse.urlparse(remote).path.rstrip("/").split("/")[-1]
                              or urllib.parse.urlparse(remote).netloc})
     hooks = RemoteHooks(output)
-    summary = prepare(local_cfg, hooks=engine(hooks) if engine else hooks)
+    try:
+        summary = prepare(local_cfg, hooks=engine(hooks) if engine else hooks)
+    except UserError as err:  # name the remote the user gave, not the staging folder behind it
+        raise UserError(str(err).replace(f"--out {staging}", f"--out {remote}")) from None
     summary["this_run"]["remote"] = {"url": remote, "staging": str(staging), **synced}
     return summary
 

@@ -124,3 +124,24 @@ def test_remote_errors_are_one_line(s3_server, local_corpus, trained_tokenizer_d
                      "s3://no-such-bucket/x", "--staging", str(tmp_path / "s"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no-such-bucket" in err and "S3_ENDPOINT_URL" in err
+
+
+def test_other_settings_are_refused_then_overwrite_replaces_every_object(s3_server, local_corpus,
+                                                                         trained_tokenizer_dir, tmp_path, capsys):
+    client, bucket = s3_server.client(), "prep-overwrite"
+    out = s3_server.bucket(bucket) + "/p"
+    first_file = sorted((local_corpus / "prose").iterdir())[0]
+    args = ["prepare", str(first_file), "--tokenizer", str(trained_tokenizer_dir), "--out", out, "--staging",
+            str(tmp_path / "staging"), "--workers", "1", "--no-progress", "--unit-mb", "0.02"]
+    assert data_cli(args + ["--max-seq-len", "64"]) == 0
+    before = _objects(client, bucket, "p")
+    capsys.readouterr()
+    assert data_cli(args + ["--max-seq-len", "256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--out {out} was prepared with different settings (max_seq_len" in err
+    assert _objects(client, bucket, "p") == before  # refused: nothing changed
+    assert data_cli(args + ["--max-seq-len", "256", "--overwrite", "--unit-mb", "1"]) == 0
+    after = _objects(client, bucket, "p")
+    assert _complete_parts(after) == {"part-00000"} and len(_complete_parts(before)) > 1  # old parts deleted
+    meta = json.loads((fetch_metadata(out, tmp_path / "fetched") / "prep_meta.json").read_text())
+    assert meta["max_seq_len"] == 256
