@@ -123,9 +123,7 @@ class RemoteOutput:
         names = set()
         for key in keys:
             key = str(key)
-            if os.path.isabs(key):  # LocalUploader lists local paths
-                key = os.path.relpath(key, self.staging)
-            elif prefix and key.startswith(prefix + "/"):
+            if prefix and key.startswith(prefix + "/"):
                 key = key[len(prefix) + 1:]
             names.add(key)
         return names
