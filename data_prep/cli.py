@@ -147,6 +147,8 @@ def run_prepare(args) -> int:
         progress=not args.no_progress)
     if args.staging and not is_remote(args.out):
         raise UserError(f"--staging only applies when --out is an object-store URL (got --out {args.out})")
+    if args.spark_master and args.engine != "spark":
+        raise UserError("--spark-master only applies with --engine spark")
     if args.engine == "spark":
         from data_prep.distributed import local_master, prepare_on_spark
 

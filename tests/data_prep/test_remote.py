@@ -121,6 +121,9 @@ def test_remote_errors_are_one_line(s3_server, local_corpus, trained_tokenizer_d
                      str(tmp_path / "local"), "--staging", str(tmp_path / "s")]) == 2
     assert "--staging only applies" in capsys.readouterr().err
     assert data_cli(["prepare", str(local_corpus / "prose"), "--tokenizer", str(trained_tokenizer_dir), "--out",
+                     str(tmp_path / "local"), "--spark-master", "local[2]"]) == 2
+    assert "--spark-master only applies with --engine spark" in capsys.readouterr().err
+    assert data_cli(["prepare", str(local_corpus / "prose"), "--tokenizer", str(trained_tokenizer_dir), "--out",
                      "s3://no-such-bucket/x", "--staging", str(tmp_path / "s"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no-such-bucket" in err and "S3_ENDPOINT_URL" in err
