@@ -5,6 +5,8 @@
     prepare.py       prepare(PrepareConfig): parallel, resumable tokenize + chunk + MDS write (contract 2)
     bookkeeping.py   atomic JSON writes and the output-folder lock of prepare
     stats.py         iter_samples, folder_stats, length histograms (shard safety: modernbert_train.data.shards)
+    remote.py        prepare to object storage (parts uploaded as finished, index last), remote metadata
+    distributed.py   prepare on Apache Spark: one task per work unit (spark_daemon.py: its worker daemon)
     local_corpus.py  the offline demo corpus (stdlib code + Python prose)
     cli.py           `modernbert-data train-tokenizer | prepare | stats | build-local-corpus`
 """

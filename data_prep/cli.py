@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from modernbert_train.errors import did_you_mean, run_command
+from modernbert_train.errors import UserError, did_you_mean, run_command
 from modernbert_train.progress import add_progress_argument, configure_console, progress_mode
 
 EPILOG = """examples:
@@ -38,6 +38,13 @@ formats: jsonl (.jsonl .jsonl.gz .jsonl.zst, one JSON object per line, --text-fi
 column), text (one document per file), code (one document per file, by --language/--extension).
 Re-running on the same --out resumes: finished work units are kept, changed inputs are redone; different
 settings (tokenizer, --max-seq-len, ...) are refused unless --overwrite.
+object storage: --out s3://bucket/prefix (or gs://, oci://, azure://, ...) writes parts under --staging and
+uploads each as it finishes (index.json last); a re-run resumes without re-uploading finished parts.
+Credentials come from the environment (AWS_ACCESS_KEY_ID/AWS_PROFILE, S3_ENDPOINT_URL for S3-compatible stores).
+  modernbert-data prepare data/web/*.jsonl.zst --tokenizer tok --out s3://corpus/shards/web --staging /scratch/web
+many machines: --engine spark runs each work unit as a Spark task (retried by Spark if it fails); see
+launch/spark_prepare.sh. The output equals a single-machine prepare's.
+  modernbert-data prepare data/web --tokenizer tok --out /shared/shards/web --engine spark --workers 2
 bad records: malformed JSON, missing/non-string text field, invalid UTF-8 and unreadable files follow
 --on-error (default fail); binary files met in code/text directories follow --on-binary (default skip);
 empty documents are always skipped and counted. prep_summary.json accounts for every record read.
@@ -48,6 +55,7 @@ file, .prepare.lock, names the holder); a second is refused without touching the
 STATS_EPILOG = """examples:
   modernbert-data stats demo_out/shards/code demo_out/shards/prose
   modernbert-data stats yamls/data/demo.yaml --scan
+  modernbert-data stats s3://corpus/shards/web      (reads the metadata remotely; --scan downloads the shards)
 --scan recounts from the shards themselves and checks prep_meta.json and each shard's hash; a folder with
 a pickle column (which can run code when read) is refused unless --allow-unsafe-types."""
 
@@ -116,7 +124,11 @@ def _plain_text_bytes(files: list[str]) -> int | None:
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     _add_input_selection(parser)
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding one")
-    parser.add_argument("--out", required=True, help="output folder for this source's shards")
+    parser.add_argument("--out", required=True,
+                        help="output folder for this source's shards, or an object-store URL (s3://bucket/prefix)")
+    parser.add_argument("--staging", default=None,
+                        help="with a remote --out: local folder for parts before upload (default: "
+                             "~/.cache/modernbert-data/staging/...; keep it stable so a re-run resumes)")
     parser.add_argument("--source", default=None, help="source name written in every sample (default: --out name)")
     parser.add_argument("--max-seq-len", type=int, default=8192,
                         help="ids per chunk incl. [CLS]/[SEP]; longer documents are split (8192)")
@@ -132,10 +144,17 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest document (jsonl line, text/code file, parquet cell) in MB; larger ones are "
                              "read in pieces and dropped, never held whole, and follow --on-error (16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress output (same as --progress none)")
+    parser.add_argument("--engine", default="local", choices=("local", "spark"),
+                        help="local: this machine's process pool; spark: one Spark task per work unit (needs "
+                             "pyspark; --out on a filesystem every executor sees)")
+    parser.add_argument("--spark-master", default=None,
+                        help="with --engine spark: master URL (default local[--workers,4]: local mode with 4 "
+                             "attempts per task; 'active' uses the running session, e.g. under spark-submit)")
 
 
 def run_prepare(args) -> int:
     from data_prep.prepare import PrepareConfig, format_summary, prepare
+    from data_prep.remote import is_remote, prepare_remote
 
     cfg = PrepareConfig(
         inputs=args.inputs, out=args.out, tokenizer=args.tokenizer, source=args.source, format=args.format,
@@ -144,14 +163,25 @@ def run_prepare(args) -> int:
         on_error=args.on_error, on_binary=args.on_binary, overwrite=args.overwrite,
         unit_bytes=max(1, int(args.unit_mb * (1 << 20))) if args.unit_mb else None, shard_size_limit=max(1 << 16, int(args.shard_mb * (1 << 20))),
         progress=not args.no_progress, max_doc_mb=args.max_doc_mb)
-    print(format_summary(prepare(cfg)))
+    if args.staging and not is_remote(args.out):
+        raise UserError(f"--staging only applies when --out is an object-store URL (got --out {args.out})")
+    if args.spark_master and args.engine != "spark":
+        raise UserError("--spark-master only applies with --engine spark")
+    if args.engine == "spark":
+        from data_prep.distributed import local_master, prepare_on_spark
+
+        master = None if args.spark_master == "active" else (args.spark_master or local_master(args.workers))
+        summary = prepare_on_spark(cfg, master, args.staging)
+    else:
+        summary = prepare_remote(cfg, args.staging) if is_remote(args.out) else prepare(cfg)
+    print(format_summary(summary))
     print(f"wrote {args.out}/index.json, prep_meta.json, prep_summary.json")
     return 0
 
 
 def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="FOLDER_OR_MANIFEST",
-                        help="prepared shard folders, or a mixture manifest .yaml")
+                        help="prepared shard folders or object-store URLs, or a mixture manifest .yaml")
     parser.add_argument("--scan", action="store_true", help="recount from the shards and check prep_meta.json")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--allow-unsafe-types", action="store_true",
@@ -166,17 +196,19 @@ def _folders_of(paths: list[str]) -> list[str]:
             from modernbert_train.data.manifest import load_manifest
 
             for source in load_manifest(path).sources:
-                folders.append(str(source.local))
+                folders.append(source.remote if source.remote else str(source.local))
         else:
             folders.append(path)
     return folders
 
 
 def run_stats(args) -> int:
+    from data_prep.remote import is_remote, remote_folder_stats
     from data_prep.stats import folder_stats, format_stats
 
-    stats = [folder_stats(folder, scan=args.scan, progress=args.scan and not args.json,
-                          allow_unsafe_types=args.allow_unsafe_types)
+    stats = [(remote_folder_stats if is_remote(folder) else folder_stats)(
+                 folder, scan=args.scan, progress=args.scan and not args.json,
+                 allow_unsafe_types=args.allow_unsafe_types)
              for folder in _folders_of(args.paths)]
     print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
     return 0 if all(s.get("scan_matches_meta", True) for s in stats) else 1

@@ -376,12 +376,19 @@ class _Progress:
         self.progress.close()
 
 
-def _run_in_process(units: list[WorkUnit], tok, settings: dict, out: Path, progress: _Progress) -> list[dict]:
+def _part_done(summary: dict, out: Path, hooks) -> dict:
+    if hooks is not None:
+        hooks.on_unit_done(out / f"{PART_PREFIX}{summary['index']:05d}")
+    return summary
+
+
+def _run_in_process(units: list[WorkUnit], tok, settings: dict, out: Path, progress: _Progress,
+                    hooks=None) -> list[dict]:
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # same one-core-per-worker rule as the pool
     try:
         writer = UnitWriter(tok, special_token_ids(tok), settings, out, report=progress.update)
-        return [writer.run(unit) for unit in units]
+        return [_part_done(writer.run(unit), out, hooks) for unit in units]
     finally:
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -390,7 +397,7 @@ def _run_in_process(units: list[WorkUnit], tok, settings: dict, out: Path, progr
 
 
 def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, settings: dict, out: Path,
-                 progress: _Progress) -> list[dict]:
+                 progress: _Progress, hooks=None) -> list[dict]:
     import multiprocessing as mp
     import queue as queue_module
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -420,7 +427,7 @@ def _run_in_pool(units: list[WorkUnit], workers: int, tokenizer_path: str, setti
                 drain()
                 for future in done:
                     try:
-                        results.append(future.result())  # re-raises a worker's UserError here
+                        results.append(_part_done(future.result(), out, hooks))  # re-raises a worker's UserError
                     except BrokenProcessPool:
                         running = _units_in_progress(out, units_by_index)
                         raise UserError(
@@ -476,18 +483,23 @@ def _previous_unit_bytes(out: Path) -> int | None:
         return None
 
 
-def prepare(cfg: PrepareConfig) -> dict:
+def prepare(cfg: PrepareConfig, hooks=None) -> dict:
     """Run (or resume) one source's preparation; return the summary also written to prep_summary.json.
 
     Holds --out's lock throughout, so a second prepare on the same folder is refused rather than deleting
     this one's work in progress.
+
+    hooks (optional): on_start() once the output is marked incomplete, on_unit_done(part folder) as each work
+    unit finishes, on_finish() after the index and metadata are written (data_prep/remote.py uploads with them);
+    run_units(units, settings, out) -> summaries, when present, runs the units instead of the local pool
+    (data_prep/distributed.py hands them to Spark).
     """
     cfg.validate()
     out = Path(cfg.out)
     refuse_foreign_output(out)  # before the lock file is created in it
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
-        return _prepare_locked(cfg)
+        return _prepare_locked(cfg, hooks)
 
 
 def _completed_summary(out: Path) -> dict | None:
@@ -500,7 +512,7 @@ def _completed_summary(out: Path) -> dict | None:
         return None  # a finished run's summary lost: the final steps run again and rewrite it
 
 
-def _prepare_locked(cfg: PrepareConfig) -> dict:
+def _prepare_locked(cfg: PrepareConfig, hooks=None) -> dict:
     tok = load_tokenizer(cfg.tokenizer)
     tok.encode_special_tokens = True  # "[MASK]" written in a document is text, never the mask id
     specials = special_token_ids(tok, cfg.tokenizer)
@@ -528,16 +540,21 @@ def _prepare_locked(cfg: PrepareConfig) -> dict:
         (out / name).unlink(missing_ok=True)  # the folder is incomplete until the end of this run
     plan = {"settings": settings, "inputs": files, "units": [u.to_json() for u in units]}
     write_json_atomic(out / PLAN_FILE, plan, indent=1)
+    if hooks is not None:
+        hooks.on_start()
 
     run_settings = dict(settings, policies={"on_error": cfg.on_error, "on_binary": cfg.on_binary},
                         max_doc_bytes=int(cfg.max_doc_mb * (1 << 20)))
     progress = _Progress(sum(u.size for u in todo), cfg.progress, desc=f"prepare {source}")
     start = time.perf_counter()
     try:
-        if cfg.workers == 1 or len(todo) <= 1:
-            new = _run_in_process(todo, tok, run_settings, out, progress)
+        if hooks is not None and getattr(hooks, "run_units", None) is not None:
+            # A distributed engine runs the units (data_prep/distributed.py); same writer, same parts.
+            new = [_part_done(s, out, hooks) for s in hooks.run_units(todo, run_settings, out)]
+        elif cfg.workers == 1 or len(todo) <= 1:
+            new = _run_in_process(todo, tok, run_settings, out, progress, hooks)
         else:
-            new = _run_in_pool(todo, min(cfg.workers, len(todo)), cfg.tokenizer, run_settings, out, progress)
+            new = _run_in_pool(todo, min(cfg.workers, len(todo)), cfg.tokenizer, run_settings, out, progress, hooks)
     except UserError as err:
         finished = sum(1 for p in out.iterdir() if p.name.startswith(PART_PREFIX))
         raise UserError(f"{err}. {finished} of {len(units)} work units are finished and kept in {out}; "
@@ -582,6 +599,8 @@ def _prepare_locked(cfg: PrepareConfig) -> dict:
     }
     write_json_atomic(out / SUMMARY_FILE, summary, indent=1)
     write_json_atomic(out / INDEX_FILE, index)  # the completion marker: last
+    if hooks is not None:
+        hooks.on_finish()
     return summary
 
 

@@ -34,6 +34,12 @@ SHM_DIR = Path("/dev/shm")
 log = logging.getLogger(__name__)
 # Where prepared sources are decompressed for reading; default: <tempdir>/modernbert-shard-cache-<uid>.
 SHARD_CACHE_ENV = "MODERNBERT_SHARD_CACHE"
+# Sources with a `remote` are cached in their `local` folder; unless the recipe sets data.cache_limit, the
+# cache may use this share of the free disk (plus what it already holds), so a 2T-token mixture never fills it.
+DEFAULT_CACHE_DISK_FRACTION = 0.5
+# streaming's attempts per shard download, spaced 1, 2, 4, 8, 16 s apart (on top of the client's own retries,
+# e.g. botocore's AWS_MAX_ATTEMPTS): an object store unreachable for about half a minute is ridden out.
+DOWNLOAD_RETRY = 6
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,15 @@ def _make_dataset_class():
 
         def _fail(self, shard_id: int, err: BaseException) -> UserError:
             # streaming's background threads swallow errors and end the epoch early: remember it for __iter__.
-            message = f"{self._describe_shard(shard_id)} is corrupt or unreadable ({type(err).__name__}: {err})"
+            stream = self.streams[int(self.stream_per_shard[shard_id])]
+            cached_here = os.path.abspath(stream.local).startswith(os.path.abspath(shard_cache_root()))
+            first = str(err).splitlines()[0] if str(err) else ""
+            if stream.remote is not None and not cached_here and "Checksum" not in first:
+                message = (f"could not download {self._describe_shard(shard_id)} after the retry budget "
+                           f"({type(err).__name__}: {first}); the checkpoints are intact: re-run the same command "
+                           f"to resume once the store is reachable")
+            else:
+                message = f"{self._describe_shard(shard_id)} is corrupt or unreadable ({type(err).__name__}: {first})"
             self._shard_failure = message
             if hasattr(self, "_event"):
                 self._event.set()
@@ -235,6 +249,17 @@ def _make_dataset_class():
             yield from super().__iter__()
             if self._shard_failure is not None:
                 raise UserError(self._shard_failure)
+            # streaming ends the epoch early, silently, when its download thread failed (e.g. the object
+            # store stayed unreachable past the retry budget): that would skip samples, so stop instead.
+            if getattr(self, "_event", None) is not None and self._event.is_set():
+                self._raise_download_failure(RuntimeError("the background download thread failed"))
+
+        def _raise_download_failure(self, err: BaseException):
+            remotes = sorted({s.remote for s in self.streams if s.remote}) or ["the shard folders"]
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise UserError(f"could not download shards from {', '.join(remotes)} after the retry budget "
+                            f"({type(err).__name__}: {first}); the checkpoints are intact: re-run the same "
+                            f"command to resume once the store is reachable") from err
 
     return IndexedStreamingDataset
 
@@ -249,6 +274,10 @@ def dataset_class():
     return _DATASET_CLASS
 
 
+def shard_cache_root() -> str:
+    return os.environ.get(SHARD_CACHE_ENV) or os.path.join(tempfile.gettempdir(), f"modernbert-shard-cache-{os.getuid()}")
+
+
 def shard_cache_dir(source: SourceSpec, dataset_ordinal: int = 0) -> str:
     """The cache folder a prepared local source is decompressed into: one per folder, content and job.
 
@@ -258,8 +287,7 @@ def shard_cache_dir(source: SourceSpec, dataset_ordinal: int = 0) -> str:
     on a host: two runs side by side on the same data, or a train and an eval loader over one source, each
     get their own. A normal exit removes the job's folders; a killed job's stay under the root, safe to delete.
     """
-    root = os.environ.get(SHARD_CACHE_ENV) or os.path.join(tempfile.gettempdir(),
-                                                           f"modernbert-shard-cache-{os.getuid()}")
+    root = shard_cache_root()
     digest = hashlib.blake2s(os.path.abspath(source.local).encode(), digest_size=8)
     digest.update((Path(source.local) / INDEX_FILE).read_bytes())
     source_root = Path(root) / f"{Path(source.local).name}-{digest.hexdigest()}"
@@ -300,35 +328,58 @@ def _remove_caches_of_dead_processes(source_root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _stream_for(source: SourceSpec, download_timeout: float, dataset_ordinal: int = 0):
+def _stream_for(source: SourceSpec, download_timeout: float, download_retry: int, dataset_ordinal: int = 0):
     from streaming import Stream
 
     weights = source.stream_weight_kwargs()
     if source.remote is not None:
-        return Stream(remote=source.remote, local=source.local, download_timeout=download_timeout, **weights)
+        return Stream(remote=source.remote, local=source.local, download_timeout=download_timeout,
+                      download_retry=download_retry, **weights)
     check_column_safety(source.local, load_index(source.local))  # named refusal of pickle columns
     validate = SHARD_HASH if has_shard_hashes(source.local) else None
     if validate is None:
         log.warning("source %r: %s has no shard hashes (prepared by an older version); corrupt shards are not "
                     "detected until re-prepared", source.name, source.local)
-    return Stream(remote=os.path.abspath(source.local), local=shard_cache_dir(source, dataset_ordinal), validate_hash=validate,
-                  download_timeout=download_timeout, **weights)
+    return Stream(remote=os.path.abspath(source.local), local=shard_cache_dir(source, dataset_ordinal),
+                  validate_hash=validate, download_timeout=download_timeout, download_retry=download_retry, **weights)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def default_cache_limit(manifest: Manifest) -> int:
+    """Bound on the local shard cache: DEFAULT_CACHE_DISK_FRACTION of (free space + what the caches hold already)
+    on the fullest filesystem among the sources' caches (a remote source's `local` folder; for a prepared local
+    folder, the shard cache it is decompressed into). The recipe's data.cache_limit (bytes or "200gb") replaces it.
+    """
+    limits = []
+    for source in manifest.sources:
+        folder = Path(source.local if source.remote else shard_cache_root()).resolve()
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+        limits.append(shutil.disk_usage(existing).free + _folder_bytes(folder))
+    return int(min(limits) * DEFAULT_CACHE_DISK_FRACTION)
 
 
 def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: bool, seed: int,
                             shuffle_algo: str = "py1e", num_canonical_nodes: int | None = None,
                             shuffle_block_size: int | None = None, predownload: int | None = None,
                             cache_limit: int | str | None = None, download_timeout: float = 60.0,
-                            sampling_method: str = "balanced", replication: int | None = None):
+                            sampling_method: str = "balanced", replication: int | None = None,
+                            download_retry: int = DOWNLOAD_RETRY):
     """One `Stream` per manifest source, weights as the manifest says, deterministic shuffle by `seed`.
 
     replication=N: N consecutive ranks get the same samples (N = world size: every rank sees the stream a
-    single process would).
+    single process would). cache_limit None: `default_cache_limit` (bounded whenever a source is remote).
     """
     global _datasets_built
     # Every rank builds its datasets in the same order, so this ordinal names the same cache on each of them.
     ordinal, _datasets_built = _datasets_built, _datasets_built + 1
-    streams = [_stream_for(source, download_timeout, ordinal) for source in manifest.sources]
+    if cache_limit is None:
+        cache_limit = default_cache_limit(manifest)
+    streams = [_stream_for(source, download_timeout, download_retry, ordinal) for source in manifest.sources]
     try:
         dataset = dataset_class()(
             streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed, shuffle_algo=shuffle_algo,
@@ -341,6 +392,8 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
             raise UserError(f"manifest {manifest.path}: a shard folder is already in use by another dataset in "
                             f"this job or by another job on this host ({err}); give each loader (train, eval) and "
                             f"each concurrent run its own folders") from err
+        if "ache limit" in str(err) or "cache_limit" in str(err):
+            raise UserError(f"data.cache_limit {cache_limit}: {err}") from err
         raise UserError(f"manifest {manifest.path}: streaming rejected the sources: {err}") from err
     except RuntimeError as err:
         if "contains no samples" in str(err):

@@ -8,7 +8,8 @@ A manifest is a YAML file (shared contract 3)::
     sources:
       - name: python_code         # unique
         local: demo_out/shards/code
-        remote: null              # s3://, gs://, ... then `local` is the download cache
+        remote: null              # s3://, gs://, ... or a shared-filesystem path; then `local` is the
+                                  # download cache, bounded by the loader's cache_limit (see dataset.py)
         proportion: 0.5           # at most one of proportion | repeat | choose
         target_tokens: 1.2e9      # documentation only
         description: "..."
@@ -60,8 +61,11 @@ class SourceSpec:
         return {}
 
     def prep_meta(self) -> dict[str, Any] | None:
-        """`prep_meta.json` beside the shards (contract 2), or None when absent (e.g. remote-only)."""
+        """`prep_meta.json` beside the shards (contract 2), fetched from `remote` into the cache folder when
+        there is one; None when absent."""
         path = Path(self.local) / "prep_meta.json"
+        if not path.is_file() and self.remote is not None:
+            _download_meta(self.remote, path, self.name)
         if not path.is_file():
             return None
         try:
@@ -80,6 +84,27 @@ class Manifest:
 
     def source_names(self) -> list[str]:
         return [source.name for source in self.sources]
+
+
+def _download_meta(remote: str, path: Path, name: str) -> None:
+    """Fetch <remote>/prep_meta.json with streaming's downloader (credentials from the environment)."""
+    from streaming.base.storage.download import CloudDownloader
+
+    url = remote.rstrip("/") + "/prep_meta.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".download")
+    tmp.unlink(missing_ok=True)
+    try:
+        CloudDownloader.direct_download(url, str(tmp), timeout=120)
+    except FileNotFoundError:
+        return
+    except Exception as err:  # the clients raise their own types
+        if "404" in str(err) or "Not Found" in str(err):
+            return
+        raise UserError(f"source {name!r}: could not read {url} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); check the URL, S3_ENDPOINT_URL and "
+                        f"the credentials in the environment") from err
+    os.replace(tmp, path)
 
 
 def _number(value: Any, where: str, *, integer: bool = False) -> float | int:
@@ -117,9 +142,9 @@ def _parse_source(raw: Any, index: int, where: str) -> SourceSpec:
         raise UserError(f"{at}: 'local' is required (the shard folder, or the cache folder when 'remote' is set)")
     remote = raw.get("remote")
     if remote is not None:
-        if not isinstance(remote, str) or not remote.startswith(REMOTE_SCHEMES):
+        if not isinstance(remote, str) or not (remote.startswith(REMOTE_SCHEMES) or os.path.isabs(remote)):
             raise UserError(f"{at}: 'remote' must be an object-store URL starting with one of "
-                            f"{', '.join(REMOTE_SCHEMES)} (got {remote!r})")
+                            f"{', '.join(REMOTE_SCHEMES)} or an absolute shared-filesystem path (got {remote!r})")
     weights = [key for key in WEIGHT_KEYS if raw.get(key) is not None]
     if len(weights) > 1:
         raise UserError(f"{at}: give at most one of proportion | repeat | choose (got {', '.join(weights)})")

@@ -73,3 +73,58 @@ def run_prepare(inputs, out: Path, tokenizer, **overrides) -> dict:
     cfg = PrepareConfig(inputs=[str(i) for i in inputs], out=str(out), tokenizer=str(tokenizer), progress=False,
                         **overrides)
     return prepare(cfg)
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1 (a real S3-protocol endpoint), stoppable and restartable on its port.
+
+    Objects live in moto's in-process backends, so they survive a stop/start of the HTTP server: `stop()`
+    makes the endpoint refuse connections, as an object store that went away for a while.
+    """
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        self.host, self.port = self._server.get_host_and_port()
+        self.endpoint = f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3 server per test session; credentials and endpoint in the environment, as a user sets them."""
+    import logging
+    import os
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in [*env, "S3_ENDPOINT_URL"]}
+    os.environ.update(env)
+    server = S3Server()
+    os.environ["S3_ENDPOINT_URL"] = server.endpoint
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
