@@ -18,6 +18,7 @@ merged index can be written without downloading anything).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -105,11 +106,17 @@ class RemoteOutput:
 
         self.remote, self.staging = remote.rstrip("/"), Path(staging)
         self.staging.mkdir(parents=True, exist_ok=True)
+        # The staging folder holds earlier parts on purpose (resume): streaming's warning about it is noise.
+        upload_log = logging.getLogger("streaming.base.storage.upload")
+        level = upload_log.level
+        upload_log.setLevel(logging.ERROR)
         try:
             self.uploader = CloudUploader.get((str(self.staging), self.remote), keep_local=True,
                                               retry=UPLOAD_RETRY, exist_ok=True)
         except Exception as err:
             raise _explain(err, remote, "opening the bucket") from err
+        finally:
+            upload_log.setLevel(level)
 
     # -------------------------------------------------------------------------------------------- listing
 
@@ -278,12 +285,13 @@ def prepare_remote(cfg, staging: str | os.PathLike | None = None, engine=None) -
     return summary
 
 
-def remote_folder_stats(remote: str, scan: bool = False, progress: bool = False) -> dict:
+def remote_folder_stats(remote: str, scan: bool = False, progress: bool = False,
+                        allow_unsafe_types: bool = False) -> dict:
     """`stats` of a remote source: its metadata (and for --scan its shards) fetched into a temporary folder."""
     from data_prep.stats import folder_stats
 
     with tempfile.TemporaryDirectory(prefix="modernbert-stats-") as tmp:
         folder = fetch_metadata(remote, Path(tmp), with_shards=scan)
-        stats = folder_stats(folder, scan=scan, progress=progress)
+        stats = folder_stats(folder, scan=scan, progress=progress, allow_unsafe_types=allow_unsafe_types)
     stats["folder"] = remote
     return stats

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import yaml
 
@@ -52,9 +53,16 @@ def test_remote_cache_evicts_under_its_limit_and_reads_every_sample(corpus_copy)
     assert len(present) < len(index["shards"])  # shards were evicted (and each was read: every sample came back)
 
 
-def test_remote_sources_get_a_disk_derived_default_and_local_ones_none(corpus_copy):
+def test_every_cache_gets_a_disk_derived_default(corpus_copy):
     shards, tmp = corpus_copy["shards"], corpus_copy["tmp"]
-    assert default_cache_limit(_manifest(tmp / "local.yaml", shards / "code")) is None
+    # A prepared local folder is decompressed into the shard cache: bounded by that cache's disk.
+    from modernbert_train.data.dataset import shard_cache_root
+
+    cache_root = Path(shard_cache_root())
+    cache_root.mkdir(parents=True, exist_ok=True)
+    local_limit = default_cache_limit(_manifest(tmp / "local.yaml", shards / "code"))
+    free_there = shutil.disk_usage(cache_root).free
+    assert abs(local_limit - DEFAULT_CACHE_DISK_FRACTION * free_there) <= 0.05 * free_there
     remote_manifest = _manifest(tmp / "remote.yaml", tmp / "cache" / "code", shards / "code")
     free = shutil.disk_usage(tmp).free
     expected = default_cache_limit(remote_manifest)

@@ -9,7 +9,7 @@ import pytest
 from data_prep.cli import main
 from tests.progress_io import ETA, cli_env, progress_lines, run_in_pty, run_to_file
 
-INTERVAL_S = 0.1  # MODERNBERT_PROGRESS_INTERVAL for these runs: several lines from a few seconds of work
+INTERVAL_S = 0.02  # MODERNBERT_PROGRESS_INTERVAL for these runs: several lines from a few seconds of work
 
 
 @pytest.fixture(scope="module")
