@@ -184,6 +184,9 @@ class SpikeGuardConfig:
     enabled: bool = False
     z_threshold: float = 6.0
     min_rise: float = 0.2
+    # The gradient norm's own minimum rise: it swings far more than the loss between healthy steps (a tiny
+    # model's clean run showed 2-4x its running mean), while a real spike multiplies it: 4.0 flags 5x.
+    grad_min_rise: float = 4.0
     ema: float = 0.98
     # Accepted steps before any step can be called a spike (the statistics need to settle).
     warmup_steps: int = 20
@@ -575,8 +578,8 @@ def validate(recipe: Recipe) -> None:
                                      "(an HF folder or a tiled model has no optimizer state to carry); set "
                                      "model.init_optimizer=false to start with fresh moments")
     guard = recipe.spike_guard
-    if guard.z_threshold <= 0 or guard.min_rise < 0 or not 0.0 < guard.ema < 1.0:
-        fail("spike_guard.z_threshold", "z_threshold must be > 0, min_rise >= 0 and ema in (0, 1)")
+    if guard.z_threshold <= 0 or guard.min_rise < 0 or guard.grad_min_rise < 0 or not 0.0 < guard.ema < 1.0:
+        fail("spike_guard.z_threshold", "z_threshold must be > 0, min_rise and grad_min_rise >= 0 and ema in (0, 1)")
     if guard.warmup_steps < 1 or guard.max_consecutive < 1 or guard.max_rollbacks < 0:
         fail("spike_guard.max_consecutive", "warmup_steps and max_consecutive must be >= 1, max_rollbacks >= 0")
     if not 0.0 < guard.lr_factor <= 1.0:

@@ -4,7 +4,7 @@ Rule. After every step's backward pass (composer's AFTER_TRAIN_BATCH, before the
 takes the step's mean masked loss (over all ranks) and the global gradient norm. Each is compared with
 exponential moving statistics (decay `ema`) of the accepted steps before it: the value is a spike when it
 exceeds the running mean by more than `z_threshold` running standard deviations and by more than
-`min_rise` x the mean. A non-finite loss or norm is always a spike. No step is judged before
+`min_rise` x the mean (`grad_min_rise` for the gradient norm). A non-finite loss or norm is always a spike. No step is judged before
 `warmup_steps` accepted steps.
 
 Actions. A spike's update is skipped (its gradients are dropped before the optimizer sees them; the step
@@ -201,7 +201,7 @@ class SpikeGuard(Callback):
         cfg = self.cfg
         judged = self.loss_stats.count >= cfg.warmup_steps
         loss_limit = self.loss_stats.limit(cfg.z_threshold, cfg.min_rise)
-        grad_limit = self.grad_stats.limit(cfg.z_threshold, cfg.min_rise)
+        grad_limit = self.grad_stats.limit(cfg.z_threshold, cfg.grad_min_rise)
         spike = (not math.isfinite(loss) or not math.isfinite(grad_norm)
                  or (judged and (loss > loss_limit or grad_norm > grad_limit)))
         if not spike:
