@@ -8,11 +8,22 @@ checkpoint taken after consuming the step must hold.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from typing import Any, Callable
 
 _END = object()
+# Prefetchers still running. At interpreter exit each is stopped and joined: a daemon thread left inside a
+# collective (the loader's per-step all-reduce) while the process group is torn down aborts the process.
+_LIVE: "weakref.WeakSet[StepPrefetcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_prefetchers() -> None:
+    for prefetcher in list(_LIVE):
+        prefetcher.close(timeout=30.0)  # bounded: a peer rank that died never joins the collective
 
 
 class StepPrefetcher:
@@ -26,6 +37,7 @@ class StepPrefetcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlm-loader-prefetch", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -60,10 +72,11 @@ class StepPrefetcher:
             raise item[1]
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Stop after the step being produced (if any); results not yet taken are dropped."""
         self._stop.set()
+        _LIVE.discard(self)
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout)
         while not self._queue.empty():
             self._queue.get_nowait()
