@@ -82,3 +82,39 @@ def test_retrieval_chooses_the_grid_point_on_dev(tmp_path):
     summary = _summarise(task, Model(), records)
     assert summary.chosen["lr"] == 1e-4 and summary.metric_means["ndcg@10"] == pytest.approx(0.1)
     assert summary.split == "test"
+
+
+def test_retrieval_dev_split_scores_what_an_eval_on_that_split_scores(tmp_path, toy_tasks, hf_folder):
+    """dev_split shares the corpus search with eval_split: its scores equal scoring that split on its own."""
+    import shutil
+
+    from modernbert_train.eval.models import load_eval_model
+    from modernbert_train.eval.retrieval import run_retrieval
+
+    beir = tmp_path / "beir"
+    shutil.copytree(toy_tasks / "beir", beir)
+    (beir / "qrels" / "dev.tsv").write_text((beir / "qrels" / "train.tsv").read_text())
+    model = load_eval_model(str(hf_folder))
+
+    def task(**data):
+        return TaskSpec(name="s", type="retrieval", zero_shot=True, max_length=64,
+                        metrics=["ndcg@10", "recall@100"], main_metric="ndcg@10", data=DataSpec(beir=str(beir), **data))
+
+    kwargs = dict(lr=0.0, weight_decay=0.0, epochs=0, seed=0, device="cpu", where="t")
+    test, dev, _ = run_retrieval(task(dev_split="dev"), model, **kwargs)
+    alone_dev, none, _ = run_retrieval(task(eval_split="dev"), model, **kwargs)
+    alone_test, _, _ = run_retrieval(task(), model, **kwargs)
+    assert none is None and dev == pytest.approx(alone_dev) and test == pytest.approx(alone_test)
+    assert dev != test  # different queries: not the same split scored twice
+
+
+def test_demo_suite_keeps_the_tasks_that_show_pretraining():
+    from pathlib import Path
+
+    from modernbert_train.eval.suite import load_suite
+
+    suite = load_suite(Path(__file__).resolve().parents[2] / "yamls" / "eval" / "local.yaml")
+    tasks = {t.name: t for t in suite.tasks}
+    few = tasks["stdlib-topic-60"]  # low-resource: each model's LR is chosen on dev from a grid, 3 seeds
+    assert few.limit == 60 and len(few.sweep.lr) >= 2 and len(few.sweep.seeds) >= 3
+    assert "recall@100" in tasks["stdlib-code-search"].metrics
