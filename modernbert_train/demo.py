@@ -38,7 +38,8 @@ SIZES = {
     "default": DemoSize(corpus_mb=6.0, vocab_size=8192, steps=(1500, 100, 80), phase1_batch_rows=16),
     "small": DemoSize(corpus_mb=0.6, vocab_size=1024, steps=(12, 6, 6), phase1_batch_rows=8,
                       eval_overrides=("tasks.0.sweep.seeds=[0]", "tasks.0.sweep.epochs=[1]", "tasks.0.limit=64",
-                                      "tasks.1.sweep.seeds=[0]", "tasks.1.limit=64")),
+                                      "tasks.1.sweep.seeds=[0]", "tasks.1.limit=64", "tasks.4.sweep.seeds=[0]",
+                                      "tasks.4.sweep.lr=[3.0e-3]", "tasks.4.sweep.epochs=[1]")),
 }
 EVAL_SUITE = REPO / "yamls" / "eval" / "local.yaml"
 

@@ -6,6 +6,11 @@ formats users bring (jsonl splits, BEIR folders), so the same suite code reads b
 - `stdlib-code-search` (retrieval, a small CodeSearchNet): a function's docstring (first paragraph) as the
   query, the function's source with its docstring removed as the document; BEIR folder with train and test
   qrels over one corpus.
+- `stdlib-code-search-noname` (retrieval with fewer shared names): the same queries with the function's
+  name and argument names (and their snake/camel-case parts) removed, over the same corpus, with a dev
+  split to choose the learning rate on.
+- `stdlib-shuffled-lines` (classification that word identity cannot decide): a function body as written,
+  or with its lines shuffled; both classes have the same bag of words, so only order and structure tell.
 - `heldout.jsonl`: prose for the fixed-mask MLM evaluation.
 Deterministic: the same interpreter gives the same files.
 """
@@ -14,6 +19,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import random
+import re
+import textwrap
 from pathlib import Path
 
 from data_prep.local_corpus import stdlib_dir, stdlib_python_files
@@ -56,12 +64,55 @@ def _write_jsonl(path: Path, rows) -> int:
     return count
 
 
+def _name_parts(names) -> set[str]:
+    """Lower-cased names and their snake/camel-case parts (`read_file` -> read_file, read, file)."""
+    words = set()
+    for name in names:
+        words.add(name.lower())
+        words.update(part.lower() for part in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+", name))
+    return words
+
+
+def _without_signature(query: str, code: str) -> str:
+    """The query with the function's own name and its arguments' names (and their parts) removed: the
+    words a query would share with the code's signature."""
+    node = ast.parse(code).body[0]
+    arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs + [
+        a for a in (node.args.vararg, node.args.kwarg) if a is not None]
+    names = _name_parts([node.name, *(a.arg for a in arguments)]) - {"self", "cls"}
+    kept = [w for w in query.split()
+            if not any(part.lower() in names for part in re.findall(r"[A-Za-z0-9_]+", w))]
+    return " ".join(kept)
+
+
+def _body_lines(code: str, max_lines: int) -> list[str] | None:
+    """The first `max_lines` non-empty lines of a function's body (its `def` line dropped: it would mark the
+    start), indented as written; None when the body is too short to shuffle."""
+    lines = [line for line in textwrap.dedent("\n".join(code.splitlines()[1:])).splitlines() if line.strip()]
+    lines = lines[:max_lines]
+    return lines if len(lines) >= 5 and len(set(lines)) >= 3 else None
+
+
+def _shuffled(lines: list[str], key: str) -> list[str]:
+    """A fixed permutation of `lines` (seeded by `key`) that differs from the original order."""
+    rng = random.Random(key)
+    order = list(range(len(lines)))
+    while True:
+        rng.shuffle(order)
+        shuffled = [lines[i] for i in order]
+        if shuffled != lines:
+            return shuffled
+
+
 def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train: int = 800,
-                      retrieval_test: int = 200, corpus_size: int = 1200, heldout: int = 200) -> dict:
-    """Write the three tasks under out_dir; returns counts. Skips work when `tasks_info.json` matches."""
+                      retrieval_test: int = 200, corpus_size: int = 1200, heldout: int = 200,
+                      retrieval_dev: int = 100, shuffle_split: tuple[int, int, int] = (480, 120, 200),
+                      shuffle_max_lines: int = 12) -> dict:
+    """Write the tasks under out_dir; returns counts. Skips work when `tasks_info.json` matches."""
     out = Path(out_dir)
     settings = dict(per_topic=per_topic, retrieval_train=retrieval_train, retrieval_test=retrieval_test,
-                    corpus_size=corpus_size, heldout=heldout)
+                    corpus_size=corpus_size, heldout=heldout, retrieval_dev=retrieval_dev,
+                    shuffle_split=list(shuffle_split), shuffle_max_lines=shuffle_max_lines)
     info_file = out / INFO_FILE
     if info_file.exists() and json.loads(info_file.read_text()).get("settings") == settings:
         return json.loads(info_file.read_text())
@@ -108,6 +159,42 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
         lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in pairs]
         (code_search / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
         counts[f"retrieval_{split}"] = len(pairs)
+
+    # Retrieval without the signature's names: the same corpus; train and test queries as above, dev queries
+    # from the distractors after them (a query is kept when 3+ words remain).
+    noname = out / "stdlib-code-search-noname"
+    noname_queries, noname_qrels = [], {"train": [], "dev": [], "test": []}
+    dev_end = retrieval_train + retrieval_test + retrieval_dev
+    for index, (package, doc, code) in enumerate(pool[:min(len(corpus_rows), dev_end)]):
+        split = "train" if index < retrieval_train else "test" if index < retrieval_train + retrieval_test else "dev"
+        query = _without_signature(doc.split("\n\n")[0], code)
+        if len(query.split()) >= 3:
+            noname_queries.append({"_id": f"q{index}", "text": query})
+            noname_qrels[split].append((f"q{index}", f"d{index}"))
+    _write_jsonl(noname / "corpus.jsonl", corpus_rows)
+    _write_jsonl(noname / "queries.jsonl", noname_queries)
+    (noname / "qrels").mkdir(parents=True, exist_ok=True)
+    for split, pairs in noname_qrels.items():
+        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in pairs]
+        (noname / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        counts[f"noname_{split}"] = len(pairs)
+
+    # Shuffled lines: one example per function body, intact or shuffled by a fixed coin; splits in order.
+    examples = []
+    for package, doc, code in functions:
+        lines = _body_lines(code, shuffle_max_lines)
+        if lines is None:
+            continue
+        shuffle = _stable_fraction("shuffle:" + code) < 0.5
+        text = "\n".join(_shuffled(lines, code) if shuffle else lines)
+        examples.append({"text": text, "label": "shuffled" if shuffle else "intact"})
+        if len(examples) == sum(shuffle_split):
+            break
+    n_train, n_dev, _ = shuffle_split
+    shuffle_dir = out / "stdlib-shuffled-lines"
+    for split, rows in (("train", examples[:n_train]), ("dev", examples[n_train:n_train + n_dev]),
+                        ("test", examples[n_train + n_dev:])):
+        counts[f"shuffle_{split}"] = _write_jsonl(shuffle_dir / f"{split}.jsonl", rows)
 
     # Held-out prose for MLM: docstrings of functions used by neither task.
     rest = pool[max(corpus_size, retrieval_train + retrieval_test):]

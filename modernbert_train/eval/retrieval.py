@@ -64,8 +64,10 @@ def search(embedder, data: BeirData, doc_ids, doc_sequences, query_encoder: Text
 
 
 def run_retrieval(task: TaskSpec, model: EvalModel, *, lr: float, weight_decay: float, epochs: int, seed: int,
-                  device, where: str, start_from=None) -> tuple[dict[str, float], MeanPoolingEmbedder]:
-    """Fine-tune (unless zero-shot or epochs == 0) and score: (the task's metrics on eval_split, embedder).
+                  device, where: str, start_from=None
+                  ) -> tuple[dict[str, float], dict[str, float] | None, MeanPoolingEmbedder]:
+    """Fine-tune (unless zero-shot or epochs == 0) and score: (the task's metrics on eval_split, on
+    dev_split when the task has one (else None), embedder). Both splits search the one corpus.
 
     `start_from`: an embedder fine-tuned by an earlier task (DPR on MS MARCO, then every BEIR set)."""
     max_length = task.max_length or model.config.max_position_embeddings
@@ -83,9 +85,16 @@ def run_retrieval(task: TaskSpec, model: EvalModel, *, lr: float, weight_decay: 
         negatives = load_hard_negatives(task.data.hard_negatives, where)
         _contrastive_finetune(task, embedder, train, doc_encoder, query_encoder, negatives, lr=lr,
                               weight_decay=weight_decay, epochs=epochs, seed=seed, device=device)
-    run = search(embedder, evaluation, doc_ids, doc_sequences, query_encoder, evaluation.qrels,
-                 task.sweep.batch_size * 2, device)
-    return {m: retrieval_metric(m, evaluation.qrels, run) for m in task.metrics}, embedder.cpu()
+    qrels = dict(evaluation.qrels)
+    dev = None
+    if task.data.dev_split is not None:
+        dev = load_beir(task.data.beir, task.data.dev_split, where)
+        qrels.update(dev.qrels)
+    run = search(embedder, evaluation, doc_ids, doc_sequences, query_encoder, qrels, task.sweep.batch_size * 2,
+                 device)
+    scores = {m: retrieval_metric(m, evaluation.qrels, run) for m in task.metrics}
+    dev_scores = None if dev is None else {m: retrieval_metric(m, dev.qrels, run) for m in task.metrics}
+    return scores, dev_scores, embedder.cpu()
 
 
 def _contrastive_finetune(task, embedder, train: BeirData, doc_encoder, query_encoder, negatives, *, lr,

@@ -44,6 +44,7 @@ class DataSpec:
     train_beir: str | None = None  # retrieval: BEIR folder of the training pairs (e.g. MS MARCO)
     train_split: str = "train"  # retrieval qrels splits
     eval_split: str = "test"
+    dev_split: str | None = None  # retrieval: qrels split (same corpus) that chooses the grid point
     hard_negatives: str | None = None  # retrieval: jsonl {"query_id": ..., "negative_ids": [...]}
 
 

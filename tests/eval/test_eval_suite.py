@@ -133,7 +133,7 @@ def test_missing_column_and_missing_tokenizer_exit_2_with_one_line(tmp_path, toy
     assert line.count("\n") == 0 and f"--model {no_tokenizer}" in line and "tokenizer.json" in line
 
 
-@pytest.mark.parametrize("name", ["local", "glue", "boolq", "beir"])
+@pytest.mark.parametrize("name", ["local", "local-grid", "glue", "boolq", "beir"])
 def test_shipped_suites_are_valid(name):
     from pathlib import Path
 

@@ -1,0 +1,120 @@
+"""The local tasks built from this machine's standard library: deterministic, split without overlap, and the
+two tasks meant to need more than word identity really do (shuffled lines keep the bag of words; code-search
+queries without the signature's names). Retrieval chooses its grid point on its dev split."""
+import ast
+import json
+from collections import Counter
+
+import pytest
+
+from modernbert_train.eval.local_tasks import _shuffled, _without_signature, build_local_tasks
+from modernbert_train.eval.runner import _summarise
+from modernbert_train.eval.suite import DataSpec, Sweep, TaskSpec
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    return root, build_local_tasks(root)
+
+
+def test_build_is_deterministic_and_reused(built, tmp_path):
+    root, info = built
+    again = build_local_tasks(tmp_path)
+    assert again["counts"] == info["counts"]
+    for name in ("stdlib-shuffled-lines/train.jsonl", "stdlib-code-search-noname/queries.jsonl",
+                 "stdlib-code-search-noname/qrels/dev.tsv", "stdlib-topic/test.jsonl"):
+        assert (tmp_path / name).read_bytes() == (root / name).read_bytes(), name
+    assert build_local_tasks(root) == info  # same settings: the files are reused
+
+
+def test_shuffled_lines_classes_share_their_bag_of_words(built):
+    root, info = built
+    splits = {s: _jsonl(root / "stdlib-shuffled-lines" / f"{s}.jsonl") for s in ("train", "dev", "test")}
+    assert [len(rows) for rows in splits.values()] == [480, 120, 200]
+    texts = [r["text"] for rows in splits.values() for r in rows]
+    assert len(set(texts)) == len(texts)  # one example per function body: no text in two splits
+    for split, rows in splits.items():
+        share = Counter(r["label"] for r in rows)["shuffled"] / len(rows)
+        assert 0.35 < share < 0.65, (split, share)
+    lines = ["a = 1", "b = a", "if b:", "    c = b", "return c"]
+    shuffled = _shuffled(lines, "key")
+    assert shuffled != lines and sorted(shuffled) == sorted(lines) and _shuffled(lines, "key") == shuffled
+
+
+def test_noname_queries_lose_the_signature_names_only(built):
+    root, _ = built
+    folder = root / "stdlib-code-search-noname"
+    corpus = {r["_id"]: r["text"] for r in _jsonl(folder / "corpus.jsonl")}
+    queries = {r["_id"]: r["text"] for r in _jsonl(folder / "queries.jsonl")}
+    original = {r["_id"]: r["text"] for r in _jsonl(root / "stdlib-code-search" / "queries.jsonl")}
+    qrels = {s: [line.split("\t") for line in (folder / "qrels" / f"{s}.tsv").read_text().splitlines()[1:]]
+             for s in ("train", "dev", "test")}
+    assert min(len(pairs) for pairs in qrels.values()) >= 80
+    assert not {q for q, _, _ in qrels["dev"]} & {q for s in ("train", "test") for q, _, _ in qrels[s]}
+    shortened = 0
+    for query_id, doc_id, _ in qrels["test"]:
+        try:
+            node = ast.parse(corpus[doc_id]).body[0]
+        except SyntaxError:
+            continue  # documents are cut at 4,000 characters
+        words = {w.strip(".,:;()`'\"") for w in queries[query_id].split()}
+        assert node.name not in words and not ({a.arg for a in node.args.args} - {"self", "cls"}) & words
+        shortened += len(queries[query_id]) < len(original[query_id].split("\n\n")[0])
+    assert shortened > len(qrels["test"]) // 4  # the names were there to remove in many queries
+    assert _without_signature("Read the config file at path.", "def read_file(path):\n    pass") == \
+        "the config at"
+
+
+def test_retrieval_chooses_the_grid_point_on_dev(tmp_path):
+    task = TaskSpec(name="search", type="retrieval", data=DataSpec(beir="x", dev_split="dev"),
+                    metrics=["ndcg@10"], main_metric="ndcg@10", sweep=Sweep(lr=[1e-4, 1e-3]))
+    records = [dict(lr=lr, weight_decay=0.0, epochs=1, seed=seed, eval={"ndcg@10": test}, dev={"ndcg@10": dev})
+               for lr, dev, test in ((1e-4, 0.5, 0.1), (1e-3, 0.2, 0.9)) for seed in (0, 1)]
+
+    class Model:
+        name = "m"
+
+    summary = _summarise(task, Model(), records)
+    assert summary.chosen["lr"] == 1e-4 and summary.metric_means["ndcg@10"] == pytest.approx(0.1)
+    assert summary.split == "test"
+
+
+def test_retrieval_dev_split_scores_what_an_eval_on_that_split_scores(tmp_path, toy_tasks, hf_folder):
+    """dev_split shares the corpus search with eval_split: its scores equal scoring that split on its own."""
+    import shutil
+
+    from modernbert_train.eval.models import load_eval_model
+    from modernbert_train.eval.retrieval import run_retrieval
+
+    beir = tmp_path / "beir"
+    shutil.copytree(toy_tasks / "beir", beir)
+    (beir / "qrels" / "dev.tsv").write_text((beir / "qrels" / "train.tsv").read_text())
+    model = load_eval_model(str(hf_folder))
+
+    def task(**data):
+        return TaskSpec(name="s", type="retrieval", zero_shot=True, max_length=64,
+                        metrics=["ndcg@10", "recall@100"], main_metric="ndcg@10", data=DataSpec(beir=str(beir), **data))
+
+    kwargs = dict(lr=0.0, weight_decay=0.0, epochs=0, seed=0, device="cpu", where="t")
+    test, dev, _ = run_retrieval(task(dev_split="dev"), model, **kwargs)
+    alone_dev, none, _ = run_retrieval(task(eval_split="dev"), model, **kwargs)
+    alone_test, _, _ = run_retrieval(task(), model, **kwargs)
+    assert none is None and dev == pytest.approx(alone_dev) and test == pytest.approx(alone_test)
+    assert dev != test  # different queries: not the same split scored twice
+
+
+def test_demo_suite_keeps_the_tasks_that_show_pretraining():
+    from pathlib import Path
+
+    from modernbert_train.eval.suite import load_suite
+
+    suite = load_suite(Path(__file__).resolve().parents[2] / "yamls" / "eval" / "local.yaml")
+    tasks = {t.name: t for t in suite.tasks}
+    few = tasks["stdlib-topic-60"]  # low-resource: each model's LR is chosen on dev from a grid, 3 seeds
+    assert few.limit == 60 and len(few.sweep.lr) >= 2 and len(few.sweep.seeds) >= 3
+    assert "recall@100" in tasks["stdlib-code-search"].metrics
