@@ -173,8 +173,18 @@ def prepare_streaming_environment(dist_info: DistInfo, group=None) -> None:
         torch_dist.barrier(group=group)
 
 
+class _DropRaisedUserErrors(logging.Filter):
+    """streaming re-raises a shard failure in a future's done-callback, which concurrent.futures logs with a
+    traceback; our UserError for it is raised on the reading thread already, so that copy is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
 def _make_dataset_class():
     from streaming import StreamingDataset
+
+    logging.getLogger("concurrent.futures").addFilter(_DropRaisedUserErrors())
 
     class IndexedStreamingDataset(StreamingDataset):
         """StreamingDataset whose samples carry their global index (the masking key and resume handle), and
