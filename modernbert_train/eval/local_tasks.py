@@ -64,6 +64,20 @@ def _write_jsonl(path: Path, rows) -> int:
     return count
 
 
+def _write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: dict[str, list[tuple[str, str]]],
+                count_prefix: str) -> dict[str, int]:
+    """A BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); returns '<prefix>_<split>' pair counts."""
+    _write_jsonl(folder / "corpus.jsonl", corpus)
+    _write_jsonl(folder / "queries.jsonl", queries)
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, pairs in qrels.items():
+        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in pairs]
+        (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        counts[f"{count_prefix}_{split}"] = len(pairs)
+    return counts
+
+
 def _name_parts(names) -> set[str]:
     """Lower-cased names and their snake/camel-case parts (`read_file` -> read_file, read, file)."""
     words = set()
@@ -152,13 +166,8 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
             query_id = f"q{index}"
             queries.append({"_id": query_id, "text": doc.split("\n\n")[0]})
             qrels[split].append((query_id, doc_id))
-    counts["corpus"] = _write_jsonl(code_search / "corpus.jsonl", corpus_rows)
-    _write_jsonl(code_search / "queries.jsonl", queries)
-    (code_search / "qrels").mkdir(parents=True, exist_ok=True)
-    for split, pairs in qrels.items():
-        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in pairs]
-        (code_search / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-        counts[f"retrieval_{split}"] = len(pairs)
+    counts["corpus"] = len(corpus_rows)
+    counts.update(_write_beir(code_search, corpus_rows, queries, qrels, "retrieval"))
 
     # Retrieval without the signature's names: the same corpus; train and test queries as above, dev queries
     # from the distractors after them (a query is kept when 3+ words remain).
@@ -171,13 +180,7 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
         if len(query.split()) >= 3:
             noname_queries.append({"_id": f"q{index}", "text": query})
             noname_qrels[split].append((f"q{index}", f"d{index}"))
-    _write_jsonl(noname / "corpus.jsonl", corpus_rows)
-    _write_jsonl(noname / "queries.jsonl", noname_queries)
-    (noname / "qrels").mkdir(parents=True, exist_ok=True)
-    for split, pairs in noname_qrels.items():
-        lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t1" for q, d in pairs]
-        (noname / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-        counts[f"noname_{split}"] = len(pairs)
+    counts.update(_write_beir(noname, corpus_rows, noname_queries, noname_qrels, "noname"))
 
     # Shuffled lines: one example per function body, intact or shuffled by a fixed coin; splits in order.
     examples = []
