@@ -11,12 +11,15 @@ verifies each compressed shard's hash and decompresses it into the cache, never 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ DEFAULT_CACHE_DISK_FRACTION = 0.5
 # streaming's attempts per shard download, spaced 1, 2, 4, 8, 16 s apart (on top of the client's own retries,
 # e.g. botocore's AWS_MAX_ATTEMPTS): an object store unreachable for about half a minute is ridden out.
 DOWNLOAD_RETRY = 6
+# How long a job waits for another one on this host to finish registering its datasets' shared memory.
+SHM_LOCK_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -163,10 +168,53 @@ def clean_stale_streaming_shm(shm_dir: Path = SHM_DIR) -> list[str]:
     return removed
 
 
+@contextmanager
+def host_shm_lock(is_local_leader: bool = True, barrier=None):
+    """Held by this job's local leader while streaming registers shared memory on this host.
+
+    streaming's leader finds the first free shm prefix, then creates it: two jobs starting together on one host
+    (two single-GPU runs, a train and an eval job) can both pick the same prefix, and the second dies with
+    FileExistsError '/000523_locals'. Every job of ours takes this host-wide lock first, and `barrier` (called
+    on all ranks) makes the other ranks look only once their leader holds it. After SHM_LOCK_WAIT_S it goes on
+    without the lock, with a warning, rather than wait forever on a job that shares two nodes with this one.
+    """
+    handle = None
+    if is_local_leader:
+        handle = open(os.path.join(tempfile.gettempdir(), f"modernbert-streaming-shm-{os.getuid()}.lock"), "a+b")
+        deadline = time.monotonic() + SHM_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("another job on this host held %s for %.0f s; registering streaming's shared "
+                                "memory without it", handle.name, SHM_LOCK_WAIT_S)
+                    handle.close()
+                    handle = None
+                    break
+                time.sleep(0.05)
+    try:
+        if barrier is not None:
+            barrier()
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def _default_group_barrier() -> None:
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.barrier()  # the group streaming's own barriers use
+
+
 def prepare_streaming_environment(dist_info: DistInfo, group=None) -> None:
     """Clean stale shared memory on each node's leader, then wait for everyone."""
     if dist_info.is_local_leader:
-        clean_stale_streaming_shm()
+        with host_shm_lock():  # never unlink what another job is about to map
+            clean_stale_streaming_shm()
     if dist_info.world_size > 1:
         import torch.distributed as torch_dist
 
@@ -391,12 +439,13 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
         cache_limit = default_cache_limit(manifest)
     streams = [_stream_for(source, download_timeout, download_retry, ordinal) for source in manifest.sources]
     try:
-        dataset = dataset_class()(
-            streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed, shuffle_algo=shuffle_algo,
-            num_canonical_nodes=num_canonical_nodes, shuffle_block_size=shuffle_block_size,
-            predownload=predownload, cache_limit=cache_limit, epoch_size=manifest.epoch_size,
-            sampling_method=sampling_method, partition_algo="relaxed", batching_method="random",
-            replication=replication)
+        with host_shm_lock(_env_int("LOCAL_RANK", 0) == 0, _default_group_barrier):
+            dataset = dataset_class()(
+                streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                shuffle_algo=shuffle_algo, num_canonical_nodes=num_canonical_nodes,
+                shuffle_block_size=shuffle_block_size, predownload=predownload, cache_limit=cache_limit,
+                epoch_size=manifest.epoch_size, sampling_method=sampling_method, partition_algo="relaxed",
+                batching_method="random", replication=replication)
     except ValueError as err:
         if "Reused local directory" in str(err):
             raise UserError(f"manifest {manifest.path}: a shard folder is already in use by another dataset in "

@@ -5,10 +5,16 @@ steps, the device idles through it; here one thread keeps `depth` steps ready. T
 producer, so the steps come in exactly the order (and with exactly the bytes) a synchronous loop would give,
 and with every step it hands over the loader state as it was right after producing that step: the state a
 checkpoint taken after consuming the step must hold.
+
+Each step's production holds a collective (the loader's all-reduce), so every rank's thread must produce the
+same number of steps before it stops, or the last one waits forever for a peer whose thread stopped first.
+Closing after `taken` steps therefore lets the thread finish exactly `taken + depth + 1` productions (the
+most it can have started: `depth` queued and one in hand), a count every rank agrees on.
 """
 from __future__ import annotations
 
 import atexit
+import math
 import queue
 import threading
 import weakref
@@ -34,29 +40,34 @@ class StepPrefetcher:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._produce = produce
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._depth = depth
+        self._taken = 0
+        self._produced = 0
+        self._limit: float = math.inf  # productions to finish before stopping; set by close()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlm-loader-prefetch", daemon=True)
         self._thread.start()
         _LIVE.add(self)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while self._produced < self._limit:
             try:
                 item = self._produce()
             except BaseException as err:  # handed to the consumer, who raises it
                 self._put((_END, err))
                 return
+            self._produced += 1
             if not self._put(item):
                 return
 
     def _put(self, item) -> bool:
-        while not self._stop.is_set():
+        while True:
             try:
                 self._queue.put(item, timeout=0.1)
                 return True
             except queue.Full:
-                continue
-        return False
+                if self._stop.is_set():
+                    return False
 
     def get(self) -> tuple[Any, Any]:
         """The next (step, state); re-raises an error of the producer."""
@@ -70,10 +81,12 @@ class StepPrefetcher:
         if item[0] is _END:
             self.close()
             raise item[1]
+        self._taken += 1
         return item
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop after the step being produced (if any); results not yet taken are dropped."""
+        """Stop once `taken + depth + 1` steps are produced (the same on every rank); untaken ones are dropped."""
+        self._limit = self._taken + self._depth + 1
         self._stop.set()
         _LIVE.discard(self)
         if self._thread is not threading.current_thread():

@@ -48,7 +48,9 @@ def test_remote_cache_evicts_under_its_limit_and_reads_every_sample(corpus_copy)
     remote_read = _read_all(dataset)
     assert remote_read == local_read
     assert {i for i, _ in remote_read} == set(range(sum(s["samples"] for s in index["shards"])))
-    assert 0 < _cache_bytes(cache) <= limit
+    # Streaming counts a shard once it lands: with its read-ahead and the reader downloading at once, the
+    # cache may pass the limit by one shard (README 'Data at scale').
+    assert 0 < _cache_bytes(cache) <= limit + largest
     present = {p.name for p in cache.glob("shard.*.mds")}
     assert len(present) < len(index["shards"])  # shards were evicted (and each was read: every sample came back)
 

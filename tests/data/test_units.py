@@ -179,3 +179,34 @@ def test_stale_shm_cleaner_removes_only_unmapped_streaming_files(tmp_path):
     finally:
         live.close()
         live.unlink()
+
+
+# --- prefetch -------------------------------------------------------------------------------------------
+def test_prefetchers_of_two_ranks_stop_after_the_same_productions():
+    """Each production holds a collective (a two-party barrier here, the loader's all-reduce in training): when
+    one rank closes right after its last step and the other a while later, both threads must finish the same
+    productions, or one waits in the collective for a peer that stopped (a hang, then an abort at exit)."""
+    import threading
+    import time
+
+    from modernbert_train.data.prefetch import StepPrefetcher
+
+    collective = threading.Barrier(2, timeout=5)
+    produced = {"early": 0, "late": 0}
+
+    def producer(name):
+        def produce():
+            collective.wait()  # raises BrokenBarrierError if the peer never comes
+            produced[name] += 1
+            return produced[name], None
+        return produce
+
+    prefetchers = {name: StepPrefetcher(producer(name), depth=2) for name in produced}
+    for step in range(1, 6):  # the ranks take their steps in lock-step, as in training
+        assert [prefetcher.get()[0] for prefetcher in prefetchers.values()] == [step, step]
+    prefetchers["early"].close(timeout=10)
+    time.sleep(0.5)  # the late rank's thread has long started its next production
+    prefetchers["late"].close(timeout=10)
+    assert not collective.broken
+    assert produced == {"early": 5 + 2 + 1, "late": 5 + 2 + 1}
+    assert not any(p._thread.is_alive() for p in prefetchers.values())

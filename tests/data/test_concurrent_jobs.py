@@ -1,0 +1,63 @@
+"""Two jobs starting together on one host: streaming's leader finds the first free shared-memory prefix, then
+creates it, so both can pick the same one and the second dies (FileExistsError '/000523_locals', seen in CI when
+the exact-resume test's two runs started side by side). The host-wide lock around registration prevents it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import write_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS = 3
+
+# Each job waits until all have imported, widens streaming's find-then-create window to a second, then reads
+# every sample. "unlocked" replaces our lock with a no-op: the collision the lock exists for.
+CHILD = """
+import contextlib, os, pathlib, sys, time
+import streaming.base.shared.prefix as prefix
+import modernbert_train.data.dataset as dataset_module
+from modernbert_train.data import build_streaming_dataset, load_manifest
+
+manifest, mode, ready, jobs = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), int(sys.argv[4])
+find = prefix._check_and_find
+def slow_find(locals_, remotes, shm_name):
+    found = find(locals_, remotes, shm_name)
+    if shm_name.endswith("locals"):
+        time.sleep(1.0)
+    return found
+prefix._check_and_find = slow_find
+if mode == "unlocked":
+    dataset_module.host_shm_lock = lambda *args, **kwargs: contextlib.nullcontext()
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < jobs:
+    time.sleep(0.01)
+dataset = build_streaming_dataset(load_manifest(manifest), batch_size=4, shuffle=False, seed=0)
+print("samples", sum(1 for _ in dataset))
+"""
+
+
+def _start_together(manifest: Path, mode: str, tmp: Path) -> list[subprocess.CompletedProcess]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp), "MODERNBERT_SHARD_CACHE": str(tmp / "cache")}
+    ready = tmp / f"ready-{mode}"
+    ready.mkdir()
+    command = [sys.executable, "-c", CHILD, str(manifest), mode, str(ready), str(JOBS)]
+    jobs = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(JOBS)]
+    return [subprocess.CompletedProcess(job.args, job.wait(timeout=300), job.stdout.read()) for job in jobs]
+
+
+def test_jobs_starting_together_on_one_host_all_register_their_shared_memory(corpus_copy):
+    manifest = write_manifest(corpus_copy["tmp"] / "mix.yaml", corpus_copy["shards"])
+    total = sum(meta["chunks"] for meta in corpus_copy["meta"].values())
+
+    unlocked = _start_together(manifest, "unlocked", corpus_copy["tmp"])
+    collided = [job for job in unlocked if job.returncode != 0]
+    assert collided and all("FileExistsError" in job.stdout for job in collided), [j.stdout[-800:] for j in unlocked]
+
+    locked = _start_together(manifest, "locked", corpus_copy["tmp"])
+    for job in locked:
+        assert job.returncode == 0, job.stdout[-2000:]
+        assert job.stdout.splitlines()[-1] == f"samples {total}"
