@@ -26,15 +26,14 @@ import numpy as np
 
 from data_prep.sources import (DEFAULT_MAX_DOC_BYTES, REASON_POLICY, Document, Problem, WorkUnit, expand_inputs,
                                plan_units, read_unit)
-from data_prep.bookkeeping import LOCK_FILE, OutputLock, write_json_atomic
+from data_prep.bookkeeping import (INDEX_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE, TMP_PREFIX,
+                                   UNIT_SUMMARY_FILE, OutputLock, merged_index, reconcile_output,
+                                   refuse_foreign_output, write_json_atomic)
 from data_prep.stats import Histogram
 from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256, vocab_size
-from modernbert_train.data.shards import SHARD_HASH, read_json_file
+from modernbert_train.data.shards import SHARD_HASH
 from modernbert_train.errors import UserError
 
-PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE = "plan.json", "index.json", "prep_meta.json", "prep_summary.json"
-UNIT_SUMMARY_FILE = "unit_summary.json"
-PART_PREFIX, TMP_PREFIX = "part-", ".tmp-part-"
 LAYOUT_VERSION = 1
 POLICIES = ("skip", "fail")
 # doc_id = unit index * 2**32 + order of the document inside its unit: unique, deterministic, and assignable
@@ -220,102 +219,6 @@ class UnitWriter:
                 setattr(result, kind, getattr(result, kind) + 1)
                 entry[kind] += 1
         self.report(progress_bytes, result.tokens - tokens_before)
-
-
-# ------------------------------------------------------------------------------------- output folder state
-
-def _our_entry(name: str) -> bool:
-    bookkeeping = (PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE)
-    return (name in bookkeeping or name == LOCK_FILE or name.removesuffix(".tmp") in bookkeeping
-            or name.startswith(PART_PREFIX) or name.startswith(TMP_PREFIX))
-
-
-def _normalized(obj):
-    return json.loads(json.dumps(obj))
-
-
-def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite: bool) -> dict[int, dict]:
-    """Decide what an existing --out holds: {unit index: summary} of finished parts to keep.
-
-    Refuses (UserError, nothing changed) on a folder we did not write, or one prepared with other settings
-    unless `overwrite`. Parts whose inputs changed since they were written are removed and redone.
-    """
-    if not out.exists():
-        out.mkdir(parents=True)
-        return {}
-    refuse_foreign_output(out)
-    names = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
-    if not names:
-        return {}
-    try:
-        old = read_json_file(out / PLAN_FILE, "; pass --overwrite to delete this output and start over")
-    except UserError:
-        if not overwrite:
-            raise
-        old = {"settings": {}}  # ours (only our entries), unreadable: --overwrite deletes it all
-    changed = [k for k in sorted(set(settings) | set(old.get("settings", {})))
-               if _normalized(settings.get(k)) != old.get("settings", {}).get(k)]
-    if changed or overwrite:
-        if not overwrite:
-            key = changed[0]
-            raise UserError(
-                f"--out {out} was prepared with different settings ({key}: {old['settings'].get(key)!r} now "
-                f"{settings.get(key)!r}); pass --overwrite to delete its shards and start over, or choose "
-                f"another --out (nothing was changed)")
-        from modernbert_train.safety import check_safe_to_replace
-
-        check_safe_to_replace(out, label="--out")  # never the current directory, a home directory or /
-        for name in names:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return {}
-    kept: dict[int, dict] = {}
-    for name in names:
-        path = out / name
-        if name.startswith(TMP_PREFIX):
-            shutil.rmtree(path, ignore_errors=True)  # a unit interrupted mid-write
-        elif name.startswith(PART_PREFIX):
-            try:
-                summary = json.loads((path / UNIT_SUMMARY_FILE).read_text())
-            except (OSError, ValueError):
-                summary = None  # missing or unreadable: the part cannot be trusted, so it is redone
-            index = summary["index"] if summary else -1
-            if summary and index < len(units) and summary["identity"] == _normalized(units[index].identity) \
-                    and name == f"{PART_PREFIX}{index:05d}":
-                kept[index] = summary
-            else:
-                shutil.rmtree(path)  # its inputs changed or it no longer exists in the plan
-    return kept
-
-
-def refuse_foreign_output(out: Path) -> None:
-    """Refuse (nothing changed) an --out that exists and holds anything `prepare` did not write."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    names = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
-    if not names:
-        return
-    foreign = [n for n in names if not _our_entry(n)]
-    if not (out / PLAN_FILE).is_file() or foreign:
-        what = f"holds files prepare did not write ({', '.join(sorted(foreign)[:3])})" if foreign \
-            else "has no plan.json from `modernbert-data prepare`"
-        raise UserError(f"--out {out} is not empty and {what}; choose a new or empty folder (nothing was changed)")
-
-
-def merged_index(out: Path, n_units: int) -> dict:
-    """The MDS index listing every part's shards (paths relative to out), hashes included."""
-    shards = []
-    for index in range(n_units):
-        part = f"{PART_PREFIX}{index:05d}"
-        part_index = read_json_file(out / part / INDEX_FILE)
-        for shard in part_index["shards"]:
-            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
-                if shard.get(key):
-                    shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
-            shards.append(shard)
-    return {"version": 2, "shards": shards}
 
 
 # ------------------------------------------------------------------------------------------ worker processes

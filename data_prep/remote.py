@@ -25,11 +25,9 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
+from data_prep.bookkeeping import INDEX_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE, UNIT_SUMMARY_FILE
 from modernbert_train.errors import UserError
 
-INDEX_FILE, PLAN_FILE, META_FILE, SUMMARY_FILE = "index.json", "plan.json", "prep_meta.json", "prep_summary.json"
-UNIT_SUMMARY_FILE = "unit_summary.json"
-PART_PREFIX = "part-"
 # streaming's uploader retries each file this many times with exponential backoff (1, 2, 4, 8 s ...).
 UPLOAD_RETRY = 5
 DOWNLOAD_TIMEOUT = 120.0

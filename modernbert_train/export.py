@@ -23,7 +23,6 @@ from modernbert_train.checkpoints import find_checkpoint, load_model_weights_fro
 from modernbert_train.errors import UserError
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.run_dir import MODEL_CONFIG_FILE, TOKENIZER_FILE, read_model_config_values
-from modernbert_train.run_dir import write_run_artifacts  # noqa: F401 - its former home; run_dir.py owns it
 from modernbert_train.safety import check_safe_to_replace, only_these_entries
 
 log = logging.getLogger("modernbert_train")

@@ -13,8 +13,8 @@ import pytest
 
 from modernbert_train.cli.main import main as cli_main
 from modernbert_train.errors import UserError
-from modernbert_train.report import (FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS, load_phases, read_metrics,
-                                     write_report)
+from modernbert_train.report import load_phases, read_metrics, write_report
+from modernbert_train.report_plots import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS
 
 EXPECTED_PNG_SHAPE = (round(FIGURE_SIZE_INCHES[1] * FIGURE_DPI), round(FIGURE_SIZE_INCHES[0] * FIGURE_DPI))
 

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from data_prep.cli import main as data_cli
 from data_prep.remote import fetch_metadata

@@ -56,7 +56,7 @@ def test_suite_runs_every_task_type_for_two_models(tmp_path, toy_tasks, hf_folde
     assert topic["metric_means"]["accuracy"] == pytest.approx(np.mean([r["test"]["accuracy"] for r in chosen]))
     # The words give the label away: fine-tuning must learn it (a broken loop stays near 0.5).
     assert topic["metric_means"]["accuracy"] > 0.9
-    for model in ("micro", f"random init (micro)"):
+    for model in ("micro", "random init (micro)"):
         search = summary[("search", model)]["metric_means"]
         assert set(search) == {"ndcg@10", "mrr@10", "recall@100"}
         assert 0 <= search["ndcg@10"] <= 1 and search["recall@100"] == 1.0  # 40 documents: all retrieved

@@ -2,7 +2,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,8 @@ import transformers
 from safetensors.torch import load_file
 
 from modernbert_train.errors import UserError
-from modernbert_train.export import export_to_hf, validate_folder, write_run_artifacts
+from modernbert_train.export import export_to_hf, validate_folder
+from modernbert_train.run_dir import write_run_artifacts
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
 REPO = Path(__file__).resolve().parents[2]

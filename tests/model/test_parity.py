@@ -111,7 +111,7 @@ def test_changing_one_document_length_leaves_the_others_equal():
     ids, mask = padded_batch(LENGTHS)
     flat, cu, max_len = pack(ids, mask)
     target = 1
-    start, end = int(cu[target]), int(cu[target + 1])
+    end = int(cu[target + 1])
     longer = torch.cat([flat[:end], torch.randint(5, 256, (11,)), flat[end:]])
     new_lengths = torch.tensor(LENGTHS)
     new_lengths[target] += 11

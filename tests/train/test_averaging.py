@@ -4,7 +4,6 @@ and the averaged export passes export validation (transformers reproduces our lo
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
