@@ -69,8 +69,9 @@ class ShardSafeStableAdamW(StableAdamW):
 
     def step(self, closure=None, param=None):
         for group in self.param_groups:
-            # triton=None means "decide at the first step": decide it here, when FSDP2 has sharded the params.
-            if group.get("triton") is None and any(isinstance(p, DTensor) for p in group["params"]):
+            # Checked at every step, not only while triton is undecided (None): a resumed optimizer state can
+            # carry triton=True from a run that was not sharded.
+            if group.get("triton") is not False and any(isinstance(p, DTensor) for p in group["params"]):
                 group["triton"] = False
         return super().step(closure, param)
 

@@ -8,6 +8,7 @@ bench/gpu_check.sh compares FSDP2 with the unsharded run on a real GPU.
 from __future__ import annotations
 
 import copy
+import math
 import importlib
 from importlib.metadata import version
 
@@ -95,3 +96,21 @@ def test_fsdp2_parameters_take_the_dtensor_safe_path_and_match_unsharded(gpu_lik
     full = {name: p.full_tensor() for name, p in sharded.named_parameters()}
     for name, p in reference.named_parameters():
         torch.testing.assert_close(full[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_triton_true_state_still_keeps_dtensors_off_the_triton_kernels(gpu_like_optimi, process_group):
+    """An optimizer state saved by an unsharded GPU run holds triton=True; loaded under FSDP2 it must not send
+    the shards to optimi's Triton kernels."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = ModernBertForMaskedLM(ModernBertConfig.preset("micro"))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer, _ = build_optimizer(model, OptimizerConfig(lr=1e-3), device="gpu")
+    for group in optimizer.param_groups:
+        group["triton"] = True  # as load_state_dict restores it from the unsharded run's checkpoint
+    losses = train_steps(model, optimizer, steps=2)
+    assert [group["triton"] for group in optimizer.param_groups] == [False, False]
+    assert all(map(math.isfinite, losses))
