@@ -45,6 +45,7 @@ DEFAULT_CACHE_DISK_FRACTION = 0.5
 DOWNLOAD_RETRY = 6
 # How long a job waits for another one on this host to finish registering its datasets' shared memory.
 SHM_LOCK_WAIT_S = 600.0
+SHM_LOCK_NAME = "modernbert-streaming-registration.lock"
 
 
 @dataclass(frozen=True)
@@ -178,20 +179,20 @@ def host_shm_lock(is_local_leader: bool = True, barrier=None):
     on all ranks) makes the other ranks look only once their leader holds it. After SHM_LOCK_WAIT_S it goes on
     without the lock, with a warning, rather than wait forever on a job that shares two nodes with this one.
     """
-    handle = None
+    fd = None
     if is_local_leader:
-        handle = open(os.path.join(tempfile.gettempdir(), f"modernbert-streaming-shm-{os.getuid()}.lock"), "a+b")
+        fd, path = _open_registration_lock()
         deadline = time.monotonic() + SHM_LOCK_WAIT_S
         while True:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     log.warning("another job on this host held %s for %.0f s; registering streaming's shared "
-                                "memory without it", handle.name, SHM_LOCK_WAIT_S)
-                    handle.close()
-                    handle = None
+                                "memory without it", path, SHM_LOCK_WAIT_S)
+                    os.close(fd)
+                    fd = None
                     break
                 time.sleep(0.05)
     try:
@@ -199,8 +200,23 @@ def host_shm_lock(is_local_leader: bool = True, barrier=None):
             barrier()
         yield
     finally:
-        if handle is not None:
-            handle.close()  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _open_registration_lock() -> tuple[int, str]:
+    """The lock sits next to what it guards, in /dev/shm: one per host for every job and user, whatever each
+    launch's TMPDIR (the launch scripts give each launch its own). Read-only is enough for flock."""
+    shared = SHM_DIR / SHM_LOCK_NAME
+    for path, flags in ((shared, os.O_RDONLY), (shared, os.O_RDONLY | os.O_CREAT)):
+        try:
+            return os.open(path, flags, 0o644), str(path)
+        except FileNotFoundError:
+            continue
+        except OSError:  # no /dev/shm, or another user's lock file we may not open
+            break
+    private = os.path.join(tempfile.gettempdir(), f"{SHM_LOCK_NAME}-{os.getuid()}")
+    return os.open(private, os.O_RDONLY | os.O_CREAT, 0o644), private
 
 
 def _default_group_barrier() -> None:

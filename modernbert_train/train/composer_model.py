@@ -10,8 +10,10 @@ batch (DDP then averages over ranks, which the per-rank mean in the denominator 
 Metrics never read device memory on the host inside a step: every update adds to device-side sums (the
 model returns one logit row per masked token, so accuracy is `(argmax == labels).sum()`, no boolean mask),
 and compute() sums the ranks' states with one all_reduce instead of torchmetrics' gather, whose shape
-checks read the device. Composer computes train metrics once per optimizer step; the only host read is
-the logger's (metrics.jsonl, one line per step).
+checks read the device. Composer computes train metrics once per optimizer step (an all_reduce of two scalars
+each, no host read); the only host read is the logger's (metrics.jsonl, one line per step). It adds no wait:
+composer 0.32's own step end (`Trainer._accumulate_time_across_ranks`) already reads the step's sample and
+token counts on the host with `.item()`, after the optimizer step, on every step.
 """
 from __future__ import annotations
 

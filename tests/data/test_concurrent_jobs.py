@@ -40,12 +40,18 @@ print("samples", sum(1 for _ in dataset))
 
 
 def _start_together(manifest: Path, mode: str, tmp: Path) -> list[subprocess.CompletedProcess]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp), "MODERNBERT_SHARD_CACHE": str(tmp / "cache")}
     ready = tmp / f"ready-{mode}"
     ready.mkdir()
     command = [sys.executable, "-c", CHILD, str(manifest), mode, str(ready), str(JOBS)]
-    jobs = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for _ in range(JOBS)]
+    jobs = []
+    for job in range(JOBS):
+        # Each job its own TMPDIR, as launch/multinode.sh gives each launch: the lock must not depend on it.
+        own_tmp = tmp / f"{mode}-{job}"
+        own_tmp.mkdir()
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(own_tmp),
+               "MODERNBERT_SHARD_CACHE": str(tmp / "cache")}
+        jobs.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True))
     return [subprocess.CompletedProcess(job.args, job.wait(timeout=300), job.stdout.read()) for job in jobs]
 
 
