@@ -226,15 +226,20 @@ class SpikeGuard(Callback):
         """Mean masked loss of the step over all ranks, and the global gradient norm (one sync)."""
         device = next(iter(state.model.parameters())).device
         loss_sum = self._loss_sum if self._loss_sum is not None else torch.zeros((), device=device)
-        totals = torch.stack([loss_sum.reshape(()).to(device, torch.float64),
-                              torch.tensor(float(self._masked), device=device, dtype=torch.float64)])
-        dist.all_reduce(totals, reduce_operation="SUM")
         grads = [p.grad for p in state.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the shards' norms
             norm = norm.full_tensor()
-        loss_sum, masked = totals.tolist()
-        return (loss_sum / masked if masked else 0.0), float(norm)
+        # FSDP1 leaves each rank the gradients of its own shard: the global norm is the root of the ranks'
+        # summed squares. Every rank must judge the same norm, or a rollback raised on some ranks hangs the rest.
+        sharded = _has_fsdp1_shards(state.model)
+        totals = torch.stack([loss_sum.reshape(()).to(device, torch.float64),
+                              torch.tensor(float(self._masked), device=device, dtype=torch.float64),
+                              norm.to(device, torch.float64) ** 2 if sharded else torch.zeros((), device=device,
+                                                                                              dtype=torch.float64)])
+        dist.all_reduce(totals, reduce_operation="SUM")
+        loss_sum, masked, squares = totals.tolist()
+        return (loss_sum / masked if masked else 0.0), (math.sqrt(squares) if sharded else float(norm))
 
     def _log_event(self, step: int, tokens: int, fields: dict[str, Any], unique: bool = False) -> None:
         if dist.get_global_rank() != 0:
@@ -246,6 +251,12 @@ class SpikeGuard(Callback):
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with self.metrics_path.open("a") as f:
             f.write(line + "\n")
+
+
+def _has_fsdp1_shards(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return dist.get_world_size() > 1 and any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 def _finite_or_none(value: float) -> float | None:
