@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from modernbert_train.errors import UserError
-from modernbert_train.report_plots import PLOTS, PlotSpec, draw_plot, human_count
+from modernbert_train.report_plots import (EVAL_PLOT_FILE, PLOTS, PlotSpec, draw_eval_plot, draw_plot,
+                                           human_count)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -420,7 +421,8 @@ LIVE_EVAL_PREFIX = "live_eval/"  # written by modernbert_train.eval.live.LiveEva
 
 def _add_evaluation(doc: _Doc, phases: Sequence[Phase], eval_dirs: Sequence[str | os.PathLike],
                     out_dir: Path) -> None:
-    """Downstream scores: the live-evaluation curve (metrics.jsonl) and `modernbert-train eval` tables."""
+    """Downstream scores: the live-evaluation curve (metrics.jsonl), and per `modernbert-train eval` folder a
+    table and a grouped-bar plot."""
     live_keys = sorted({k for p in phases for r in p.records for k in r if k.startswith(LIVE_EVAL_PREFIX)})
     if not live_keys and not eval_dirs:
         return
@@ -435,15 +437,34 @@ def _add_evaluation(doc: _Doc, phases: Sequence[Phase], eval_dirs: Sequence[str 
             doc.table(["task/metric (live)", f"last value ({phases[-1].name})", "at step"], rows)
         if path is not None:
             doc.image(path.name, spec.title)
-    for eval_dir in eval_dirs:
+    for number, eval_dir in enumerate(eval_dirs, start=1):
         from modernbert_train.eval.runner import table_rows
 
         results_file = Path(eval_dir) / "results.json"
-        if not results_file.exists():
-            raise UserError(f"--eval {eval_dir}: no results.json (write one with `modernbert-train eval`)")
-        results = json.loads(results_file.read_text())
+        results = _read_results(eval_dir, results_file)
         doc.para(f"Suite `{results['suite']}` ({results_file}): mean +- std over seeds, grid point chosen on dev.")
         doc.table(*table_rows(results["summary"]))
+        # One PNG per --eval folder: eval.png, then eval_2.png, ...
+        file_name = EVAL_PLOT_FILE if number == 1 else EVAL_PLOT_FILE.replace(".", f"_{number}.", 1)
+        title = f"Downstream evaluation: {results.get('suite_name') or results['suite']}"
+        path = draw_eval_plot(results["summary"], title, out_dir / file_name)
+        if path is not None:
+            doc.image(path.name, title)
+        else:
+            doc.para(f"No evaluation plot for {results_file}: none of its metrics is a number.")
+
+
+def _read_results(eval_dir, results_file: Path) -> dict:
+    if not results_file.exists():
+        raise UserError(f"--eval {eval_dir}: no results.json (write one with `modernbert-train eval`)")
+    try:
+        results = json.loads(results_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{results_file}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("summary"), list) or "suite" not in results:
+        raise UserError(f"{results_file}: expected the object `modernbert-train eval` writes, with 'suite' and "
+                        f"a 'summary' list")
+    return results
 
 
 def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,

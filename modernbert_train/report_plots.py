@@ -1,4 +1,5 @@
-"""The report's PNGs: which metrics each plot draws (`PLOTS`), and drawing one over a chain of phases.
+"""The report's PNGs: which metrics each plot draws (`PLOTS`), drawing one over a chain of phases, and the
+evaluation's grouped bars (`eval_figure`: one group per task and metric, one bar per model).
 
 Every series is drawn on the stitched token axis of `report.Phase`: a long phase is thinned to at most
 MAX_POINTS_DRAWN points and noisy per-step curves get a moving average next to the raw line.
@@ -156,3 +157,122 @@ def draw_plot(spec: PlotSpec, phases: Sequence[Phase], out_dir: Path) -> tuple[P
     fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     return path, notes
+
+
+# ----------------------------------------------------------------------------------------------- evaluation bars
+
+EVAL_PLOT_FILE = "eval.png"
+# Scores in [-1, 1] (accuracy, F1, Matthews, Pearson, nDCG...) share one axis; a metric with another scale
+# (MLM loss) gets a panel of its own so it does not flatten the scores.
+LOWER_IS_BETTER = frozenset({"loss"})
+
+
+@dataclass(frozen=True)
+class EvalBar:
+    """One bar: a model's mean over seeds for one (task, metric); std None when there is nothing to spread."""
+
+    task: str
+    metric: str
+    model: str
+    mean: float
+    std: float | None
+
+
+def eval_tick_label(task: str, metric: str) -> str:
+    return f"{task}: {metric}"
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def eval_bars(summaries: Sequence[dict]) -> list[EvalBar]:
+    """The bars of results.json's "summary" (TaskSummary dicts): non-numeric or NaN means are left out, and a
+    single seed (or a missing std) draws no error bar."""
+    bars = []
+    for s in summaries:
+        stds = s.get("metric_stds") or {}
+        several_seeds = s.get("seeds", 2) > 1
+        for metric, mean in (s.get("metric_means") or {}).items():
+            if not _finite_number(mean):
+                continue
+            std = stds.get(metric)
+            std = float(std) if several_seeds and _finite_number(std) else None
+            bars.append(EvalBar(str(s["task"]), str(metric), str(s["model"]), float(mean), std))
+    return bars
+
+
+def _eval_panels(bars: Sequence[EvalBar]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(y label, [(task, metric) groups]) per panel, groups in results order."""
+    keys = list(dict.fromkeys((b.task, b.metric) for b in bars))
+    off_scale = {b.metric for b in bars if b.metric in LOWER_IS_BETTER or abs(b.mean) > 1}
+    panels = []
+    scores = [k for k in keys if k[1] not in off_scale]
+    if scores:
+        panels.append(("score (mean ± std over seeds)", scores))
+    for metric in dict.fromkeys(k[1] for k in keys if k[1] in off_scale):
+        lower = " (lower is better)" if metric in LOWER_IS_BETTER else ""
+        panels.append((f"{metric}{lower}", [k for k in keys if k[1] == metric]))
+    return panels
+
+
+def eval_figure(summaries: Sequence[dict], title: str):
+    """The grouped-bar figure of an evaluation's summary (one group per task and metric, one bar per model),
+    or None when no metric is a number. The caller saves and closes it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = eval_bars(summaries)
+    if not bars:
+        return None
+    models = list(dict.fromkeys(b.model for b in bars))
+    by_key = {(b.task, b.metric, b.model): b for b in bars}
+    panels = _eval_panels(bars)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(panels), figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI, squeeze=False,
+                             gridspec_kw={"width_ratios": [max(len(groups), 2) for _, groups in panels]})
+    width = 0.8 / len(models)
+    for ax, (ylabel, groups) in zip(axes[0], panels):
+        for index, model in enumerate(models):
+            drawn = [(g, by_key[(*key, model)]) for g, key in enumerate(groups) if (*key, model) in by_key]
+            if not drawn:
+                continue
+            x = np.array([g for g, _ in drawn]) - 0.4 + width * (index + 0.5)
+            means = [bar.mean for _, bar in drawn]
+            ax.bar(x, means, width, color=colors[index % len(colors)], label=model)
+            spread = [(xi, bar.mean, bar.std) for xi, (_, bar) in zip(x, drawn) if bar.std is not None]
+            if spread:
+                xs, ys, errs = zip(*spread)
+                ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor="0.15", elinewidth=1, capsize=2.5)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([eval_tick_label(*key) for key in groups], rotation=35, ha="right",
+                           rotation_mode="anchor", fontsize=8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_ylabel(ylabel)
+        ax.axhline(0, color="0.3", linewidth=0.8)
+        ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if len(panels) > 1:  # a model may have bars in a later panel only
+        for ax in axes[0, 1:]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                if label not in labels:
+                    handles.append(handle)
+                    labels.append(label)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=11)
+    fig.legend(handles, labels, loc="upper right", ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig
+
+
+def draw_eval_plot(summaries: Sequence[dict], title: str, path: Path) -> Path | None:
+    """Save `eval_figure` as a PNG of the report's fixed size; None when there was nothing numeric to draw."""
+    import matplotlib.pyplot as plt
+
+    fig = eval_figure(summaries, title)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
+    return path

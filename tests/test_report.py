@@ -14,7 +14,7 @@ import pytest
 from modernbert_train.cli.main import main as cli_main
 from modernbert_train.errors import UserError
 from modernbert_train.report import load_phases, read_metrics, write_report
-from modernbert_train.report_plots import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS
+from modernbert_train.report_plots import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS, eval_bars, eval_figure, eval_tick_label
 
 EXPECTED_PNG_SHAPE = (round(FIGURE_SIZE_INCHES[1] * FIGURE_DPI), round(FIGURE_SIZE_INCHES[0] * FIGURE_DPI))
 
@@ -249,3 +249,117 @@ def test_cli_report_help_has_an_example():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "modernbert-train report runs/phase1 runs/phase2" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------- evaluation plot
+
+def drawn_eval_bars(fig) -> dict[tuple[str, str], list]:
+    """Read eval.png's figure back from its artists: (tick label, model) -> [bar height, error bar half-length
+    or None]. The group comes from the tick nearest the bar, the model from the bar container's legend label."""
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    drawn = {}
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        centres = {}
+        for container in ax.containers:
+            if isinstance(container, BarContainer):
+                for patch in container.patches:
+                    centre = patch.get_x() + patch.get_width() / 2
+                    key = (labels[round(centre)], container.get_label())
+                    assert key not in drawn, key
+                    drawn[key] = [patch.get_height(), None]
+                    centres[key] = centre
+        for container in ax.containers:
+            if isinstance(container, ErrorbarContainer):
+                for (x0, low), (x1, high) in container.lines[2][0].get_segments():
+                    key = min(centres, key=lambda k: abs(centres[k] - x0))
+                    assert abs(centres[key] - x0) < 1e-9 and x0 == x1
+                    assert drawn[key][0] == pytest.approx((low + high) / 2)  # centred on the mean
+                    drawn[key][1] = (high - low) / 2
+    return drawn
+
+
+def _write_eval_results(out_dir: Path, summaries) -> dict:
+    """results.json through the runner's own writer (it reads only these attributes of suite and models)."""
+    from types import SimpleNamespace
+
+    from modernbert_train.eval.runner import write_results
+
+    models = list(dict.fromkeys(s.model for s in summaries))
+    write_results(out_dir, SimpleNamespace(path=Path("yamls/eval/toy.yaml"), name="toy"),
+                  [SimpleNamespace(name=m, source=m, step=None) for m in models], [], summaries)
+    return json.loads((out_dir / "results.json").read_text())
+
+
+def test_eval_plot_bars_are_the_means_with_std_error_bars_and_survive_nan_and_one_seed(tmp_path):
+    from modernbert_train.eval.runner import TaskSummary
+
+    def summary(task, model, means, stds, seeds):
+        return TaskSummary(task=task, type="classification", model=model, metric_means=means, metric_stds=stds,
+                           split="test", chosen={"lr": 1e-3}, seeds=seeds)
+
+    summaries = [
+        summary("topic", "phase3", {"accuracy": 0.91, "matthews": 0.82}, {"accuracy": 0.02, "matthews": 0.04}, 3),
+        summary("topic", "random init (phase3)", {"accuracy": 0.55, "matthews": -0.03},
+                {"accuracy": 0.05, "matthews": 0.06}, 3),
+        # One seed: the runner writes std 0.0, which must not become a (zero-length) error bar.
+        summary("search", "phase3", {"ndcg@10": 0.41}, {"ndcg@10": 0.0}, 1),
+        summary("search", "random init (phase3)", {"ndcg@10": 0.12}, {"ndcg@10": 0.0}, 1),
+        # Pearson of constant predictions is NaN (json writes NaN): no bar, no crash.
+        summary("sts", "phase3", {"pearson": math.nan}, {"pearson": math.nan}, 3),
+        summary("sts", "random init (phase3)", {"pearson": 0.3}, {"pearson": 0.1}, 3),
+        summary("mlm", "phase3", {"loss": 3.25, "accuracy": 0.31}, {"loss": 0.0, "accuracy": 0.0}, 1),
+        summary("mlm", "random init (phase3)", {"loss": 6.6, "accuracy": 0.02}, {"loss": 0.0, "accuracy": 0.0}, 1),
+    ]
+    results = _write_eval_results(tmp_path / "eval", summaries)
+    all_nan = _write_eval_results(tmp_path / "eval_nan", [summary("sts", "phase3", {"pearson": math.nan},
+                                                                  {"pearson": math.nan}, 2)])
+    run_dir = _write_run(tmp_path / "run", [{"step": s, "tokens": 100 * s, "train/loss": 5.0 - s / 10}
+                                            for s in range(1, 6)])
+    markdown_path = write_report([run_dir], tmp_path / "out", eval_dirs=[tmp_path / "eval", tmp_path / "eval_nan"])
+
+    png = tmp_path / "out" / "eval.png"
+    assert matplotlib.image.imread(png).shape[:2] == EXPECTED_PNG_SHAPE
+    assert "](eval.png)" in markdown_path.read_text()
+    assert "<img src='eval.png'" in (tmp_path / "out" / "report.html").read_text()
+    # No numeric metric at all: no PNG, a line in the report instead.
+    assert not (tmp_path / "out" / "eval_2.png").exists()
+    assert f"No evaluation plot for {tmp_path / 'eval_nan' / 'results.json'}" in markdown_path.read_text()
+    assert eval_figure(all_nan["summary"], "none") is None
+
+    fig = eval_figure(results["summary"], "toy")
+    drawn = drawn_eval_bars(fig)
+    expected = {}
+    for s in results["summary"]:
+        for metric, mean in s["metric_means"].items():
+            if math.isfinite(mean):
+                std = s["metric_stds"][metric] if s["seeds"] > 1 else None
+                expected[(eval_tick_label(s["task"], metric), s["model"])] = [mean, std]
+    assert len(expected) == 11 and drawn.keys() == expected.keys()
+    for key, (mean, std) in expected.items():
+        assert drawn[key][0] == mean, key  # the bar is the mean itself, not a rounded copy
+        assert (drawn[key][1] is None) if std is None else drawn[key][1] == pytest.approx(std, abs=1e-12), key
+    # MLM loss is on another scale: its own panel, so the [-1, 1] scores keep their resolution.
+    panel_ticks = [[t.get_text() for t in ax.get_xticklabels()] for ax in fig.axes]
+    assert panel_ticks[1] == ["mlm: loss"] and "mlm: accuracy" in panel_ticks[0]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["phase3", "random init (phase3)"]
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+    # A summary without metric_stds at all (hand-made files): bars, no error bars.
+    bare = [{"task": "t", "model": "m", "metric_means": {"accuracy": 0.7, "label": "n/a"}, "seeds": 3}]
+    assert [(b.mean, b.std) for b in eval_bars(bare)] == [(0.7, None)]
+
+
+def test_bad_eval_results_file_is_one_line_naming_it(tmp_path):
+    run_dir = _write_run(tmp_path / "run", [{"step": 1, "tokens": 100}])
+    (tmp_path / "eval").mkdir()
+    results_file = tmp_path / "eval" / "results.json"
+    results_file.write_text('{"suite": "s",\n "summary": [}\n')
+    with pytest.raises(UserError, match=rf"{results_file}:2: not valid JSON"):
+        write_report([run_dir], tmp_path / "out", eval_dirs=[tmp_path / "eval"])
+    results_file.write_text('{"suite": "s", "runs": []}\n')
+    with pytest.raises(UserError, match="with 'suite' and a 'summary' list"):
+        write_report([run_dir], tmp_path / "out", eval_dirs=[tmp_path / "eval"])

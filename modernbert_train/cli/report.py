@@ -10,7 +10,7 @@ masked_accuracy.png, report.md and report.html; a plot whose metrics were never 
 
 example:
   modernbert-train report runs/phase1 runs/phase2 runs/phase3 --out reports/base
-  modernbert-train report runs/phase3 --eval eval_out/local   # with a downstream evaluation table
+  modernbert-train report runs/phase3 --eval eval_out/local   # with downstream evaluation table and eval.png
   (default --out: RUN_DIR/report of the last run directory)"""
 
 
@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="output folder (default: RUN_DIR/report of the last run directory)")
     parser.add_argument("--eval", action="append", default=[], metavar="DIR", dest="eval_dirs",
-                        help="add the table of a `modernbert-train eval` output folder (results.json); repeatable")
+                        help="add the table and bar plot (eval.png) of a `modernbert-train eval` output folder "
+                             "(results.json); repeatable")
 
 
 def run(args: argparse.Namespace) -> int:

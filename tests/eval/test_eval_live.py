@@ -61,3 +61,49 @@ def test_bad_live_suite_fails_before_training(tmp_path, data_overrides):
         f"save_folder={tmp_path / 'r'}", "max_duration=2ba", f"eval.suite={tmp_path / 'missing.yaml'}"])
     with pytest.raises(UserError, match=r"eval.suite: suite file .*missing.yaml does not exist"):
         train(recipe)
+
+
+def test_report_plots_a_real_eval_run_as_grouped_bars(tmp_path, toy_tasks, hf_folder):
+    """`modernbert-train eval` on two models (pretrained-ish and random init), then `report --eval`: eval.png's
+    bars are the results.json means, with std error bars where there are several seeds."""
+    import math
+
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    from modernbert_train.cli.main import main
+    from modernbert_train.report_plots import eval_figure, eval_tick_label
+    from tests.test_report import EXPECTED_PNG_SHAPE, drawn_eval_bars
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "plot", "tasks": [
+        {"name": "topic", "type": "classification", "max_length": 32, "metrics": ["accuracy", "matthews"],
+         "data": {"train": f"{toy_tasks}/cls/train.jsonl", "dev": f"{toy_tasks}/cls/dev.jsonl",
+                  "test": f"{toy_tasks}/cls/test.jsonl", "columns": {"text": "sentence", "label": "topic"}},
+         "sweep": {"lr": [3e-3], "epochs": [1], "batch_size": 32, "seeds": [0, 1]}},
+        {"name": "mlm", "type": "mlm", "data": {"train": f"{toy_tasks}/heldout.jsonl"}}]}))
+    assert main(["eval", str(suite), "--model", str(hf_folder), "--model", f"random:{hf_folder}",
+                 "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "tokens": 64 * s, "train/loss": 6 - s / 4})
+                                                   + "\n" for s in range(1, 5)))
+    assert main(["report", str(run_dir), "--eval", str(tmp_path / "eval"), "--out", str(tmp_path / "report")]) == 0
+
+    assert matplotlib.image.imread(tmp_path / "report" / "eval.png").shape[:2] == EXPECTED_PNG_SHAPE
+    assert "](eval.png)" in (tmp_path / "report" / "report.md").read_text()
+    assert "<img src='eval.png'" in (tmp_path / "report" / "report.html").read_text()
+    summary = json.loads((tmp_path / "eval" / "results.json").read_text())["summary"]
+    fig = eval_figure(summary, "plot")
+    drawn = drawn_eval_bars(fig)
+    plt.close(fig)
+    expected = {(eval_tick_label(s["task"], m), s["model"]): (mean, s["metric_stds"][m] if s["seeds"] > 1 else None)
+                for s in summary for m, mean in s["metric_means"].items() if math.isfinite(mean)}
+    assert {model for _, model in expected} == {"micro", "random init (micro)"} and len(expected) == 8
+    assert drawn.keys() == expected.keys()
+    for key, (mean, std) in expected.items():
+        assert drawn[key][0] == mean, key
+        # topic: 2 seeds, an error bar of their sample std; mlm: one fixed-mask pass, none.
+        assert (std is None) == key[0].startswith("mlm") and (drawn[key][1] is None) == (std is None), key
+        if std is not None:
+            assert drawn[key][1] == pytest.approx(std, abs=1e-12), key
