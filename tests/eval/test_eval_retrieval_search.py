@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from modernbert_train.cli.main import main
-from modernbert_train.errors import UserError
 from modernbert_train.eval import retrieval
 from modernbert_train.eval.data import BeirData
 from modernbert_train.eval.encoder import MeanPoolingEmbedder, TextEncoder
