@@ -20,6 +20,8 @@ from modernbert_train.eval.models import EvalModel
 from modernbert_train.eval.suite import TaskSpec
 
 TOP_K = 100  # documents kept per query; enough for recall@100
+CORPUS_CHUNK = 50_000  # documents tokenized and embedded at a time by search (MS MARCO: 8.8M passages)
+SCORE_BLOCK = 2 ** 26  # query x document scores computed at a time (512 MB in float64)
 
 
 def load_hard_negatives(path: str | None, where: str) -> dict[str, list[str]]:
@@ -52,15 +54,52 @@ def embed(embedder: MeanPoolingEmbedder, sequences: list[list[int]], batch_size:
     return out
 
 
-def search(embedder, data: BeirData, doc_ids, doc_sequences, query_encoder: TextEncoder, qrels, batch_size,
-           device) -> dict[str, dict[str, float]]:
-    docs = embed(embedder, doc_sequences, batch_size, device)
+def search(embedder: MeanPoolingEmbedder, data: BeirData, doc_encoder: TextEncoder, query_encoder: TextEncoder,
+           qrels, batch_size: int, device, chunk_size: int | None = None) -> dict[str, dict[str, float]]:
+    """Exact cosine search of the queries of `qrels` over the whole corpus: query id -> {doc id: score} for
+    its TOP_K best documents, the same as one top-k over the full queries x corpus score matrix.
+
+    The corpus streams through in chunks of `chunk_size` (default CORPUS_CHUNK) documents, each tokenized,
+    embedded, scored and dropped, while a running top-k per query is kept: memory is queries x k plus one
+    chunk, whatever the corpus size (MS MARCO dev, 6,980 queries x 8.8M passages, would need ~247 GB of
+    scores and ~27 GB of embeddings in one go)."""
+    chunk_size = chunk_size or CORPUS_CHUNK
     query_ids = list(qrels)
+    if not query_ids:
+        return {}
+    doc_ids = list(data.corpus)
+    k = min(TOP_K, len(doc_ids))
     queries = embed(embedder, query_encoder.encode([data.queries[q] for q in query_ids]), batch_size, device)
-    scores = queries @ docs.T
-    top = scores.topk(min(TOP_K, len(doc_ids)), dim=1)
-    return {q: {doc_ids[d]: float(s) for s, d in zip(values.tolist(), indices.tolist())}
-            for q, values, indices in zip(query_ids, top.values, top.indices)}
+    queries = queries.to(device, torch.float64)
+    best_scores = torch.empty(len(query_ids), 0, device=device)
+    best_docs = torch.empty(len(query_ids), 0, dtype=torch.long, device=device)
+    for start in range(0, len(doc_ids), chunk_size):
+        chunk = doc_ids[start:start + chunk_size]
+        docs = embed(embedder, doc_encoder.encode([data.corpus[d] for d in chunk]), batch_size, device)
+        values, indices = chunk_top_k(queries, docs.to(device), min(k, len(chunk)))
+        # Earlier documents first in the concatenation, as in one top-k over the whole score matrix.
+        scores = torch.cat([best_scores, values], dim=1)
+        candidates = torch.cat([best_docs, indices + start], dim=1)
+        best = scores.topk(min(k, scores.shape[1]), dim=1)
+        best_scores, best_docs = best.values, candidates.gather(1, best.indices)
+    return {q: {doc_ids[d]: float(s) for s, d in zip(values, indices)}
+            for q, values, indices in zip(query_ids, best_scores.cpu().tolist(), best_docs.cpu().tolist())}
+
+
+def cosine_scores(queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """queries x docs dot products of unit vectors, summed in float64 and rounded to float32: float32 matmuls
+    sum in an order that depends on the matrix shapes, so a document's score would change (by an ulp, enough
+    to swap near ties) with the size of the chunk it is scored in."""
+    return (queries.double() @ docs.double().T).float()
+
+
+def chunk_top_k(queries: torch.Tensor, docs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, doc indices) of each query's k best documents in `docs`, sorted; scored a block of queries at
+    a time so that the score matrix stays near SCORE_BLOCK entries however many queries there are."""
+    rows = max(1, SCORE_BLOCK // len(docs))
+    docs = docs.double()
+    tops = [cosine_scores(queries[start:start + rows], docs).topk(k, dim=1) for start in range(0, len(queries), rows)]
+    return torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
 
 
 def run_retrieval(task: TaskSpec, model: EvalModel, *, lr: float, weight_decay: float, epochs: int, seed: int,
@@ -74,8 +113,6 @@ def run_retrieval(task: TaskSpec, model: EvalModel, *, lr: float, weight_decay: 
     doc_encoder = TextEncoder(model.tokenizer_file, max_length)
     query_encoder = TextEncoder(model.tokenizer_file, min(task.query_max_length, max_length))
     evaluation = load_beir(task.data.beir, task.data.eval_split, where)
-    doc_ids = list(evaluation.corpus)
-    doc_sequences = doc_encoder.encode([evaluation.corpus[d] for d in doc_ids])
     embedder = MeanPoolingEmbedder(model.build(seed))
     if start_from is not None:
         embedder.load_state_dict(start_from.state_dict())
@@ -90,8 +127,7 @@ def run_retrieval(task: TaskSpec, model: EvalModel, *, lr: float, weight_decay: 
     if task.data.dev_split is not None:
         dev = load_beir(task.data.beir, task.data.dev_split, where)
         qrels.update(dev.qrels)
-    run = search(embedder, evaluation, doc_ids, doc_sequences, query_encoder, qrels, task.sweep.batch_size * 2,
-                 device)
+    run = search(embedder, evaluation, doc_encoder, query_encoder, qrels, task.sweep.batch_size * 2, device)
     scores = {m: retrieval_metric(m, evaluation.qrels, run) for m in task.metrics}
     dev_scores = None if dev is None else {m: retrieval_metric(m, dev.qrels, run) for m in task.metrics}
     return scores, dev_scores, embedder.cpu()
