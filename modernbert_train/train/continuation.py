@@ -46,9 +46,21 @@ def carry_optimizer_state(trainer, init_from: str, settings: list[dict[str, Any]
     if saved != type(optimizer).__qualname__:
         raise UserError(f"{where}model.init_optimizer: {checkpoint} was trained with {saved}, this recipe uses "
                         f"{type(optimizer).__qualname__}; the moments cannot be carried over")
-    trainer.state.load_optim_state(state, strict=True)
+    _load_full_optimizer_state(trainer.state, optimizer, state["optimizers"][saved])
     apply_optimizer_settings(optimizer, settings)
     log.info("optimizer state carried over from %s", checkpoint)
+
+
+def _load_full_optimizer_state(state, optimizer, optim_state: dict[str, Any]) -> None:
+    """load_composer_state merges a sharded checkpoint, so the moments are always full tensors here. Composer's
+    own `State.load_optim_state` treats them as full only when this run saves full checkpoints; under FSDP2
+    with sharded saving it would hand plain tensors to DTensor parameters (a crash at the first step)."""
+    from composer.utils.parallelism import FSDPConfig
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=True,
+                               cpu_offload=state.fsdp_enabled and isinstance(state.fsdp_config, FSDPConfig))
+    set_optimizer_state_dict(model=state.model, optimizers=optimizer, optim_state_dict=optim_state, options=options)
 
 
 __all__ = ["optimizer_settings", "apply_optimizer_settings", "carry_optimizer_state"]

@@ -6,6 +6,7 @@ One module-scoped set of runs (about 2 minutes on 2 cores) feeds every check:
   f2  2 processes, FSDP2,   same, sharded checkpoints                     (killed mid-way, relaunched)
   f1  f2's directory right after the kill, continued on 1 process    (resume on another world size)
   f2full: 2 processes, FSDP2 with state_dict_type=full for the same steps (for the export comparison)
+  c1, c2  phase 2 (model.init_optimizer: true) from w1 on 1 process and from f2's sharded checkpoint under FSDP2
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 STEPS, CHECKPOINT_EVERY, KILL_AFTER = 6, 3, 4
+CONTINUATION_STEPS = 3
 COMMON = [f"max_duration={STEPS}ba", f"checkpoint.interval={CHECKPOINT_EVERY}ba", "batch_warmup.start_batch_size=null",
           "model.config.attention_output_dropout=0.0", "data.loader_options={world_invariant: true}",
           "logging.progress_bar=false", "run_name=fsdp-check"]
@@ -48,7 +50,7 @@ def _copy_data(tiny_data, dest: Path) -> list[str]:
     return [f"data.manifest={manifest}", f"data.tokenizer={tiny_data['tokenizer']}"]
 
 
-def _launch(nproc: int, args: list[str], work: Path, name: str) -> subprocess.Popen:
+def _launch(nproc: int, args: list[str], work: Path, name: str, recipe: str = "phase1") -> subprocess.Popen:
     """composer -n NPROC -m modernbert_train.train ... with its own TMPDIR (streaming locks) and port."""
     tmp = work / f"tmp-{name}"
     tmp.mkdir(exist_ok=True)
@@ -58,7 +60,7 @@ def _launch(nproc: int, args: list[str], work: Path, name: str) -> subprocess.Po
         env.pop(key, None)
     command = [str(Path(sys.executable).parent / "composer"), "-n", str(nproc), "--master_port", str(_free_port()),
                "--stdout", str(work / f"{name}-rank{{rank}}.out"), "--stderr", str(work / f"{name}-rank{{rank}}.err"),
-               "-m", "modernbert_train.train", str(REPO / "yamls/tiny/phase1.yaml"), *args]
+               "-m", "modernbert_train.train", str(REPO / f"yamls/tiny/{recipe}.yaml"), *args]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=(work / f"{name}.log").open("a"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -88,7 +90,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("fsdp")
-    dirs = {name: work / name for name in ("w1", "d2", "f2", "f1", "f2full")}
+    dirs = {name: work / name for name in ("w1", "d2", "f2", "f1", "f2full", "c1", "c2")}
     data = {name: _copy_data(tiny_data, work / f"data-{name}") for name in dirs}
 
     def args(name: str, *extra: str) -> list[str]:
@@ -118,6 +120,16 @@ def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
     _wait(ddp, work, "d2")
     full = _launch(2, args("f2full", FSDP_FULL), work, "f2full")
     _wait(full, work, "f2full")
+    # Phase 2 carries phase 1's weights and Adam moments (init_optimizer): from the 1-process run, and from the
+    # 2-process run's sharded checkpoint into an FSDP2 run.
+    phase2 = [f"max_duration={CONTINUATION_STEPS}ba", "model.init_optimizer=true", "model.config.attention_output_dropout=0.0",
+              "data.loader_options={world_invariant: true}", "logging.progress_bar=false", "run_name=fsdp-phase2"]
+    c1 = _launch(1, [*phase2, *data["c1"], f"save_folder={dirs['c1']}", f"model.init_from={dirs['w1']}"], work, "c1",
+                 "phase2")
+    _wait(c1, work, "c1")
+    c2 = _launch(2, [*phase2, *data["c2"], f"save_folder={dirs['c2']}", f"model.init_from={dirs['f2']}",
+                     FSDP_SHARDED], work, "c2", "phase2")
+    _wait(c2, work, "c2")
     dirs["work"] = work
     return dirs
 
@@ -159,6 +171,18 @@ def test_two_process_checkpoint_continues_on_one_process(runs):
     assert [r["tokens"] for r in smaller] == [r["tokens"] for r in one]
     for a, b in zip(smaller[CHECKPOINT_EVERY:], one[CHECKPOINT_EVERY:]):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6, abs=1e-6), (a["step"], a["train/loss"], b["train/loss"])
+
+
+def test_phase2_carries_the_optimizer_state_into_fsdp2_as_into_one_process(runs):
+    """init_optimizer from a sharded 2-process checkpoint into FSDP2: the same continuation as on one process
+    (step 1 is judged before any update; steps 2.. only match when the Adam moments were carried)."""
+    one, fsdp = _metrics(runs["c1"]), _metrics(runs["c2"])
+    assert [r["step"] for r in fsdp] == [r["step"] for r in one] == list(range(1, CONTINUATION_STEPS + 1))
+    assert [r["tokens"] for r in fsdp] == [r["tokens"] for r in one]
+    for a, b in zip(fsdp, one):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5, abs=1e-5), (a["step"], a["train/loss"], b["train/loss"])
+    for name in ("c1", "c2"):
+        assert "optimizer state carried over from" in (runs[name] / "train.log").read_text()
 
 
 def test_resuming_on_another_world_size_without_world_invariant_data_is_refused():
