@@ -239,8 +239,8 @@ class RemoteOutput:
         if names and scheme not in DELETABLE_SCHEMES:
             more = f" (and {len(names) - 1} more objects under {self.remote})" if len(names) > 1 else ""
             raise UserError(f"{join(self.remote, names[0])}{more} must be deleted, but deleting objects on "
-                            f"{scheme}:// is not supported here; delete it with your storage's tools and re-run "
-                            f"(nothing was changed)")
+                            f"{scheme}:// is not supported here; delete {'them' if more else 'it'} with your "
+                            f"storage's tools and re-run (nothing was changed)")
         for name in names:
             target = join(self.remote, name)
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -141,3 +142,16 @@ def test_spark_tasks_upload_their_parts_to_s3_and_the_output_equals_a_local_prep
     want = json.loads((local / "prep_meta.json").read_text())
     for key in ("documents", "chunks", "tokens", "content_tokens", "length_histograms", "units"):
         assert got[key] == want[key], key
+
+    # Resume from a fresh --staging after losing one part and the index: only that part is redone and uploaded.
+    lost = [k for k in keys if k.startswith("mix/part-00002/")] + ["mix/index.json"]
+    client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in lost]})
+    stamps = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    time.sleep(1.1)  # S3 LastModified has one-second resolution: a re-upload would show
+    resumed = prepare_on_spark(cfg, local_master(2), staging=str(tmp_path / "staging2"))
+    assert (resumed["this_run"]["units_done"], resumed["this_run"]["units_kept"]) == (1, summary["units"] - 1)
+    after = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {k: after[k] for k in stamps if k.startswith("mix/part-")} == \
+        {k: v for k, v in stamps.items() if k.startswith("mix/part-")}
+    assert set(after) >= set(keys) and driver_uploads == []
+    assert _samples(fetch_metadata(out, tmp_path / "fetched2", with_shards=True)) == _samples(local)

@@ -256,3 +256,9 @@ def test_prepare_out_on_a_scheme_without_delete_starts_resumes_and_refuses_a_nee
     assert len(message.splitlines()) == 1 and f"{out}/index.json must be deleted" in message
     assert f"{scheme}://" in message and "nothing was changed" in message
     assert store.files() == before
+    cfg = PrepareConfig(inputs=[str(first_file)], out=out, tokenizer=str(trained_tokenizer_dir), overwrite=True,
+                        progress=False)
+    with pytest.raises(UserError) as err:  # --overwrite must delete every object: refused the same way
+        prepare_remote(cfg, tmp_path / "staging2")
+    assert len(str(err.value).splitlines()) == 1 and "more objects under" in str(err.value)
+    assert store.files() == before and (tmp_path / "staging2" / "plan.json").is_file()
