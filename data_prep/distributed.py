@@ -7,6 +7,10 @@ a retried unit rewrites its temporary folder from scratch, so no document is wri
 then merges the parts exactly as `prepare` does: output, prep_meta.json and stats equal the single-machine run.
 
 --out must be visible to every executor (a shared filesystem); with an object-store --out, --staging must be.
+With an object-store --out each task uploads the part it wrote as soon as it is complete (shards, the part's
+index.json, unit_summary.json last; credentials from the executor's environment, as on the driver) and frees
+its shards on --staging; the driver only uploads plan.json at the start and the metadata and index.json at
+the end. A part left on --staging un-uploaded (its task died after finishing it) is uploaded on the resume.
 Bad input keeps prepare's contract: a UserError in a task (`file:line: reason`) is not retried but returned
 to the driver, which stops with that line and keeps the finished parts for a resume.
 """
@@ -20,7 +24,10 @@ from typing import Callable
 from modernbert_train.errors import UserError
 
 DEFAULT_MAX_FAILURES = 4  # attempts per task, as spark.task.maxFailures counts them
+# Environment variables streaming's storage clients read (credentials, endpoints, profiles).
+STORAGE_ENV_PREFIXES = ("AWS_", "S3_", "GOOGLE_", "GCS_", "OCI_", "AZURE_", "HF_", "DATABRICKS_")
 _TOKENIZERS: dict = {}  # per Python worker: loading the tokenizer once per worker, not per task
+_REMOTE_OUTPUTS: dict = {}  # per Python worker: one storage client per (remote, staging)
 
 
 def local_master(workers: int, max_failures: int = DEFAULT_MAX_FAILURES) -> str:
@@ -28,9 +35,19 @@ def local_master(workers: int, max_failures: int = DEFAULT_MAX_FAILURES) -> str:
     return f"local[{workers},{max_failures}]"
 
 
+def _upload_part(remote: str, staging: str, part: Path) -> None:
+    from data_prep.remote import RemoteOutput
+
+    if (remote, staging) not in _REMOTE_OUTPUTS:
+        _REMOTE_OUTPUTS[remote, staging] = RemoteOutput(remote, Path(staging))
+    _REMOTE_OUTPUTS[remote, staging].upload_part(part)
+
+
 def _run_unit(unit_json: dict, tokenizer_path: str, settings: dict, out: str,
-              report: Callable[[int, int], None] | None) -> dict:
-    """One Spark task: the unit's part folder, or {"error": line} for bad input (not worth a retry)."""
+              report: Callable[[int, int], None] | None, remote: str | None = None) -> dict:
+    """One Spark task: the unit's part folder (uploaded to `remote` if given), or {"error": line} for bad input
+    or an upload that failed past its retries (not worth a retry of the whole unit)."""
+    from data_prep.bookkeeping import PART_PREFIX
     from data_prep.prepare import UnitWriter
     from data_prep.sources import WorkUnit
     from data_prep.tokenizer import load_tokenizer, special_token_ids
@@ -43,7 +60,10 @@ def _run_unit(unit_json: dict, tokenizer_path: str, settings: dict, out: str,
     tok, specials = _TOKENIZERS[tokenizer_path]
     writer = UnitWriter(tok, specials, settings, Path(out), report=report or (lambda nbytes, ntokens: None))
     try:
-        return writer.run(WorkUnit(**unit_json))
+        summary = writer.run(WorkUnit(**unit_json))
+        if remote is not None:
+            _upload_part(remote, out, Path(out) / f"{PART_PREFIX}{summary['index']:05d}")
+        return summary
     except UserError as err:
         return {"error": str(err), "index": unit_json["index"]}
 
@@ -53,17 +73,20 @@ class SparkEngine:
 
     master: a Spark master URL (local[N,F], spark://host:7077, yarn, k8s://...), or None to use the active
     session (Databricks, spark-submit). report: progress callback run inside each task (bytes, tokens).
+    remote: the object-store URL each task uploads its finished part to (then `inner` gets no on_unit_done).
     """
 
-    def __init__(self, master: str | None, tokenizer: str, inner=None, report=None, app_name="modernbert-prepare"):
+    def __init__(self, master: str | None, tokenizer: str, inner=None, report=None, app_name="modernbert-prepare",
+                 remote: str | None = None):
         self.master, self.tokenizer, self.inner, self.report, self.app_name = master, tokenizer, inner, report, app_name
+        self.remote = remote
 
     def on_start(self) -> None:
         if self.inner is not None:
             self.inner.on_start()
 
     def on_unit_done(self, part: Path) -> None:
-        if self.inner is not None:
+        if self.inner is not None and self.remote is None:  # else the task has uploaded the part already
             self.inner.on_unit_done(part)
 
     def on_finish(self) -> None:
@@ -96,7 +119,12 @@ class SparkEngine:
             from functools import partial
 
             task = partial(_run_unit, tokenizer_path=str(self.tokenizer), settings=settings, out=str(out),
-                           report=self.report)
+                           report=self.report, remote=self.remote)
+            if self.master and self.master.startswith("local"):
+                # Local workers fork from a JVM that may have started before this process's storage variables
+                # were set (an earlier job in the same process): hand them the current ones with each task.
+                session.sparkContext.environment.update(
+                    {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)})
             rdd = session.sparkContext.parallelize([u.to_json() for u in units], numSlices=len(units))
             results = rdd.map(task).collect()
         finally:
@@ -114,5 +142,6 @@ def prepare_on_spark(cfg, master: str | None, staging: str | None = None, report
     from data_prep.remote import is_remote, prepare_remote
 
     if is_remote(cfg.out):
-        return prepare_remote(cfg, staging, engine=lambda inner: SparkEngine(master, cfg.tokenizer, inner, report))
+        return prepare_remote(cfg, staging, engine=lambda inner: SparkEngine(master, cfg.tokenizer, inner, report,
+                                                                             remote=cfg.out.rstrip("/")))
     return prepare(cfg, hooks=SparkEngine(master, cfg.tokenizer, None, report))

@@ -11,7 +11,10 @@ Protocol of a remote output (what makes an interrupted upload safe to resume and
     part-00000/unit_summary.json   uploaded LAST: its presence marks the part complete
     prep_meta.json, prep_summary.json, then
     index.json                     uploaded last of all: readers see a complete source or no index at all
-A run that has work to do first withdraws a stale remote index.json. Locally, `--staging` holds the parts
+A run that has work to do first withdraws a stale remote index.json (deleting it only if it exists, so every
+scheme works; deleting is implemented for s3 and gs, elsewhere a stale index stops the run with one line).
+Where streaming's client cannot list objects (azure, hf, dbfs), the protocol's objects are probed one by one.
+Locally, `--staging` holds the parts
 being written; once a part is uploaded its shards are deleted there (its two small JSON files stay, so the
 merged index can be written without downloading anything).
 """
@@ -31,6 +34,7 @@ from modernbert_train.errors import UserError
 # streaming's uploader retries each file this many times with exponential backoff (1, 2, 4, 8 s ...).
 UPLOAD_RETRY = 5
 DOWNLOAD_TIMEOUT = 120.0
+DELETABLE_SCHEMES = ("s3", "gs", "")  # where streaming's uploader exposes a client we delete with
 
 
 def is_remote(path: str | os.PathLike | None) -> bool:
@@ -103,6 +107,7 @@ class RemoteOutput:
         from streaming.base.storage.upload import CloudUploader
 
         self.remote, self.staging = remote.rstrip("/"), Path(staging)
+        self.remote_names: set[str] | None = None  # what sync_down() found remotely
         self.staging.mkdir(parents=True, exist_ok=True)
         # The staging folder holds earlier parts on purpose (resume): streaming's warning about it is noise.
         upload_log = logging.getLogger("streaming.base.storage.upload")
@@ -122,6 +127,8 @@ class RemoteOutput:
         """Object names under the remote prefix, relative to it."""
         try:
             keys = self.uploader.list_objects() or []
+        except NotImplementedError:  # streaming lists only s3, gs, oci, alipan and local paths
+            return self._probed_names()
         except Exception as err:
             raise _explain(err, self.remote, "listing") from err
         prefix = urllib.parse.urlparse(self.remote).path.strip("/")
@@ -131,6 +138,22 @@ class RemoteOutput:
             if prefix and key.startswith(prefix + "/"):
                 key = key[len(prefix) + 1:]
             names.add(key)
+        return names
+
+    def _probed_names(self) -> set[str]:
+        """The protocol's objects that exist, found by downloading them: plan.json, index.json and each
+        planned part's unit_summary.json (all that resuming and publishing need to know)."""
+        names = set()
+        with tempfile.TemporaryDirectory(prefix="modernbert-probe-") as tmp:
+            for name in (PLAN_FILE, INDEX_FILE):
+                if download(join(self.remote, name), Path(tmp) / name):
+                    names.add(name)
+            if PLAN_FILE in names:
+                units = len(json.loads((Path(tmp) / PLAN_FILE).read_text())["units"])
+                for index in range(units):
+                    name = f"{PART_PREFIX}{index:05d}/{UNIT_SUMMARY_FILE}"
+                    if download(join(self.remote, name), Path(tmp) / "probe"):
+                        names.add(name)
         return names
 
     def completed_parts(self, names: set[str]) -> set[str]:
@@ -145,7 +168,7 @@ class RemoteOutput:
         parts finished locally but not uploaded are uploaded now; local parts whose shards are gone and whose
         upload did not complete are removed (redone).
         """
-        names = self.list_names()
+        names = self.remote_names = self.list_names()
         done = self.completed_parts(names)
         if PLAN_FILE in names and not (self.staging / PLAN_FILE).is_file():
             download(join(self.remote, PLAN_FILE), self.staging / PLAN_FILE)
@@ -199,7 +222,9 @@ class RemoteOutput:
 
     def start(self) -> None:
         """A run with work to do: the remote stops looking complete, and records the plan."""
-        self.delete([INDEX_FILE])
+        names = self.remote_names if self.remote_names is not None else self.list_names()
+        if INDEX_FILE in names:
+            self.delete([INDEX_FILE])
         self._upload(PLAN_FILE)
 
     def finish(self) -> None:
@@ -208,8 +233,14 @@ class RemoteOutput:
         self._upload(INDEX_FILE)  # last: readers now see a complete source
 
     def delete(self, names: list[str]) -> None:
-        """Remove objects (relative names). Supported where streaming exposes a client: s3, gs, local paths."""
+        """Remove objects (relative names). Supported where streaming exposes a client: s3, gs, local paths;
+        elsewhere a UserError naming the object, before anything is deleted."""
         scheme = urllib.parse.urlparse(self.remote).scheme
+        if names and scheme not in DELETABLE_SCHEMES:
+            more = f" (and {len(names) - 1} more objects under {self.remote})" if len(names) > 1 else ""
+            raise UserError(f"{join(self.remote, names[0])}{more} must be deleted, but deleting objects on "
+                            f"{scheme}:// is not supported here; delete {'them' if more else 'it'} with your "
+                            f"storage's tools and re-run (nothing was changed)")
         for name in names:
             target = join(self.remote, name)
             try:
@@ -223,13 +254,8 @@ class RemoteOutput:
                         client.delete_object(Bucket=url.netloc, Key=url.path.lstrip("/"))
                     else:
                         client.bucket(url.netloc).blob(url.path.lstrip("/")).delete()
-                elif scheme == "":
-                    Path(target).unlink(missing_ok=True)
                 else:
-                    raise UserError(f"{target}: deleting objects on {scheme}:// is not supported here; delete it "
-                                    f"with your storage's tools and re-run (nothing else was changed)")
-            except UserError:
-                raise
+                    Path(target).unlink(missing_ok=True)
             except Exception as err:
                 if "404" in str(err) or "NotFound" in type(err).__name__:
                     continue

@@ -7,12 +7,14 @@ prepare of the same inputs sample for sample.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from data_prep.cli import main as data_cli
 from data_prep.remote import fetch_metadata
@@ -147,3 +149,116 @@ def test_other_settings_are_refused_then_overwrite_replaces_every_object(s3_serv
     assert _complete_parts(after) == {"part-00000"} and len(_complete_parts(before)) > 1  # old parts deleted
     meta = json.loads((fetch_metadata(out, tmp_path / "fetched") / "prep_meta.json").read_text())
     assert meta["max_seq_len"] == 256
+
+
+class _FolderStore:
+    """An object store for a scheme with no local test server (oci://, azure://), kept in a folder and put in at
+    streaming's storage boundary (CloudUploader.get / CloudDownloader.direct_download): everything of ours runs.
+
+    `can_list=False` behaves like streaming's Azure/HF/DBFS uploaders, whose list_objects is not implemented.
+    """
+
+    def __init__(self, root: Path, can_list: bool):
+        self.root, self.can_list = root, can_list
+
+    def path(self, url: str) -> Path:
+        from urllib.parse import urlparse
+
+        parsed = urlparse(url)
+        return self.root / parsed.netloc / parsed.path.strip("/")
+
+    def files(self) -> dict[str, int]:
+        return {str(p.relative_to(self.root)): p.stat().st_mtime_ns for p in self.root.rglob("*") if p.is_file()}
+
+    def install(self, monkeypatch) -> None:
+        import shutil
+        from streaming.base.storage import download, upload
+
+        store = self
+
+        class Uploader:
+            def __init__(self, local: str, remote: str):
+                self.local, self.remote = Path(local), remote
+
+            def upload_file(self, name: str) -> None:
+                target = store.path(f"{self.remote}/{name}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.local / name, target)
+
+            def list_objects(self):
+                if not store.can_list:
+                    raise NotImplementedError("list_objects is not implemented")
+                bucket = store.path(self.remote.split("/", 3)[0] + "//" + self.remote.split("/", 3)[2])
+                return sorted(str(p.relative_to(bucket)) for p in bucket.rglob("*") if p.is_file())
+
+        def direct_download(remote, local, timeout=60.0):
+            source = store.path(remote)
+            if not source.is_file():
+                raise FileNotFoundError(remote)
+            shutil.copyfile(source, local)
+
+        real_get = upload.CloudUploader.get
+
+        def get(cls, out, *args, **kwargs):  # the MDS writer's own local uploader stays streaming's
+            return Uploader(*out) if isinstance(out, tuple) else real_get(out, *args, **kwargs)
+
+        monkeypatch.setattr(upload.CloudUploader, "get", classmethod(get))
+        monkeypatch.setattr(download.CloudDownloader, "direct_download", classmethod(
+            lambda cls, remote, local, timeout=60.0: direct_download(remote, local, timeout)))
+
+
+@pytest.mark.parametrize("scheme,can_list", [("oci", True), ("azure", False)])
+def test_prepare_out_on_a_scheme_without_delete_starts_resumes_and_refuses_a_needed_delete(
+        scheme, can_list, local_corpus, trained_tokenizer_dir, tmp_path, monkeypatch):
+    from data_prep.prepare import PrepareConfig
+    from data_prep.remote import prepare_remote
+    from modernbert_train.errors import UserError
+
+    store = _FolderStore(tmp_path / "store", can_list)
+    store.install(monkeypatch)
+    out = f"{scheme}://bucket/shards/prose"
+    first_file = sorted((local_corpus / "prose").iterdir())[0]
+
+    def run(staging: str) -> dict:
+        cfg = PrepareConfig(inputs=[str(first_file)], out=out, tokenizer=str(trained_tokenizer_dir), max_seq_len=128,
+                            unit_bytes=20_000, workers=1, progress=False)
+        return prepare_remote(cfg, tmp_path / staging)
+
+    summary = run("staging")  # fresh output: no index.json to withdraw, nothing to delete
+    units = summary["units"]
+    remote = store.path(out)
+    assert units > 2 and (remote / "index.json").is_file() and (remote / "prep_meta.json").is_file()
+    assert sorted(p.name for p in remote.glob("part-*/unit_summary.json")) == ["unit_summary.json"] * units
+
+    # Interrupted run (index not yet published, one part missing), resumed from a fresh staging folder.
+    for name in ("index.json", "prep_meta.json", "prep_summary.json"):
+        (remote / name).unlink()
+    shutil.rmtree(remote / "part-00001")
+    before = store.files()
+    summary = run("staging2")
+    assert (summary["this_run"]["units_done"], summary["this_run"]["units_kept"]) == (1, units - 1)
+    after = store.files()
+    kept_parts = {k: v for k, v in before.items() if "/part-" in k}
+    assert kept_parts and {k: after[k] for k in kept_parts} == kept_parts  # finished parts not uploaded again
+    assert (remote / "index.json").is_file() and (remote / "part-00001" / "unit_summary.json").is_file()
+    local = tmp_path / "local"
+    run_prepare([first_file], local, trained_tokenizer_dir, max_seq_len=128, unit_bytes=20_000, source="prose")
+    remote_copy = fetch_metadata(out, tmp_path / "fetched", with_shards=True)
+    assert [s["input_ids"].tolist() for s in iter_samples(remote_copy)] == \
+        [s["input_ids"].tolist() for s in iter_samples(local)]
+
+    # A published source with a part to redo: its index.json must be withdrawn, which this scheme cannot do.
+    (remote / "part-00002" / "unit_summary.json").unlink()
+    before = store.files()
+    with pytest.raises(UserError) as err:
+        run("staging3")
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and f"{out}/index.json must be deleted" in message
+    assert f"{scheme}://" in message and "nothing was changed" in message
+    assert store.files() == before
+    cfg = PrepareConfig(inputs=[str(first_file)], out=out, tokenizer=str(trained_tokenizer_dir), overwrite=True,
+                        progress=False)
+    with pytest.raises(UserError) as err:  # --overwrite must delete every object: refused the same way
+        prepare_remote(cfg, tmp_path / "staging2")
+    assert len(str(err.value).splitlines()) == 1 and "more objects under" in str(err.value)
+    assert store.files() == before and (tmp_path / "staging2" / "plan.json").is_file()
