@@ -474,11 +474,26 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
         if "contains no samples" in str(err):
             raise UserError(f"manifest {manifest.path}: {err}") from err
         raise
+    _verify_remote_shard_hashes(dataset, manifest)
     dataset.source_names = manifest.source_names()
     vocabularies = [meta["vocab_size"] for meta in map(SourceSpec.prep_meta, manifest.sources)
                     if meta is not None and isinstance(meta.get("vocab_size"), int)]
     dataset.token_id_limit = min(vocabularies) if vocabularies else None
     return dataset
+
+
+def _verify_remote_shard_hashes(dataset, manifest: Manifest) -> None:
+    """A remote source's index.json is known only once streaming has fetched it: if `prepare` wrote the shards'
+    hashes there, every download is checked against them from now on, as a local source's shards are."""
+    for stream_id, (source, stream) in enumerate(zip(manifest.sources, dataset.streams)):
+        if source.remote is None:
+            continue
+        pairs = [dataset.shards[i].file_pairs[0] for i in np.flatnonzero(dataset.stream_per_shard == stream_id)]
+        if pairs and all(SHARD_HASH in (zip_info or raw_info).hashes for raw_info, zip_info in pairs):
+            stream.validate_hash = SHARD_HASH
+        else:
+            log.warning("source %r: %s has no shard hashes (prepared by an older version or another tool); "
+                        "corrupt downloads are not detected", source.name, source.remote)
 
 
 def stream_of_sample(dataset, sample_ids: np.ndarray) -> np.ndarray:

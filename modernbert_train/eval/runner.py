@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from modernbert_train import progress
 from modernbert_train.eval.models import EvalModel, load_eval_model
 from modernbert_train.eval.suite import Suite, TaskSpec
 
@@ -44,33 +43,22 @@ def _seeds(task: TaskSpec) -> list[int]:
 
 
 class Progress:
-    """tqdm with ETA on a terminal; one plain line per finished run otherwise (logs, CI, pipes)."""
+    """One unit per finished run of the sweep, through the project's reporter: a bar with ETA on a terminal,
+    one line per run in a log file (`--progress` and MODERNBERT_PROGRESS choose, as for every command)."""
 
-    def __init__(self, total: int, enabled: bool | None = None, silent: bool = False):
-        self.interactive = sys.stderr.isatty() if enabled is None else enabled
-        self.silent = silent
-        self.total, self.done, self.started = total, 0, time.perf_counter()
-        self.bar = None
-        if self.interactive:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="eval", unit="run", dynamic_ncols=True)
+    def __init__(self, total: int, mode: str | None = None):
+        # A run takes seconds to hours: every one is worth its line, so the line clock never holds one back.
+        self.reporter = progress.Progress("eval", total, "run", mode=mode, min_interval_s=float("inf"))
 
     def finished(self, label: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(label[:60])
-            self.bar.update(1)
-            return
-        if self.silent:
-            return
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / self.done * (self.total - self.done)
-        print(f"eval run {self.done}/{self.total} ({label}) elapsed {elapsed:.0f}s, eta {eta:.0f}s", flush=True)
+        self.reporter.update(1)
+        if self.reporter.bar is not None:
+            self.reporter.bar.set_postfix_str(label[:60])
+        elif self.reporter.mode == "lines":
+            progress.emit(f"{self.reporter.line()} ({label})")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.reporter.close()
 
 
 def _default_device() -> torch.device:
@@ -78,19 +66,17 @@ def _default_device() -> torch.device:
 
 
 def run_suite(suite: Suite, model_sources: list[str], out_dir: str | Path, device=None,
-              progress: bool | None = None) -> list[TaskSummary]:
+              progress_mode: str | None = None) -> list[TaskSummary]:
     device = torch.device(device) if device else _default_device()
     models = [load_eval_model(source) for source in model_sources]
-    bar = Progress(len(models) * runs_per_model(suite), progress)
+    bar = Progress(len(models) * runs_per_model(suite), progress_mode)
     runs, summaries = [], []
-    try:
+    with bar.reporter:  # closes the bar; after an error, the error is the last line
         for model in models:
             for task_runs, summary in evaluate_model(suite, model, device, bar):
                 runs.extend(task_runs)
                 summaries.append(summary)
                 write_results(out_dir, suite, models, runs, summaries)  # finished tasks survive an interruption
-    finally:
-        bar.close()
     return summaries
 
 

@@ -31,13 +31,14 @@ def apply_optimizer_settings(optimizer, settings: list[dict[str, Any]]) -> None:
         group.update(values)
 
 
-def carry_optimizer_state(trainer, init_from: str, settings: list[dict[str, Any]], where: str) -> None:
+def carry_optimizer_state(trainer, init_from: str, settings: list[dict[str, Any]], where: str,
+                          trust: bool = False) -> None:
     """Load the optimizer state of init_from's checkpoint into the freshly built trainer, then put the
     recipe's settings back (the checkpoint's param groups carry the previous phase's lr and decay)."""
     from modernbert_train.checkpoints import find_checkpoint, load_composer_state
 
     checkpoint, _ = find_checkpoint(Path(init_from))
-    state = load_composer_state(checkpoint)["state"]
+    state = load_composer_state(checkpoint, trust=trust)["state"]
     if not state.get("optimizers"):
         raise UserError(f"{where}model.init_optimizer: {checkpoint} holds no optimizer state (an averaged or "
                         f"converted weights-only file?)")

@@ -140,7 +140,7 @@ def build_model(recipe: Recipe, facts: DataFacts):
     config = ModernBertConfig.preset(recipe.model.preset, **values)
     model = ModernBertForMaskedLM(config)
     if init_from and init_from.startswith("tile:"):
-        _tile_from(model, init_from[len("tile:"):], where)
+        _tile_from(model, init_from[len("tile:"):], where, trust=recipe.model.trust_checkpoint)
         return model
     if init_from:
         source = Path(init_from)
@@ -156,7 +156,7 @@ def build_model(recipe: Recipe, facts: DataFacts):
     return model
 
 
-def _tile_from(model, source: str, where: str) -> None:
+def _tile_from(model, source: str, where: str, trust: bool = False) -> None:
     """Centre-tile a smaller model (run directory, checkpoint, sharded folder or HF folder) into `model`."""
     from modernbert_train.checkpoints import find_checkpoint, load_composer_state
     from modernbert_train.model import ModernBertForMaskedLM
@@ -170,7 +170,7 @@ def _tile_from(model, source: str, where: str) -> None:
         weights = ModernBertForMaskedLM.from_hf(path).state_dict()
     else:
         checkpoint, _ = find_checkpoint(path)
-        state = load_composer_state(checkpoint)
+        state = load_composer_state(checkpoint, trust=trust)
         weights = {k[len("model."):]: v for k, v in state["state"]["model"].items() if k.startswith("model.")}
     if weights["model.embeddings.tok_embeddings.weight"].shape[0] != model.config.vocab_size:
         raise UserError(f"{where}model.init_from: {source} has another vocabulary size "
@@ -376,7 +376,8 @@ def build_trainer(recipe: Recipe):
         seed=recipe.seed,
     )
     if int(trainer.state.timestamp.batch) == 0 and recipe.model.init_optimizer:
-        carry_optimizer_state(trainer, recipe.model.init_from, recipe_settings, recipe.where("model.init_optimizer"))
+        carry_optimizer_state(trainer, recipe.model.init_from, recipe_settings, recipe.where("model.init_optimizer"),
+                              trust=recipe.model.trust_checkpoint)
     elif int(trainer.state.timestamp.batch) > 0 and recipe.checkpoint.restart_override:
         apply_optimizer_settings(trainer.state.optimizers[0], recipe_settings)
     return trainer, run_dir

@@ -71,3 +71,28 @@ def test_every_cache_gets_a_disk_derived_default(corpus_copy):
     assert abs(expected - DEFAULT_CACHE_DISK_FRACTION * free) <= 0.01 * free  # the cache folder is still empty
     dataset = build_streaming_dataset(remote_manifest, batch_size=8, shuffle=False, seed=3)
     assert dataset.cache_limit is not None and abs(dataset.cache_limit - expected) <= 0.01 * free
+
+
+def test_a_remote_shard_that_no_longer_matches_its_hash_is_named_not_read(corpus_copy):
+    """A remote (object-store) source is checked against the hashes prepare wrote, as a local one is: a shard
+    replaced by other bytes that still decompress and decode (so only the hash can tell) stops the read."""
+    import pytest
+    from streaming.base.compression import compress, decompress
+
+    from modernbert_train.errors import UserError
+
+    shards, tmp = corpus_copy["shards"], corpus_copy["tmp"]
+    remote = tmp / "shared_fs" / "code"
+    shutil.copytree(shards / "code", remote)
+    index = json.loads((remote / "index.json").read_text())
+    shard = index["shards"][0]
+    victim = remote / shard["zip_data"]["basename"]
+    raw = bytearray(decompress(shard["compression"], victim.read_bytes()))
+    raw[-1] ^= 0x01  # one byte of the last sample's tokens: still a valid shard
+    victim.write_bytes(compress(shard["compression"], bytes(raw)))
+    dataset = build_streaming_dataset(_manifest(tmp / "remote.yaml", tmp / "cache" / "code", remote),
+                                      batch_size=8, shuffle=False, seed=3)
+    with pytest.raises(UserError, match=rf"shard {victim} of source 'code' is corrupt or unreadable "
+                                        r"\(ValueError: Checksum failure"):
+        for _ in dataset:
+            pass

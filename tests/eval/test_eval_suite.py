@@ -65,7 +65,10 @@ def test_suite_runs_every_task_type_for_two_models(tmp_path, toy_tasks, hf_folde
         assert summary[("search-again", model)]["metric_means"] == search
     table = (out / "results.md").read_text()
     assert "| topic | accuracy | test |" in table and "random init (micro)" in table
-    assert "eval run 1/" in capsys.readouterr().out  # plain progress lines when not on a terminal
+    # Not on a terminal: one plain line per finished run, with its ETA and what it was, on stderr.
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval: ")]
+    assert lines[0].startswith("eval: 1/") and "ETA" in lines[0] and "seed 0)" in lines[0]
+    assert lines[-1].endswith("done")
 
 
 def test_fixed_masks_are_the_same_for_every_model_and_call(eval_tokenizer):
@@ -143,3 +146,20 @@ def test_shipped_suites_are_valid(name):
         rte = next(t for t in suite.tasks if t.name == "rte")
         assert (len(rte.sweep.lr), len(rte.sweep.weight_decay), len(rte.sweep.epochs)) == (4, 4, 3)
         assert {t.name for t in suite.tasks if t.init_from_task == "mnli"} == {"rte", "mrpc", "stsb"}
+
+
+@pytest.mark.parametrize("flag,lines", [("lines", 3), ("none", 0)])
+def test_eval_progress_follows_the_progress_flag(flag, lines, capsys, monkeypatch):
+    """`--progress` (MODERNBERT_PROGRESS, set by the CLI for every command) decides for eval as for the others."""
+    from modernbert_train import progress
+    from modernbert_train.eval.runner import Progress
+
+    monkeypatch.setenv(progress.MODE_ENV, flag)
+    bar = Progress(3)
+    for seed in range(3):
+        bar.finished(f"micro topic seed {seed}")
+    bar.close()
+    printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval: ")]
+    assert len(printed) == lines + (1 if lines else 0)  # one per run, then the closing "done" line
+    if lines:
+        assert printed[1].startswith("eval: 2/3 run (67%)") and printed[1].endswith("(micro topic seed 1)")
