@@ -62,10 +62,12 @@ class SourceSpec:
 
     def prep_meta(self) -> dict[str, Any] | None:
         """`prep_meta.json` beside the shards (contract 2), fetched from `remote` into the cache folder when
-        there is one; None when absent."""
+        there is one (once per process, never trusting an older run's copy: the remote may have been
+        re-prepared since); None when absent."""
         path = Path(self.local) / "prep_meta.json"
-        if not path.is_file() and self.remote is not None:
+        if self.remote is not None and self.remote not in _META_FETCHED:
             _download_meta(self.remote, path, self.name)
+            _META_FETCHED.add(self.remote)
         if not path.is_file():
             return None
         try:
@@ -86,20 +88,25 @@ class Manifest:
         return [source.name for source in self.sources]
 
 
+_META_FETCHED: set[str] = set()
+
+
 def _download_meta(remote: str, path: Path, name: str) -> None:
     """Fetch <remote>/prep_meta.json with streaming's downloader (credentials from the environment)."""
     from streaming.base.storage.download import CloudDownloader
 
     url = remote.rstrip("/") + "/prep_meta.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".download")
+    tmp = path.with_name(f"{path.name}.download-{os.getpid()}")  # the ranks of a node share `local`
     tmp.unlink(missing_ok=True)
     try:
         CloudDownloader.direct_download(url, str(tmp), timeout=120)
     except FileNotFoundError:
+        path.unlink(missing_ok=True)  # an older copy must not stand in for a file the remote no longer has
         return
     except Exception as err:  # the clients raise their own types
         if "404" in str(err) or "Not Found" in str(err):
+            path.unlink(missing_ok=True)
             return
         raise UserError(f"source {name!r}: could not read {url} ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); check the URL, S3_ENDPOINT_URL and "
@@ -265,22 +272,6 @@ def training_tokens_per_sample(meta: dict[str, Any], max_seq_len: int, where: st
     return (tokens + 2 * (pieces - chunks)) / chunks
 
 
-def _download_prep_meta(source: SourceSpec) -> None:
-    """Fetch prep_meta.json of a remote source into its local cache folder (streaming fetches only shards)."""
-    from streaming.base.storage import CloudDownloader
-
-    remote = source.remote.rstrip("/") + "/prep_meta.json"
-    Path(source.local).mkdir(parents=True, exist_ok=True)
-    try:
-        downloader = CloudDownloader.get(remote)
-        try:
-            downloader.download_file(remote, str(Path(source.local) / "prep_meta.json"), 60.0)
-        finally:
-            downloader.clean_up()
-    except Exception as err:  # any client's error: the message below says what is missing
-        log.warning("source %r: could not download %s (%s)", source.name, remote, err)
-
-
 def sampling_manifest(manifest: Manifest, max_seq_len: int) -> tuple[Manifest, dict[str, float] | None]:
     """The manifest with token-share proportions turned into streaming's per-sample proportions.
 
@@ -295,11 +286,9 @@ def sampling_manifest(manifest: Manifest, max_seq_len: int) -> tuple[Manifest, d
     sources = []
     for source in manifest.sources:
         meta = source.prep_meta()
-        if meta is None and source.remote is not None:
-            _download_prep_meta(source)
-            meta = source.prep_meta()
         if meta is None:
-            raise UserError(f"manifest {manifest.path}: source {source.name!r} has no {source.local}/prep_meta.json; "
+            raise UserError(f"manifest {manifest.path}: source {source.name!r} has no "
+                            f"{source.remote or source.local}/prep_meta.json; "
                             f"its proportion is a share of training tokens, which needs the source's token and "
                             f"chunk counts (copy prep_meta.json from the prepared shards into {source.local})")
         per_sample = training_tokens_per_sample(meta, max_seq_len, f"{source.local}/prep_meta.json")
