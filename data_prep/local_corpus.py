@@ -52,6 +52,27 @@ def reserved_for_eval(relative_path: str | os.PathLike) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < EVAL_FILE_SHARE
 
 
+def documents_reserved_module(page: str | os.PathLike, root: Path | None = None) -> bool:
+    """Whether a page of the Python docs (path under PYTHON_DOC_SOURCES) documents a module reserved for
+    evaluation: library/asyncio-task.rst.txt documents asyncio, library/decimal.rst.txt decimal and its
+    pure-Python implementation _pydecimal, whose docstrings the page repeats."""
+    page = PurePosixPath(Path(page).as_posix())
+    if page.parts[0] != "library":
+        return False
+    root = root or stdlib_dir()
+    parts = page.name.split(".rst")[0].split(".txt")[0].split("-")[0].split(".")
+    candidates = ["/".join(parts) + ".py", "/".join(parts) + "/__init__.py", f"_py{parts[0]}.py"]
+    return any((root / name).is_file() and reserved_for_eval(name) for name in candidates)
+
+
+def python_doc_pages(root: Path | None = None) -> list[Path]:
+    """The pages of the Python docs (when installed) the corpus may take: all but those of reserved modules."""
+    if not PYTHON_DOC_SOURCES.is_dir():
+        return []
+    return [page for page in sorted(PYTHON_DOC_SOURCES.rglob("*.txt"))
+            if not documents_reserved_module(page.relative_to(PYTHON_DOC_SOURCES), root)]
+
+
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
@@ -165,8 +186,8 @@ def build_prose(out: Path, max_bytes: int | None = None) -> dict:
     info["docstrings"] = {"documents": docs, "bytes": nbytes, "modules_unparsable": len(unparsable)}
 
     if PYTHON_DOC_SOURCES.is_dir():
-        info["python_docs"] = _copy_within_budget(sorted(PYTHON_DOC_SOURCES.rglob("*.txt")), PYTHON_DOC_SOURCES,
-                                                  out / "python_docs", budget)
+        info["python_docs"] = _copy_within_budget(python_doc_pages(root), PYTHON_DOC_SOURCES, out / "python_docs",
+                                                  budget)
     return info
 
 

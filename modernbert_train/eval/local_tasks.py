@@ -25,7 +25,8 @@ import re
 import textwrap
 from pathlib import Path
 
-from data_prep.local_corpus import EVAL_RESERVATION, EVAL_TOPIC_PACKAGES, stdlib_dir, stdlib_python_files
+from data_prep.local_corpus import (EVAL_RESERVATION, EVAL_TOPIC_PACKAGES, python_doc_pages, stdlib_dir,
+                                   stdlib_python_files)
 
 # package -> label; the packages are reserved for evaluation whole, so none of their text is pretrained on
 TOPICS = {package: {"_pydecimal": "decimal"}.get(package, package) for package in EVAL_TOPIC_PACKAGES}
@@ -71,8 +72,8 @@ def _normal_lines(text: str) -> list[str]:
 
 
 class PretrainingText:
-    """The text the local corpus may pretrain on (the stdlib files not reserved for evaluation and the
-    language reference topics), indexed by line to find whether a text appears in it as a run of lines."""
+    """The text the local corpus may pretrain on (the stdlib files not reserved for evaluation, the language
+    reference topics and the pages of the Python docs it takes), indexed by line to find whether a text appears in it as a run of lines."""
 
     def __init__(self, texts: list[str]):
         self.documents = [_normal_lines(text) for text in texts]
@@ -85,7 +86,7 @@ class PretrainingText:
     def of_stdlib(cls) -> "PretrainingText":
         from pydoc_data.topics import topics
 
-        files = stdlib_python_files(reserved=False)
+        files = stdlib_python_files(reserved=False) + python_doc_pages()
         return cls([path.read_text(encoding="utf-8", errors="replace") for path in files] + list(topics.values()))
 
     def has_run(self, text: str) -> bool:
