@@ -73,7 +73,8 @@ def _normal_lines(text: str) -> list[str]:
 
 class PretrainingText:
     """The text the local corpus may pretrain on (the stdlib files not reserved for evaluation, the language
-    reference topics and the pages of the Python docs it takes), indexed by line to find whether a text appears in it as a run of lines."""
+    reference topics and the pages of the Python docs it takes), indexed by line: does a text appear in it
+    as a run of whole lines (indentation and docstring quotes aside)?"""
 
     def __init__(self, texts: list[str]):
         self.documents = [_normal_lines(text) for text in texts]
@@ -91,7 +92,8 @@ class PretrainingText:
 
     def has_run(self, text: str) -> bool:
         lines = _normal_lines(text)
-        return bool(lines) and any(self.documents[d][i:i + len(lines)] == lines for d, i in self.where.get(lines[0], ()))
+        starts = self.where.get(lines[0], ()) if lines else ()
+        return any(self.documents[d][i:i + len(lines)] == lines for d, i in starts)
 
     def has_line(self, text: str, min_words: int = COPIED_LINE_WORDS) -> bool:
         return any(len(line.split()) >= min_words and line in self.where for line in _normal_lines(text))

@@ -159,7 +159,7 @@ def test_no_task_text_is_in_the_pretraining_corpus(built, tmp_path):
                  shuffle_split=(30, 10, 20))
     counts = build_local_tasks(small, **sizes)["counts"]
     assert [counts[f"topic_{s}"] for s in ("train", "dev", "test")] == [72, 18, 30]
-    assert (counts["corpus"], counts["retrieval_train"], counts["retrieval_test"], counts["heldout"]) == (100, 60, 20, 30)
+    assert [counts[k] for k in ("corpus", "retrieval_train", "retrieval_test", "heldout")] == [100, 60, 20, 30]
     assert [counts[f"shuffle_{s}"] for s in ("train", "dev", "test")] == [30, 10, 20]
     for folder in (root, small):
         shown = _task_texts(folder)
@@ -168,3 +168,12 @@ def test_no_task_text_is_in_the_pretraining_corpus(built, tmp_path):
         leaked = [(name, text[:80]) for name, text in shown if len(text.split()) >= 2 and pretraining.has_run(text)]
         assert not leaked, leaked[:5]
     assert PretrainingText(["x = 1\n    '''Return the answer.\n    More.'''\n"]).has_run("Return the answer.\nMore.")
+
+    # Tasks built under another rule (before files were reserved) are rebuilt, not reused.
+    info_file, heldout = small / "tasks_info.json", (small / "heldout.jsonl").read_text()
+    stale = json.loads(info_file.read_text())
+    del stale["settings"]["reserved_files"]
+    info_file.write_text(json.dumps(stale))
+    (small / "heldout.jsonl").write_text(json.dumps({"text": "a docstring the corpus holds"}) + "\n")
+    build_local_tasks(small, **sizes)
+    assert (small / "heldout.jsonl").read_text() == heldout

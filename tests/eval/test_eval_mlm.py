@@ -27,8 +27,10 @@ def _recorded_inputs(model, task):
 
     def recording_build(seed):
         mlm = build(seed)
-        mlm.register_forward_pre_hook(lambda _, args, kwargs: seen.append((args[0].tolist(), kwargs["labels"].tolist())),
-                                      with_kwargs=True)
+        def record(_, args, kwargs):
+            seen.append((args[0].tolist(), kwargs["labels"].tolist()))
+
+        mlm.register_forward_pre_hook(record, with_kwargs=True)
         return mlm
 
     model.build = recording_build
@@ -39,14 +41,16 @@ def test_rate_is_15_percent_unless_the_suite_says_otherwise(tmp_path, toy_tasks,
     data = {"train": str(toy_tasks / "heldout.jsonl")}
     default = load_suite(_mlm_suite(tmp_path, data)).tasks[0]
     assert default.mlm_probability == 0.15
-    for task, low, high in ((default, 0.12, 0.18), (load_suite(_mlm_suite(tmp_path, data, mlm_probability=0.4)).tasks[0], 0.36, 0.44)):
+    changed = load_suite(_mlm_suite(tmp_path, data, mlm_probability=0.4)).tasks[0]
+    for task, low, high in ((default, 0.12, 0.18), (changed, 0.36, 0.44)):
         sequences = eval_sequences(task, eval_tokenizer, 512, "t")
-        labels = np.array([t for _, lab in fixed_masks(sequences, eval_tokenizer, task.mlm_probability, 0) for t in lab])
+        masks = fixed_masks(sequences, eval_tokenizer, task.mlm_probability, seed=0)
+        labels = np.array([t for _, lab in masks for t in lab])
         specials = 2 * len(sequences)  # [CLS] and [SEP] are never masked
         assert low < (labels != -100).sum() / (labels.size - specials) < high, task.mlm_probability
     with pytest.raises(UserError, match=r"tasks\[0\] \(mlm\)\.mlm_probability: must be in \(0, 1\)"):
         load_suite(_mlm_suite(tmp_path, data, mlm_probability=1.5))
-    with pytest.raises(UserError, match=r"\.data: an mlm task needs held-out data: either data.train .* or data.manifest"):
+    with pytest.raises(UserError, match=r"\.data: an mlm task needs held-out data: either data.train .* or data.man"):
         load_suite(_mlm_suite(tmp_path, dict(data, manifest="m.yaml")))
 
 
