@@ -9,15 +9,19 @@
     OUT/corpus_info.json           what was written, with byte counts
 
 Every prose file is jsonl or .txt, so the prose folder is a `--format auto` source.
+
+The stdlib files `reserved_for_eval` picks are left out of both parts: the local evaluation tasks
+(modernbert_train/eval/local_tasks.py) are built from them only, so no evaluation text is pretrained on.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import shutil
 import sysconfig
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 from modernbert_train.errors import UserError
@@ -28,17 +32,61 @@ EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
                  "lib2to3_tests"}
 
 
+# Reserved for evaluation: every module of the packages the topic task classifies (turtle and _pydecimal are
+# single modules, which a share of files could not split), and this share of the other files, picked by a
+# stable hash of their path under the stdlib root. The share is what gives every local task its full default
+# sizes (the retrieval pool needs 1,200 functions with docstrings from the other files).
+EVAL_TOPIC_PACKAGES = ("asyncio", "email", "logging", "tkinter", "turtle", "_pydecimal")
+EVAL_FILE_SHARE = 0.35
+# Recorded with what was built, so that a corpus or task folder made under another rule is recognisable.
+EVAL_RESERVATION = f"packages {','.join(EVAL_TOPIC_PACKAGES)} + sha256(path) share {EVAL_FILE_SHARE}"
+
+
+def reserved_for_eval(relative_path: str | os.PathLike) -> bool:
+    """Whether a stdlib file (path relative to the stdlib root) belongs to the evaluation tasks, never to the
+    pretraining corpus. The one place that decides it: the corpus and the local tasks both ask here."""
+    path = PurePosixPath(Path(relative_path).as_posix())
+    if path.parts[0].removesuffix(".py") in EVAL_TOPIC_PACKAGES:
+        return True
+    digest = hashlib.sha256(f"eval-reserved:{path}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < EVAL_FILE_SHARE
+
+
+def documents_reserved_module(page: str | os.PathLike, root: Path | None = None) -> bool:
+    """Whether a page of the Python docs (path under PYTHON_DOC_SOURCES) documents a module reserved for
+    evaluation: library/asyncio-task.rst.txt documents asyncio, library/decimal.rst.txt decimal and its
+    pure-Python implementation _pydecimal, whose docstrings the page repeats."""
+    page = PurePosixPath(Path(page).as_posix())
+    if page.parts[0] != "library":
+        return False
+    root = root or stdlib_dir()
+    parts = page.name.split(".rst")[0].split(".txt")[0].split("-")[0].split(".")
+    candidates = ["/".join(parts) + ".py", "/".join(parts) + "/__init__.py", f"_py{parts[0]}.py"]
+    return any((root / name).is_file() and reserved_for_eval(name) for name in candidates)
+
+
+def python_doc_pages(root: Path | None = None) -> list[Path]:
+    """The pages of the Python docs (when installed) the corpus may take: all but those of reserved modules."""
+    if not PYTHON_DOC_SOURCES.is_dir():
+        return []
+    return [page for page in sorted(PYTHON_DOC_SOURCES.rglob("*.txt"))
+            if not documents_reserved_module(page.relative_to(PYTHON_DOC_SOURCES), root)]
+
+
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_python_files(root: Path | None = None) -> list[Path]:
-    """The stdlib's .py files in a deterministic order, test directories and site-packages excluded."""
+def stdlib_python_files(root: Path | None = None, reserved: bool | None = None) -> list[Path]:
+    """The stdlib's .py files in a deterministic order, test directories and site-packages excluded;
+    `reserved` True / False keeps only the files reserved / not reserved for evaluation."""
     root = root or stdlib_dir()
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS and not d.startswith(("config-", ".")))
         found.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    if reserved is not None:
+        found = [path for path in found if reserved_for_eval(path.relative_to(root)) == reserved]
     return found
 
 
@@ -91,7 +139,7 @@ def _write_jsonl(path: Path, records: Iterable[dict], budget: _Budget) -> tuple[
 
 def build_code(out: Path, max_bytes: int | None = None) -> dict:
     root = stdlib_dir()
-    return _copy_within_budget(stdlib_python_files(root), root, out, _Budget(max_bytes))
+    return _copy_within_budget(stdlib_python_files(root, reserved=False), root, out, _Budget(max_bytes))
 
 
 def _copy_within_budget(sources, root: Path, dest_dir: Path, budget: "_Budget") -> dict:
@@ -125,7 +173,7 @@ def build_prose(out: Path, max_bytes: int | None = None) -> dict:
     unparsable = []
 
     def docstring_records() -> Iterator[dict]:  # lazy: a capped corpus parses only the modules it needs
-        for src in stdlib_python_files(root):
+        for src in stdlib_python_files(root, reserved=False):
             try:
                 docstrings = _docstrings_of(src.read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -138,8 +186,8 @@ def build_prose(out: Path, max_bytes: int | None = None) -> dict:
     info["docstrings"] = {"documents": docs, "bytes": nbytes, "modules_unparsable": len(unparsable)}
 
     if PYTHON_DOC_SOURCES.is_dir():
-        info["python_docs"] = _copy_within_budget(sorted(PYTHON_DOC_SOURCES.rglob("*.txt")), PYTHON_DOC_SOURCES,
-                                                  out / "python_docs", budget)
+        info["python_docs"] = _copy_within_budget(python_doc_pages(root), PYTHON_DOC_SOURCES, out / "python_docs",
+                                                  budget)
     return info
 
 
@@ -157,6 +205,6 @@ def build_local_corpus(out_dir: str | os.PathLike, max_bytes: int | None = None,
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     info = {"code": build_code(out / "code", max_bytes), "prose": build_prose(out / "prose", max_bytes),
-            "max_bytes_per_kind": max_bytes}
+            "max_bytes_per_kind": max_bytes, "reserved_for_eval": EVAL_RESERVATION}
     (out / "corpus_info.json").write_text(json.dumps(info, indent=1))
     return info

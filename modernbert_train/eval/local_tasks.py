@@ -12,7 +12,8 @@ formats users bring (jsonl splits, BEIR folders), so the same suite code reads b
 - `stdlib-shuffled-lines` (classification that word identity cannot decide): a function body as written,
   or with its lines shuffled; both classes have the same bag of words, so only order and structure tell.
 - `heldout.jsonl`: prose for the fixed-mask MLM evaluation.
-Deterministic: the same interpreter gives the same files.
+Every text comes from the stdlib files reserved for evaluation (`data_prep.local_corpus.reserved_for_eval`),
+which the local pretraining corpus leaves out. Deterministic: the same interpreter gives the same files.
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ import re
 import textwrap
 from pathlib import Path
 
-from data_prep.local_corpus import stdlib_dir, stdlib_python_files
+from data_prep.local_corpus import (EVAL_RESERVATION, EVAL_TOPIC_PACKAGES, python_doc_pages, stdlib_dir,
+                                   stdlib_python_files)
 
-TOPICS = {"tkinter": "tkinter", "asyncio": "asyncio", "email": "email", "logging": "logging",
-          "_pydecimal": "decimal", "turtle": "turtle"}
+# package -> label; the packages are reserved for evaluation whole, so none of their text is pretrained on
+TOPICS = {package: {"_pydecimal": "decimal"}.get(package, package) for package in EVAL_TOPIC_PACKAGES}
 INFO_FILE = "tasks_info.json"
 
 
@@ -36,12 +38,14 @@ def _stable_fraction(text: str) -> float:
 
 
 def _functions_with_docstrings():
-    """(top-level package, docstring, source without docstring) for stdlib functions, in a fixed order."""
+    """(top-level package, docstring, code without docstring, source as written) for the functions of the
+    stdlib files reserved for evaluation, in a fixed order."""
     root = stdlib_dir()
-    for path in stdlib_python_files(root):
+    for path in stdlib_python_files(root, reserved=True):
         package = path.relative_to(root).parts[0].removesuffix(".py")
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            tree, lines = ast.parse(text), text.splitlines()
         except (SyntaxError, UnicodeDecodeError):
             continue
         for node in ast.walk(tree):
@@ -50,8 +54,49 @@ def _functions_with_docstrings():
             doc = ast.get_docstring(node, clean=True)
             if not doc or len(doc) < 40:
                 continue
+            source = "\n".join(lines[node.lineno - 1:node.end_lineno])
             node.body = node.body[1:] or [ast.Pass()]  # drop the docstring: the query must not be in the document
-            yield package, doc, ast.unparse(node)
+            yield package, doc, ast.unparse(node), source
+
+
+# A docstring line of at least this many words found in the pretraining text marks a copied docstring
+# (gzip, bz2 and lzma share theirs; email.mime.image copies imghdr's); shorter lines are common phrases.
+COPIED_LINE_WORDS = 5
+_QUOTES = re.compile(r"""^[rRbBuU]?(\"\"\"|''')|(\"\"\"|''')$""")
+
+
+def _normal_lines(text: str) -> list[str]:
+    """Non-empty lines, stripped of indentation and of docstring quotes, as they are compared."""
+    lines = (_QUOTES.sub("", line.strip()).strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+class PretrainingText:
+    """The text the local corpus may pretrain on (the stdlib files not reserved for evaluation, the language
+    reference topics and the pages of the Python docs it takes), indexed by line: does a text appear in it
+    as a run of whole lines (indentation and docstring quotes aside)?"""
+
+    def __init__(self, texts: list[str]):
+        self.documents = [_normal_lines(text) for text in texts]
+        self.where: dict[str, list[tuple[int, int]]] = {}
+        for d, lines in enumerate(self.documents):
+            for i, line in enumerate(lines):
+                self.where.setdefault(line, []).append((d, i))
+
+    @classmethod
+    def of_stdlib(cls) -> "PretrainingText":
+        from pydoc_data.topics import topics
+
+        files = stdlib_python_files(reserved=False) + python_doc_pages()
+        return cls([path.read_text(encoding="utf-8", errors="replace") for path in files] + list(topics.values()))
+
+    def has_run(self, text: str) -> bool:
+        lines = _normal_lines(text)
+        starts = self.where.get(lines[0], ()) if lines else ()
+        return any(self.documents[d][i:i + len(lines)] == lines for d, i in starts)
+
+    def has_line(self, text: str, min_words: int = COPIED_LINE_WORDS) -> bool:
+        return any(len(line.split()) >= min_words and line in self.where for line in _normal_lines(text))
 
 
 def _write_jsonl(path: Path, rows) -> int:
@@ -126,14 +171,18 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
     out = Path(out_dir)
     settings = dict(per_topic=per_topic, retrieval_train=retrieval_train, retrieval_test=retrieval_test,
                     corpus_size=corpus_size, heldout=heldout, retrieval_dev=retrieval_dev,
-                    shuffle_split=list(shuffle_split), shuffle_max_lines=shuffle_max_lines)
+                    shuffle_split=list(shuffle_split), shuffle_max_lines=shuffle_max_lines,
+                    reserved_files=EVAL_RESERVATION)  # tasks built from other files are rebuilt
     info_file = out / INFO_FILE
     if info_file.exists() and json.loads(info_file.read_text()).get("settings") == settings:
         return json.loads(info_file.read_text())
     functions, seen_docs, seen_code = [], set(), set()
-    for package, doc, code in _functions_with_docstrings():
+    pretraining = PretrainingText.of_stdlib()
+    for package, doc, code, source in _functions_with_docstrings():
         if doc in seen_docs or code in seen_code:
             continue  # overrides repeating a docstring would make ambiguous labels and queries
+        if pretraining.has_line(doc) or pretraining.has_run(source) or pretraining.has_run(code):
+            continue  # copied into a file the corpus pretrains on (same docstring or function): not held out
         seen_docs.add(doc)
         seen_code.add(code)
         functions.append((package, doc, code))
@@ -177,7 +226,7 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
     for index, (package, doc, code) in enumerate(pool[:min(len(corpus_rows), dev_end)]):
         split = "train" if index < retrieval_train else "test" if index < retrieval_train + retrieval_test else "dev"
         query = _without_signature(doc.split("\n\n")[0], code)
-        if len(query.split()) >= 3:
+        if len(query.split()) >= 3 and not pretraining.has_run(query):  # shortened into another docstring's line
             noname_queries.append({"_id": f"q{index}", "text": query})
             noname_qrels[split].append((f"q{index}", f"d{index}"))
     counts.update(_write_beir(noname, corpus_rows, noname_queries, noname_qrels, "noname"))
@@ -199,9 +248,10 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
                         ("test", examples[n_train + n_dev:])):
         counts[f"shuffle_{split}"] = _write_jsonl(shuffle_dir / f"{split}.jsonl", rows)
 
-    # Held-out prose for MLM: docstrings of functions used by neither task.
-    rest = pool[max(corpus_size, retrieval_train + retrieval_test):]
-    counts["heldout"] = _write_jsonl(out / "heldout.jsonl", ({"text": doc} for _, doc, _ in rest[:heldout]))
+    # Held-out prose for MLM: docstrings of functions used by neither the topic nor the retrieval tasks.
+    used = {doc for docs in by_topic.values() for doc in docs} | {doc for _, doc, _ in pool[:len(corpus_rows)]}
+    rest = [doc for _, doc, _ in functions if doc not in used]
+    counts["heldout"] = _write_jsonl(out / "heldout.jsonl", ({"text": doc} for doc in rest[:heldout]))
     info = {"settings": settings, "counts": counts}
     info_file.write_text(json.dumps(info, indent=2) + "\n")
     return info

@@ -46,6 +46,7 @@ class DataSpec:
     eval_split: str = "test"
     dev_split: str | None = None  # retrieval: qrels split (same corpus) that chooses the grid point
     hard_negatives: str | None = None  # retrieval: jsonl {"query_id": ..., "negative_ids": [...]}
+    manifest: str | None = None  # mlm: a mixture manifest of prepared shards (instead of train), `limit` samples
 
 
 @dataclass
@@ -63,9 +64,9 @@ class TaskSpec:
     init_from_task: str | None = None  # start from this earlier task's fine-tuned model (RTE from MNLI;
     # BEIR sets from the MS MARCO embedder); it must be an earlier task of the same type
     zero_shot: bool = False  # retrieval: score without fine-tuning
-    mlm_probability: float = 0.15
+    mlm_probability: float = 0.15  # mlm: the rate every model is scored at, whatever rate it was trained at
     mask_seed: int = 1234  # mlm: the same masks for every model sharing a tokenizer
-    limit: int | None = None  # use at most this many training rows (quick suites)
+    limit: int | None = None  # use at most this many training rows (quick suites); mlm: rows or manifest samples
 
 
 @dataclass
@@ -137,8 +138,11 @@ def _validate_task(task: TaskSpec, where: str, earlier: dict[str, str]) -> None:
     elif task.type == "retrieval":
         if not task.data.beir:
             raise UserError(f"{where}.data.beir: a retrieval task needs a BEIR folder")
-    elif not task.data.train:
-        raise UserError(f"{where}.data.train: an mlm task needs held-out text (a file or a split)")
+    elif bool(task.data.train) == bool(task.data.manifest):
+        raise UserError(f"{where}.data: an mlm task needs held-out data: either data.train (a text file or a split) "
+                        f"or data.manifest (a mixture manifest of prepared shards)")
+    if task.type == "mlm" and not 0.0 < task.mlm_probability < 1.0:
+        raise UserError(f"{where}.mlm_probability: must be in (0, 1), got {task.mlm_probability}")
     if task.init_from_task is not None and earlier.get(task.init_from_task) != task.type:
         same_type = [name for name, kind in earlier.items() if kind == task.type]
         raise UserError(f"{where}.init_from_task: {task.init_from_task!r} is not an earlier {task.type} task of "

@@ -118,3 +118,62 @@ def test_demo_suite_keeps_the_tasks_that_show_pretraining():
     few = tasks["stdlib-topic-60"]  # low-resource: each model's LR is chosen on dev from a grid, 3 seeds
     assert few.limit == 60 and len(few.sweep.lr) >= 2 and len(few.sweep.seeds) >= 3
     assert "recall@100" in tasks["stdlib-code-search"].metrics
+
+
+def _task_texts(root):
+    """(file, text) of every text a local task shows a model: queries, documents, examples, held-out prose."""
+    return [(str(path.relative_to(root)), row["text"]) for path in sorted(root.rglob("*.jsonl"))
+            for row in _jsonl(path) if "text" in row]
+
+
+def test_default_sizes_are_full(built):
+    _, info = built
+    counts = info["counts"]
+    assert [counts[f"topic_{s}"] for s in ("train", "dev", "test")] == [432, 108, 180]  # 120 per topic, 60/15/25
+    assert (counts["corpus"], counts["retrieval_train"], counts["retrieval_test"]) == (1200, 800, 200)
+    assert [counts[f"shuffle_{s}"] for s in ("train", "dev", "test")] == [480, 120, 200]
+    assert counts["heldout"] == 200 and counts["noname_dev"] >= 80
+
+
+def test_no_task_text_is_in_the_pretraining_corpus(built, tmp_path):
+    """The local corpus (uncapped: every file it may take) holds no text of any task, whole or as a run of
+    lines; every task is built from reserved files only, and small sizes come out as requested."""
+    from data_prep.local_corpus import build_local_corpus, reserved_for_eval, stdlib_python_files
+    from modernbert_train.eval.local_tasks import PretrainingText
+
+    root, _ = built
+    corpus = tmp_path / "corpus"
+    info = build_local_corpus(corpus)
+    code = sorted((corpus / "code").rglob("*.py"))
+    assert not [p for p in code if reserved_for_eval(p.relative_to(corpus / "code"))]
+    docstrings = _jsonl(corpus / "prose" / "docstrings.jsonl")
+    assert docstrings and not [d for d in docstrings if reserved_for_eval(d["id"])]
+    reserved_bytes = sum(p.stat().st_size for p in stdlib_python_files(reserved=True))
+    assert 0.25 < reserved_bytes / (reserved_bytes + info["code"]["bytes"]) < 0.5
+
+    texts = [p.read_text(encoding="utf-8") for p in code] + [d["text"] for d in docstrings]
+    texts += [d["text"] for d in _jsonl(corpus / "prose" / "pydoc_topics.jsonl")]
+    pretraining = PretrainingText(texts)
+    small = tmp_path / "small"
+    sizes = dict(per_topic=20, retrieval_train=60, retrieval_test=20, corpus_size=100, heldout=30, retrieval_dev=10,
+                 shuffle_split=(30, 10, 20))
+    counts = build_local_tasks(small, **sizes)["counts"]
+    assert [counts[f"topic_{s}"] for s in ("train", "dev", "test")] == [72, 18, 30]
+    assert [counts[k] for k in ("corpus", "retrieval_train", "retrieval_test", "heldout")] == [100, 60, 20, 30]
+    assert [counts[f"shuffle_{s}"] for s in ("train", "dev", "test")] == [30, 10, 20]
+    for folder in (root, small):
+        shown = _task_texts(folder)
+        assert len(shown) > 500
+        # one-word queries ("Constructor.") are phrases any docstring may hold, not a text of the task
+        leaked = [(name, text[:80]) for name, text in shown if len(text.split()) >= 2 and pretraining.has_run(text)]
+        assert not leaked, leaked[:5]
+    assert PretrainingText(["x = 1\n    '''Return the answer.\n    More.'''\n"]).has_run("Return the answer.\nMore.")
+
+    # Tasks built under another rule (before files were reserved) are rebuilt, not reused.
+    info_file, heldout = small / "tasks_info.json", (small / "heldout.jsonl").read_text()
+    stale = json.loads(info_file.read_text())
+    del stale["settings"]["reserved_files"]
+    info_file.write_text(json.dumps(stale))
+    (small / "heldout.jsonl").write_text(json.dumps({"text": "a docstring the corpus holds"}) + "\n")
+    build_local_tasks(small, **sizes)
+    assert (small / "heldout.jsonl").read_text() == heldout
