@@ -88,6 +88,18 @@ def fill_mask_examples(hf_dir: Path, prompts=FILL_MASK_PROMPTS, top_k: int = 5) 
     return results
 
 
+def _check_corpus_is_held_out(corpus: Path) -> None:
+    """A corpus built before the evaluation files were reserved holds the evaluation's texts: everything
+    trained on it would be scored on what it saw. Refuse to reuse it (nothing is deleted here)."""
+    from data_prep.local_corpus import EVAL_RESERVATION
+
+    info = json.loads((corpus / "corpus_info.json").read_text())
+    if info.get("reserved_for_eval") != EVAL_RESERVATION:
+        raise UserError(f"{corpus} was built by an older version that did not hold the evaluation's files out "
+                        f"of pretraining; start over with `make clean-demo` (modernbert-train demo --clean "
+                        f"--out {corpus.parent}) and run the demo again")
+
+
 # Everything run_demo writes under its folder (the manifests are named after yamls/data/*.yaml).
 DEMO_ENTRIES = frozenset({"corpus", "tokenizer", "shards", "runs", "hf", "hf.rejected", "report"})
 
@@ -126,6 +138,7 @@ def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: i
         _run_cli(["modernbert-data", "build-local-corpus", "--out", str(corpus), "--max-mb", str(plan.corpus_mb),
                   "--overwrite"])
     else:
+        _check_corpus_is_held_out(corpus)
         print(f"reusing {corpus}")
 
     _say("2/7 tokenizer: byte-level BPE with [CLS] [SEP] [MASK] [PAD] [UNK]")

@@ -44,3 +44,17 @@ def test_make_clean_demo_goes_through_the_guard(tmp_path):
                              "demo_out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "symbolic link" in result.stderr  # neither the link nor its target
     assert link.is_symlink() and (target / "keep.txt").exists()
+
+
+def test_a_demo_folder_whose_corpus_holds_the_eval_texts_is_not_reused(tmp_path, capsys):
+    """A corpus built before the evaluation's files were held out of pretraining is refused, naming the way out;
+    nothing in the folder is touched."""
+    import json
+
+    corpus = tmp_path / "demo_out" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "corpus_info.json").write_text(json.dumps({"max_bytes_per_kind": 6 << 20}))
+    assert main(["demo", "--out", str(tmp_path / "demo_out")]) == 2
+    err = capsys.readouterr().err
+    assert "did not hold the evaluation's files out of pretraining" in err and "demo --clean" in err
+    assert sorted(p.name for p in (tmp_path / "demo_out").rglob("*")) == ["corpus", "corpus_info.json"]
