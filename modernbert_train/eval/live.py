@@ -30,7 +30,8 @@ PREFIX = "live_eval/"
 def parse_steps(interval: str, key: str = "eval.suite_interval") -> int:
     match = re.fullmatch(r"\s*(\d+)\s*ba\s*", str(interval))
     if not match or int(match.group(1)) < 1:
-        raise UserError(f"{key}: {interval!r} must be a number of optimizer steps like 500ba")
+        raise UserError(f"{key}: {interval!r} must be a number of optimizer steps like 500ba, or checkpoint "
+                        f"(then checkpoint.interval, in steps)")
     return int(match.group(1))
 
 

@@ -267,6 +267,8 @@ def validate(recipe: Recipe) -> None:
         fail("data.max_seq_len", f"{data.max_seq_len} is too short for [CLS] ... [SEP] chunks")
     if not 0.0 < data.mlm_probability < 1.0:
         fail("data.mlm_probability", f"must be in (0, 1), got {data.mlm_probability}")
+    if not 0.0 < recipe.eval.mlm_probability < 1.0:
+        fail("eval.mlm_probability", f"must be in (0, 1), got {recipe.eval.mlm_probability}")
     fractions = (data.mask_token_fraction, data.random_token_fraction)
     if min(fractions) < 0 or sum(fractions) > 1:
         fail("data.mask_token_fraction", "mask_token_fraction and random_token_fraction must be >= 0 and sum to "

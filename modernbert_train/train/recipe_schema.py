@@ -135,9 +135,13 @@ class EvalConfig:
     interval: str = "1000ba"
     # Micro-batches per evaluation (data.micro_batch_size rows each); -1 runs the whole held-out set.
     max_batches: int = 20
+    # Masking rate of the held-out evaluation, whatever the training rate (the paper evaluates at 15%), and the
+    # seed of its masks: every phase and every run with the same eval manifest is scored on the same tokens.
+    mlm_probability: float = 0.15
+    mask_seed: int = 0
     # Live downstream evaluation: a suite file (yamls/eval/) run on the current weights every suite_interval.
     suite: Optional[str] = None
-    suite_interval: str = "1000ba"
+    suite_interval: str = "1000ba"  # or "checkpoint": at every checkpoint.interval
 
 
 @dataclass

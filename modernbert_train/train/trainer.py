@@ -313,7 +313,10 @@ def build_trainer(recipe: Recipe):
         from data_prep.tokenizer import resolve_tokenizer_file
         from modernbert_train.eval.live import LiveEvaluation
 
-        callbacks.insert(0, LiveEvaluation(recipe.eval.suite, recipe.eval.suite_interval, run_dir / "metrics.jsonl",
+        # "checkpoint": evaluate the weights each checkpoint holds (the authors ran MNLI on their checkpoints).
+        interval = (recipe.checkpoint.interval if recipe.eval.suite_interval.strip() == "checkpoint"
+                    else recipe.eval.suite_interval)
+        callbacks.insert(0, LiveEvaluation(recipe.eval.suite, interval, run_dir / "metrics.jsonl",
                                            recipe.run_name, model.config, resolve_tokenizer_file(recipe.data.tokenizer),
                                            where="eval.suite"))
 
@@ -418,8 +421,10 @@ def build_loader(recipe: Recipe, manifest, dist_info, *, infinite: bool):
 
     cfg = loader_config(recipe, manifest)
     if not infinite:
-        # Evaluation sees every held-out document once, in a fixed order, without batch warmup.
-        cfg = dataclasses.replace(cfg, shuffle=False, batch_size_warmup_start=None, batch_size_warmup_tokens=0)
+        # Evaluation sees every held-out document once, in a fixed order, without batch warmup, with masks at
+        # the evaluation's own rate and seed: the same masked tokens for every phase and run.
+        cfg = dataclasses.replace(cfg, shuffle=False, batch_size_warmup_start=None, batch_size_warmup_tokens=0,
+                                  mlm_probability=recipe.eval.mlm_probability, seed=recipe.eval.mask_seed)
     try:
         cfg.validate(dist_info.world_size, where="data")
     except UserError as err:

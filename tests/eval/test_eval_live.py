@@ -35,7 +35,8 @@ def test_live_evaluation_logs_scores_and_leaves_training_unchanged(tmp_path, toy
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     suite = _live_suite(tmp_path, toy_tasks)
-    live = run("live", f"eval.suite={suite}", "eval.suite_interval=2ba")
+    # At every checkpoint (every 2 steps here; checkpoints change nothing in training).
+    live = run("live", f"eval.suite={suite}", "eval.suite_interval=checkpoint", "checkpoint.interval=2ba")
     plain = run("plain")
     scores = [r for r in live if "live_eval/mlm/loss" in r]
     assert [r["step"] for r in scores] == [2, 4]

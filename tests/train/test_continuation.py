@@ -146,3 +146,26 @@ def test_loader_masks_at_the_scheduled_rate_and_resumes_exactly(data_overrides):
 def test_spike_guard_needs_autoresume_to_roll_back(data_overrides):
     with pytest.raises(UserError, match="spike_guard.enabled: .*checkpoint.autoresume=true"):
         tiny(data_overrides, "spike_guard.enabled=true", "checkpoint.autoresume=false")
+
+
+def test_heldout_evaluation_masks_at_15_percent_with_the_same_masks_for_every_recipe(data_overrides):
+    """The paper evaluates at 15% whatever the training rate: two phases with other training rates and seeds
+    score the same held-out tokens."""
+    from modernbert_train.data.dataset import initialize_distributed
+    from modernbert_train.data.manifest import load_manifest
+    from modernbert_train.train.trainer import build_loader
+
+    def first_micro_batches(*overrides):
+        recipe = tiny(data_overrides, *overrides)
+        loader = build_loader(recipe, load_manifest(recipe.data.manifest), initialize_distributed(), infinite=False)
+        return [micro_batch for _, micro_batch in zip(range(6), loader)]
+
+    phase_a = first_micro_batches("data.mlm_probability=0.3", "seed=17")
+    phase_b = first_micro_batches("data.mlm_probability=0.4", "seed=99")
+    assert len(phase_a) == len(phase_b) == 6
+    for x, y in zip(phase_a, phase_b):
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+    masked, tokens = sum(int(x["num_masked"]) for x in phase_a), sum(int(x["num_tokens"]) for x in phase_a)
+    assert 0.12 < masked / tokens < 0.18, masked / tokens
+    other_rate = first_micro_batches("eval.mlm_probability=0.3")
+    assert sum(int(x["num_masked"]) for x in other_rate) > 1.5 * masked
