@@ -232,7 +232,9 @@ class SpikeGuard(Callback):
             norm = norm.full_tensor()
         # FSDP1 leaves each rank the gradients of its own shard: the global norm is the root of the ranks'
         # summed squares. Every rank must judge the same norm, or a rollback raised on some ranks hangs the rest.
-        sharded = _has_fsdp1_shards(state.model)
+        sharded = getattr(self, "_fsdp1", None)
+        if sharded is None:  # the wrapping is fixed once training runs: look once, not every step
+            sharded = self._fsdp1 = _has_fsdp1_shards(state.model)
         totals = torch.stack([loss_sum.reshape(()).to(device, torch.float64),
                               torch.tensor(float(self._masked), device=device, dtype=torch.float64),
                               norm.to(device, torch.float64) ** 2 if sharded else torch.zeros((), device=device,
