@@ -12,23 +12,31 @@ from .conftest import write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = 3
+WINDOW_S = 3.0
 
-# Each job waits until all have imported, widens streaming's find-then-create window to a second, then reads
-# every sample. "unlocked" replaces our lock with a no-op: the collision the lock exists for.
+# Each job, once it has found its free prefix and is about to create it, waits until every job is there too (a
+# file per job in found/), then reads every sample. "unlocked" replaces our lock with a no-op, so all jobs find
+# the same prefix before any creates it: the collision the lock exists for, every time, however the machine
+# schedules the jobs (a fixed 1 s pause was not enough on a loaded CI machine). Under the lock the others cannot
+# reach that point while one holds it, so there the wait gives up after WINDOW_S.
 CHILD = """
 import contextlib, os, pathlib, sys, time
 import streaming.base.shared.prefix as prefix
 import modernbert_train.data.dataset as dataset_module
 from modernbert_train.data import build_streaming_dataset, load_manifest
 
-manifest, mode, ready, jobs = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), int(sys.argv[4])
-find = prefix._check_and_find
-def slow_find(locals_, remotes, shm_name):
-    found = find(locals_, remotes, shm_name)
-    if shm_name.endswith("locals"):
-        time.sleep(1.0)
-    return found
-prefix._check_and_find = slow_find
+manifest, mode, rendezvous, jobs = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), int(sys.argv[4])
+ready, found = rendezvous / "ready", rendezvous / "found"
+window_s = 120.0 if mode == "unlocked" else float(sys.argv[5])
+shared_memory = prefix.SharedMemory
+def wait_for_all_then_create(name, create=True, *args, **kwargs):
+    if create and name.endswith("locals") and not (found / str(os.getpid())).exists():
+        (found / str(os.getpid())).touch()
+        deadline = time.monotonic() + window_s
+        while len(list(found.iterdir())) < jobs and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return shared_memory(name, create, *args, **kwargs)
+prefix.SharedMemory = wait_for_all_then_create
 if mode == "unlocked":
     dataset_module.host_shm_lock = lambda *args, **kwargs: contextlib.nullcontext()
 (ready / str(os.getpid())).touch()
@@ -40,9 +48,10 @@ print("samples", sum(1 for _ in dataset))
 
 
 def _start_together(manifest: Path, mode: str, tmp: Path) -> list[subprocess.CompletedProcess]:
-    ready = tmp / f"ready-{mode}"
-    ready.mkdir()
-    command = [sys.executable, "-c", CHILD, str(manifest), mode, str(ready), str(JOBS)]
+    rendezvous = tmp / f"rendezvous-{mode}"
+    (rendezvous / "ready").mkdir(parents=True)
+    (rendezvous / "found").mkdir()
+    command = [sys.executable, "-c", CHILD, str(manifest), mode, str(rendezvous), str(JOBS), str(WINDOW_S)]
     jobs = []
     for job in range(JOBS):
         # Each job its own TMPDIR, as launch/multinode.sh gives each launch: the lock must not depend on it.
