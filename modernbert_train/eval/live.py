@@ -69,7 +69,7 @@ class LiveEvaluation(Callback):
         record = {"step": step, "tokens": tokens, "phase": self.phase}
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            bar = Progress(runs_per_model(self.suite), mode="none")
+            bar = Progress(runs_per_model(self.suite, model), mode="none")
             for _, summary in evaluate_model(self.suite, model, device, bar):
                 for metric, value in summary.metric_means.items():
                     record[f"{PREFIX}{summary.task}/{metric}"] = value

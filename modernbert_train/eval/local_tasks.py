@@ -9,6 +9,8 @@ formats users bring (jsonl splits, BEIR folders), so the same suite code reads b
 - `stdlib-code-search-noname` (retrieval with fewer shared names): the same queries with the function's
   name and argument names (and their snake/camel-case parts) removed, over the same corpus, with a dev
   split to choose the learning rate on.
+- `stdlib-code-continuation` (retrieval, as CoIR's CodeSearchNet-CCR): the first 40-70% of a function's lines
+  (docstring removed) as the query, the rest as the document; train / dev / test qrels over one corpus.
 - `stdlib-shuffled-lines` (classification that word identity cannot decide): a function body as written,
   or with its lines shuffled; both classes have the same bag of words, so only order and structure tell.
 - `heldout.jsonl`: prose for the fixed-mask MLM evaluation.
@@ -166,12 +168,14 @@ def _shuffled(lines: list[str], key: str) -> list[str]:
 def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train: int = 800,
                       retrieval_test: int = 200, corpus_size: int = 1200, heldout: int = 200,
                       retrieval_dev: int = 100, shuffle_split: tuple[int, int, int] = (480, 120, 200),
-                      shuffle_max_lines: int = 12) -> dict:
+                      shuffle_max_lines: int = 12, continuation_split: tuple[int, int, int] = (760, 100, 200),
+                  continuation_min_lines: int = 6) -> dict:
     """Write the tasks under out_dir; returns counts. Skips work when `tasks_info.json` matches."""
     out = Path(out_dir)
     settings = dict(per_topic=per_topic, retrieval_train=retrieval_train, retrieval_test=retrieval_test,
                     corpus_size=corpus_size, heldout=heldout, retrieval_dev=retrieval_dev,
                     shuffle_split=list(shuffle_split), shuffle_max_lines=shuffle_max_lines,
+                    continuation_split=list(continuation_split), continuation_min_lines=continuation_min_lines,
                     reserved_files=EVAL_RESERVATION)  # tasks built from other files are rebuilt
     info_file = out / INFO_FILE
     if info_file.exists() and json.loads(info_file.read_text()).get("settings") == settings:
@@ -230,6 +234,27 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
             noname_queries.append({"_id": f"q{index}", "text": query})
             noname_qrels[split].append((f"q{index}", f"d{index}"))
     counts.update(_write_beir(noname, corpus_rows, noname_queries, noname_qrels, "noname"))
+
+    # Code continuation: a function cut after 40-70% of its lines (fixed per function); the head is the query,
+    # the tail the document. Splits in order: train, dev, test.
+    continuation = out / "stdlib-code-continuation"
+    heads, tails, continuation_qrels = [], [], {"train": [], "dev": [], "test": []}
+    split_ends = {"train": continuation_split[0], "dev": sum(continuation_split[:2]), "test": sum(continuation_split)}
+    for package, doc, code in functions:  # any held-out function: the tasks are scored apart
+        lines = [line for line in code.splitlines() if line.strip()]
+        if len(lines) < continuation_min_lines:
+            continue
+        cut = round(len(lines) * (0.4 + 0.3 * _stable_fraction("cut:" + code)))
+        if pretraining.has_run("\n".join(lines[:cut])) or pretraining.has_run("\n".join(lines[cut:])):
+            continue  # a common head or ending ("return result") the corpus holds too: not a held-out text
+        index = len(tails)
+        split = next(name for name, end in split_ends.items() if index < end)
+        heads.append({"_id": f"q{index}", "text": "\n".join(lines[:cut])})
+        tails.append({"_id": f"d{index}", "title": "", "text": "\n".join(lines[cut:])})
+        continuation_qrels[split].append((f"q{index}", f"d{index}"))
+        if len(tails) == split_ends["test"]:
+            break
+    counts.update(_write_beir(continuation, tails, heads, continuation_qrels, "continuation"))
 
     # Shuffled lines: one example per function body, intact or shuffled by a fixed coin; splits in order.
     examples = []

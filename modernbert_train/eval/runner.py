@@ -38,8 +38,11 @@ def _grid(task: TaskSpec) -> list[dict]:
     return [dict(lr=lr, weight_decay=wd, epochs=ep) for lr, wd, ep in itertools.product(s.lr, s.weight_decay, s.epochs)]
 
 
-def _seeds(task: TaskSpec) -> list[int]:
-    return task.sweep.seeds[:1] if task.type == "mlm" or (task.type == "retrieval" and task.zero_shot) else task.sweep.seeds
+def _seeds(task: TaskSpec, model: EvalModel) -> list[int]:
+    """Every seed where the seed changes the result: fine-tuning, and zero-shot search with a random init (the
+    seed draws its weights); a pretrained model's zero-shot search is the same for every seed."""
+    fixed = task.type == "mlm" or (task.type == "retrieval" and task.zero_shot and model.weights is not None)
+    return task.sweep.seeds[:1] if fixed else task.sweep.seeds
 
 
 class Progress:
@@ -69,7 +72,7 @@ def run_suite(suite: Suite, model_sources: list[str], out_dir: str | Path, devic
               progress_mode: str | None = None) -> list[TaskSummary]:
     device = torch.device(device) if device else _default_device()
     models = [load_eval_model(source) for source in model_sources]
-    bar = Progress(len(models) * runs_per_model(suite), progress_mode)
+    bar = Progress(sum(runs_per_model(suite, model) for model in models), progress_mode)
     runs, summaries = [], []
     with bar.reporter:  # closes the bar; after an error, the error is the last line
         for model in models:
@@ -80,8 +83,8 @@ def run_suite(suite: Suite, model_sources: list[str], out_dir: str | Path, devic
     return summaries
 
 
-def runs_per_model(suite: Suite) -> int:
-    return sum(len(_grid(t)) * len(_seeds(t)) for t in suite.tasks)
+def runs_per_model(suite: Suite, model: EvalModel) -> int:
+    return sum(len(_grid(t)) * len(_seeds(t, model)) for t in suite.tasks)
 
 
 def evaluate_model(suite: Suite, model: EvalModel, device, bar: Progress):
@@ -104,7 +107,7 @@ def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progr
             task, TextEncoder(model.tokenizer_file, task.max_length or model.config.max_position_embeddings), where)
         best_dev, best_model = None, None
         for point in _grid(task):
-            for seed in _seeds(task):
+            for seed in _seeds(task, model):
                 result = finetune_classifier(task, data, model, seed=seed, device=device, keep_model=keep,
                                              start_from=finetuned.get(task.init_from_task), **point)
                 records.append(dict(task=task.name, type=task.type, model=model.name, seed=seed, **point,
@@ -120,7 +123,7 @@ def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progr
 
         best_score, best_model = None, None
         for point in _grid(task):
-            for seed in _seeds(task):
+            for seed in _seeds(task, model):
                 settings = point or dict(lr=0.0, weight_decay=0.0, epochs=0)
                 scores, dev_scores, embedder = run_retrieval(task, model, seed=seed, device=device, where=where,
                                                  start_from=finetuned.get(task.init_from_task), **settings)

@@ -27,7 +27,8 @@ def test_build_is_deterministic_and_reused(built, tmp_path):
     again = build_local_tasks(tmp_path)
     assert again["counts"] == info["counts"]
     for name in ("stdlib-shuffled-lines/train.jsonl", "stdlib-code-search-noname/queries.jsonl",
-                 "stdlib-code-search-noname/qrels/dev.tsv", "stdlib-topic/test.jsonl"):
+                 "stdlib-code-search-noname/qrels/dev.tsv", "stdlib-topic/test.jsonl",
+                 "stdlib-code-continuation/corpus.jsonl", "stdlib-code-continuation/qrels/test.tsv"):
         assert (tmp_path / name).read_bytes() == (root / name).read_bytes(), name
     assert build_local_tasks(root) == info  # same settings: the files are reused
 
@@ -68,6 +69,25 @@ def test_noname_queries_lose_the_signature_names_only(built):
     assert shortened > len(qrels["test"]) // 4  # the names were there to remove in many queries
     assert _without_signature("Read the config file at path.", "def read_file(path):\n    pass") == \
         "the config at"
+
+
+def test_code_continuation_cuts_each_function_once_between_40_and_70_percent(built):
+    root, info = built
+    folder = root / "stdlib-code-continuation"
+    heads = {r["_id"]: r["text"] for r in _jsonl(folder / "queries.jsonl")}
+    tails = {r["_id"]: r["text"] for r in _jsonl(folder / "corpus.jsonl")}
+    qrels = {s: [line.split("\t")[:2] for line in (folder / "qrels" / f"{s}.tsv").read_text().splitlines()[1:]]
+             for s in ("train", "dev", "test")}
+    assert [len(qrels[s]) for s in ("train", "dev", "test")] == [760, 100, 200]
+    pairs = [pair for split in qrels.values() for pair in split]
+    assert len({q for q, _ in pairs}) == len({d for _, d in pairs}) == len(tails) == len(pairs)  # one cut each
+    for query_id, doc_id in pairs:
+        head, tail = heads[query_id].splitlines(), tails[doc_id].splitlines()
+        assert any(line.startswith(("def ", "async def ")) for line in head)  # decorators come first
+        assert not any(line.startswith(("def ", "async def ")) for line in tail)
+        lines = len(head) + len(tail)
+        assert round(0.4 * lines) <= len(head) <= round(0.7 * lines)
+        ast.parse("\n".join(head + tail))  # the two halves are one function again
 
 
 def test_retrieval_chooses_the_grid_point_on_dev(tmp_path):
@@ -133,6 +153,7 @@ def test_default_sizes_are_full(built):
     assert (counts["corpus"], counts["retrieval_train"], counts["retrieval_test"]) == (1200, 800, 200)
     assert [counts[f"shuffle_{s}"] for s in ("train", "dev", "test")] == [480, 120, 200]
     assert counts["heldout"] == 200 and counts["noname_dev"] >= 80
+    assert [counts[f"continuation_{s}"] for s in ("train", "dev", "test")] == [760, 100, 200]
 
 
 def test_no_task_text_is_in_the_pretraining_corpus(built, tmp_path):

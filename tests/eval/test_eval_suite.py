@@ -63,6 +63,12 @@ def test_suite_runs_every_task_type_for_two_models(tmp_path, toy_tasks, hf_folde
         assert summary[("mlm", model)]["metric_means"]["loss"] > 0
         # A later task starting from the fine-tuned embedder scores exactly what that embedder scored.
         assert summary[("search-again", model)]["metric_means"] == search
+    # Zero-shot search: a pretrained model's is the same for every seed (run once), a random init's is drawn
+    # by the seed (run on every seed, so its mean and std say how much the draw matters).
+    zero_shot = {model: summary[("search-zero-shot", model)] for model in ("micro", "random init (micro)")}
+    assert zero_shot["micro"]["seeds"] == 1
+    assert zero_shot["random init (micro)"]["seeds"] == 3
+    assert len(set(zero_shot["random init (micro)"]["per_seed"]["ndcg@10"])) == 3
     table = (out / "results.md").read_text()
     assert "| topic | accuracy | test |" in table and "random init (micro)" in table
     # Not on a terminal: one plain line per finished run, with its ETA and what it was, on stderr.
