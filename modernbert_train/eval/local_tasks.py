@@ -168,8 +168,8 @@ def _shuffled(lines: list[str], key: str) -> list[str]:
 def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train: int = 800,
                       retrieval_test: int = 200, corpus_size: int = 1200, heldout: int = 200,
                       retrieval_dev: int = 100, shuffle_split: tuple[int, int, int] = (480, 120, 200),
-                      shuffle_max_lines: int = 12, continuation_split: tuple[int, int, int] = (760, 100, 200),
-                  continuation_min_lines: int = 6) -> dict:
+                          shuffle_max_lines: int = 12, continuation_split: tuple[int, int, int] = (760, 100, 200),
+                      continuation_min_lines: int = 6) -> dict:
     """Write the tasks under out_dir; returns counts. Skips work when `tasks_info.json` matches."""
     out = Path(out_dir)
     settings = dict(per_topic=per_topic, retrieval_train=retrieval_train, retrieval_test=retrieval_test,
@@ -245,12 +245,13 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
         if len(lines) < continuation_min_lines:
             continue
         cut = round(len(lines) * (0.4 + 0.3 * _stable_fraction("cut:" + code)))
-        if pretraining.has_run("\n".join(lines[:cut])) or pretraining.has_run("\n".join(lines[cut:])):
+        head, tail = "\n".join(lines[:cut]), "\n".join(lines[cut:])
+        if pretraining.has_run(head) or pretraining.has_run(tail):
             continue  # a common head or ending ("return result") the corpus holds too: not a held-out text
         index = len(tails)
         split = next(name for name, end in split_ends.items() if index < end)
-        heads.append({"_id": f"q{index}", "text": "\n".join(lines[:cut])})
-        tails.append({"_id": f"d{index}", "title": "", "text": "\n".join(lines[cut:])})
+        heads.append({"_id": f"q{index}", "text": head})
+        tails.append({"_id": f"d{index}", "title": "", "text": tail})
         continuation_qrels[split].append((f"q{index}", f"d{index}"))
         if len(tails) == split_ends["test"]:
             break
