@@ -5,6 +5,7 @@ EPILOG = """examples:
   modernbert-train eval yamls/eval/local.yaml --model demo_out/hf --model random:demo_out/hf
   modernbert-train eval yamls/eval/glue.yaml --model hf/my-modernbert --out eval/glue
   modernbert-train eval yamls/eval/local.yaml --model runs/phase1 data_root=eval_data   # newest checkpoint
+  modernbert-train eval yamls/eval/beir.yaml --model hf/my-modernbert --tasks scifact,fiqa  # + msmarco, they start from it
 M: an exported Hugging Face folder, a run directory (its newest checkpoint), a checkpoint file, or random:M
 (M's architecture and tokenizer, random weights: the baseline). key=value arguments override suite keys.
 Writes OUT/results.json (every run) and OUT/results.md (mean +- std over seeds, chosen hyperparameters)."""
@@ -18,6 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--build-local-tasks", action="store_true",
                         help="first write the local tasks built from this machine's stdlib under data_root")
+    parser.add_argument("--tasks", default=None, metavar="NAME[,NAME]",
+                        help="run only these tasks of the suite (and the tasks they start from)")
     parser.add_argument("overrides", nargs="*", help="suite overrides key=value (omegaconf dotlist)")
 
 
@@ -26,7 +29,7 @@ def run(args) -> int:
 
     from modernbert_train.errors import UserError
     from modernbert_train.eval.runner import run_suite
-    from modernbert_train.eval.suite import load_suite
+    from modernbert_train.eval.suite import load_suite, select_tasks
 
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
@@ -40,6 +43,8 @@ def run(args) -> int:
             raise UserError(f"{args.suite}: data_root: --build-local-tasks needs the suite's data_root key")
         build_local_tasks(root)
     suite = load_suite(args.suite, args.overrides)
+    if args.tasks:
+        suite = select_tasks(suite, [name.strip() for name in args.tasks.split(",") if name.strip()])
     out = Path(args.out or Path("eval_out") / suite.name)
     run_suite(suite, args.models, out, device=args.device)
     print((out / "results.md").read_text())

@@ -9,13 +9,18 @@ formats users bring (jsonl splits, BEIR folders), so the same suite code reads b
 - `stdlib-code-search-noname` (retrieval with fewer shared names): the same queries with the function's
   name and argument names (and their snake/camel-case parts) removed, over the same corpus, with a dev
   split to choose the learning rate on.
+- `stdlib-code-search-nooverlap` (retrieval across a vocabulary mismatch): the same queries with every word
+  removed that shares a stem with a word of the code, so a bag-of-words matcher is at chance.
+- `stdlib-code-search-train` (training pairs only): signature-less docstring -> code pairs from the stdlib
+  files the corpus pretrains on, for fine-tuning as MS MARCO is in the paper's DPR setting; never scored.
 - `stdlib-code-continuation` (retrieval, as CoIR's CodeSearchNet-CCR): the first 40-70% of a function's lines
   (docstring removed) as the query, the rest as the document; train / dev / test qrels over one corpus.
 - `stdlib-shuffled-lines` (classification that word identity cannot decide): a function body as written,
   or with its lines shuffled; both classes have the same bag of words, so only order and structure tell.
 - `heldout.jsonl`: prose for the fixed-mask MLM evaluation.
-Every text comes from the stdlib files reserved for evaluation (`data_prep.local_corpus.reserved_for_eval`),
-which the local pretraining corpus leaves out. Deterministic: the same interpreter gives the same files.
+Every text a task scores comes from the stdlib files reserved for evaluation
+(`data_prep.local_corpus.reserved_for_eval`), which the local pretraining corpus leaves out. Deterministic:
+the same interpreter gives the same files.
 """
 from __future__ import annotations
 
@@ -33,17 +38,20 @@ from data_prep.local_corpus import (EVAL_RESERVATION, EVAL_TOPIC_PACKAGES, pytho
 # package -> label; the packages are reserved for evaluation whole, so none of their text is pretrained on
 TOPICS = {package: {"_pydecimal": "decimal"}.get(package, package) for package in EVAL_TOPIC_PACKAGES}
 INFO_FILE = "tasks_info.json"
+TRANSFER_TRAIN = "stdlib-code-search-train"  # training pairs only, from the pretraining side
+TASK_SET = 2  # raised when a task is added or built another way: folders built before are rebuilt
 
 
 def _stable_fraction(text: str) -> float:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
 
 
-def _functions_with_docstrings():
+def _functions_with_docstrings(reserved: bool = True):
     """(top-level package, docstring, code without docstring, source as written) for the functions of the
-    stdlib files reserved for evaluation, in a fixed order."""
+    stdlib files reserved for evaluation (or, reserved=False, of those the corpus pretrains on), in a fixed
+    order."""
     root = stdlib_dir()
-    for path in stdlib_python_files(root, reserved=True):
+    for path in stdlib_python_files(root, reserved=reserved):
         package = path.relative_to(root).parts[0].removesuffix(".py")
         try:
             text = path.read_text(encoding="utf-8")
@@ -146,6 +154,26 @@ def _without_signature(query: str, code: str) -> str:
     return " ".join(kept)
 
 
+def _shares_stem(a: str, b: str) -> bool:
+    """Do two lower-cased words share a stem (`file`/`files`, `read`/`reading`) or one hold the other
+    (`lines`/`readlines`), as a subword tokenizer would give them common tokens?"""
+    short, long = sorted((a, b), key=len)
+    return short == long or (len(short) >= 4 and short in long) or (len(short) >= 5 and short[:5] == long[:5])
+
+
+def _without_shared_words(query: str, code: str) -> str:
+    """The query with every word removed that shares a stem with a word of the code (identifiers split into
+    their snake/camel-case parts, keywords, strings, comments): what is left names what the code does in
+    other words than the code's, the vocabulary mismatch a bag-of-words matcher cannot bridge."""
+    code_words = {w for w in _name_parts(re.findall(r"[A-Za-z0-9_]+", code)) if len(w) >= 2}
+    kept = []
+    for word in query.split():
+        parts = [p.lower() for p in re.findall(r"[A-Za-z0-9]+", word)]
+        if parts and not any(_shares_stem(p, c) for p in parts for c in code_words):
+            kept.append(word)
+    return " ".join(kept)
+
+
 def _body_lines(code: str, max_lines: int) -> list[str] | None:
     """The first `max_lines` non-empty lines of a function's body (its `def` line dropped: it would mark the
     start), indented as written; None when the body is too short to shuffle."""
@@ -176,7 +204,8 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
                     corpus_size=corpus_size, heldout=heldout, retrieval_dev=retrieval_dev,
                     shuffle_split=list(shuffle_split), shuffle_max_lines=shuffle_max_lines,
                     continuation_split=list(continuation_split), continuation_min_lines=continuation_min_lines,
-                    reserved_files=EVAL_RESERVATION)  # tasks built from other files are rebuilt
+                    reserved_files=EVAL_RESERVATION,  # tasks built from other files are rebuilt
+                    task_set=TASK_SET)
     info_file = out / INFO_FILE
     if info_file.exists() and json.loads(info_file.read_text()).get("settings") == settings:
         return json.loads(info_file.read_text())
@@ -222,18 +251,40 @@ def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train
     counts["corpus"] = len(corpus_rows)
     counts.update(_write_beir(code_search, corpus_rows, queries, qrels, "retrieval"))
 
-    # Retrieval without the signature's names: the same corpus; train and test queries as above, dev queries
-    # from the distractors after them (a query is kept when 3+ words remain).
-    noname = out / "stdlib-code-search-noname"
-    noname_queries, noname_qrels = [], {"train": [], "dev": [], "test": []}
+    # Retrieval with fewer shared words, over the same corpus: `noname` drops the signature's names from the
+    # query, `nooverlap` every word that shares a stem with the code. Train and test queries as above, dev
+    # queries from the distractors after them (a query is kept when 3+ words remain).
     dev_end = retrieval_train + retrieval_test + retrieval_dev
-    for index, (package, doc, code) in enumerate(pool[:min(len(corpus_rows), dev_end)]):
-        split = "train" if index < retrieval_train else "test" if index < retrieval_train + retrieval_test else "dev"
-        query = _without_signature(doc.split("\n\n")[0], code)
-        if len(query.split()) >= 3 and not pretraining.has_run(query):  # shortened into another docstring's line
-            noname_queries.append({"_id": f"q{index}", "text": query})
-            noname_qrels[split].append((f"q{index}", f"d{index}"))
-    counts.update(_write_beir(noname, corpus_rows, noname_queries, noname_qrels, "noname"))
+    for name, shorten in (("noname", _without_signature), ("nooverlap", _without_shared_words)):
+        short_queries, short_qrels = [], {"train": [], "dev": [], "test": []}
+        for index, (package, doc, code) in enumerate(pool[:min(len(corpus_rows), dev_end)]):
+            split = "train" if index < retrieval_train else "test" if index < retrieval_train + retrieval_test else "dev"
+            query = shorten(doc.split("\n\n")[0], code)
+            if len(query.split()) >= 3 and not pretraining.has_run(query):  # shortened into another docstring's line
+                short_queries.append({"_id": f"q{index}", "text": query})
+                short_qrels[split].append((f"q{index}", f"d{index}"))
+        counts.update(_write_beir(out / f"stdlib-code-search-{name}", corpus_rows, short_queries, short_qrels, name))
+
+    # Training pairs from the other side (MS MARCO's role in the paper's DPR setting): signature-less
+    # docstring -> code pairs of the functions the corpus pretrains on, for fine-tuning only; the held-out
+    # tasks above score the result.
+    # Split `train` has the queries without the signature's names, `train-nooverlap` without shared words.
+    transfer_corpus, transfer_queries, transfer_qrels = [], [], {"train": [], "train-nooverlap": []}
+    for package, doc, code, _ in _functions_with_docstrings(reserved=False):
+        if doc in seen_docs or code in seen_code:
+            continue
+        seen_docs.add(doc)
+        seen_code.add(code)
+        doc_id = f"t{len(transfer_corpus)}"
+        transfer_corpus.append({"_id": doc_id, "title": "", "text": code[:4000]})
+        first_paragraph = doc.split("\n\n")[0]
+        for split, query in (("train", _without_signature(first_paragraph, code)),
+                             ("train-nooverlap", _without_shared_words(first_paragraph, code))):
+            if len(query.split()) >= 3:
+                query_id = f"{split}-{doc_id}"
+                transfer_queries.append({"_id": query_id, "text": query})
+                transfer_qrels[split].append((query_id, doc_id))
+    counts.update(_write_beir(out / TRANSFER_TRAIN, transfer_corpus, transfer_queries, transfer_qrels, "transfer"))
 
     # Code continuation: a function cut after 40-70% of its lines (fixed per function); the head is the query,
     # the tail the document. Splits in order: train, dev, test.

@@ -38,9 +38,13 @@ def _grid(task: TaskSpec) -> list[dict]:
     return [dict(lr=lr, weight_decay=wd, epochs=ep) for lr, wd, ep in itertools.product(s.lr, s.weight_decay, s.epochs)]
 
 
-def _seeds(task: TaskSpec, model: EvalModel) -> list[int]:
-    """Every seed where the seed changes the result: fine-tuning, and zero-shot search with a random init (the
-    seed draws its weights); a pretrained model's zero-shot search is the same for every seed."""
+def _seeds(task: TaskSpec, model: EvalModel, suite: Suite | None = None) -> list[int]:
+    """Every seed where the seed changes the result: fine-tuning, zero-shot search with a random init (the
+    seed draws its weights) and zero-shot search of an earlier task's fine-tuned models (one per seed of
+    that task); a pretrained model's own zero-shot search is the same for every seed."""
+    parent = next((t for t in suite.tasks if t.name == task.init_from_task), None) if suite else None
+    if parent is not None and task.type == "retrieval" and task.zero_shot:
+        return _seeds(parent, model, suite)
     fixed = task.type == "mlm" or (task.type == "retrieval" and task.zero_shot and model.weights is not None)
     return task.sweep.seeds[:1] if fixed else task.sweep.seeds
 
@@ -84,20 +88,47 @@ def run_suite(suite: Suite, model_sources: list[str], out_dir: str | Path, devic
 
 
 def runs_per_model(suite: Suite, model: EvalModel) -> int:
-    return sum(len(_grid(t)) * len(_seeds(t, model)) for t in suite.tasks)
+    return sum(len(_grid(t)) * len(_seeds(t, model, suite)) for t in suite.tasks)
 
 
 def evaluate_model(suite: Suite, model: EvalModel, device, bar: Progress):
     """Yields (runs, summary) per task of the suite, in order."""
-    finetuned: dict[str, object] = {}  # task name -> chosen fine-tuned model, for init_from_task
+    finetuned: dict[str, dict[int, object]] = {}  # task name -> seed -> fine-tuned model at the chosen point
     for task in suite.tasks:
         task_runs = _run_task(suite, task, model, device, bar, finetuned)
         yield task_runs, _summarise(task, model, task_runs)
 
 
+def _start_from(finetuned: dict, task: TaskSpec, seed: int):
+    """The fine-tuned model a task starts from: the earlier task's model of the same seed (of its first seed
+    when that task ran fewer), or None without init_from_task."""
+    models = finetuned.get(task.init_from_task)
+    return None if not models else models.get(seed, models[min(models)])
+
+
+class _ChosenModels:
+    """Keeps the per-seed models of the grid point with the best mean score so far (the point `_summarise`
+    reports), so that a later task can start each seed from its own fine-tuned model; at most two points'
+    models are held at a time."""
+
+    def __init__(self):
+        self.best, self.models, self.point_scores, self.point_models = None, {}, [], {}
+
+    def add(self, seed: int, score: float, model) -> None:
+        self.point_scores.append(score)
+        self.point_models[seed] = model
+
+    def end_point(self) -> None:
+        mean = float(np.mean(self.point_scores))
+        if self.best is None or mean > self.best:
+            self.best, self.models = mean, self.point_models
+        self.point_scores, self.point_models = [], {}
+
+
 def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progress, finetuned: dict) -> list[dict]:
     where = f"{suite.path}: task {task.name}"
     keep = any(t.init_from_task == task.name for t in suite.tasks)
+    chosen = _ChosenModels()
     records = []
     if task.type == "classification":
         from modernbert_train.eval.classify import finetune_classifier, load_classification_data
@@ -105,42 +136,41 @@ def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progr
 
         data = load_classification_data(
             task, TextEncoder(model.tokenizer_file, task.max_length or model.config.max_position_embeddings), where)
-        best_dev, best_model = None, None
         for point in _grid(task):
-            for seed in _seeds(task, model):
+            for seed in _seeds(task, model, suite):
                 result = finetune_classifier(task, data, model, seed=seed, device=device, keep_model=keep,
-                                             start_from=finetuned.get(task.init_from_task), **point)
+                                             start_from=_start_from(finetuned, task, seed), **point)
                 records.append(dict(task=task.name, type=task.type, model=model.name, seed=seed, **point,
                                     dev=result.dev, test=result.test, best_epoch=result.best_epoch,
                                     epochs_run=result.epochs_run))
-                if keep and (best_dev is None or result.dev[task.main_metric] > best_dev):
-                    best_dev, best_model = result.dev[task.main_metric], result.classifier
+                if keep:
+                    chosen.add(seed, result.dev[task.main_metric], result.classifier)
                 bar.finished(f"{model.name} {task.name} seed {seed}")
-        if keep:
-            finetuned[task.name] = best_model
+            if keep:
+                chosen.end_point()
     elif task.type == "retrieval":
         from modernbert_train.eval.retrieval import run_retrieval
 
-        best_score, best_model = None, None
         for point in _grid(task):
-            for seed in _seeds(task, model):
+            for seed in _seeds(task, model, suite):
                 settings = point or dict(lr=0.0, weight_decay=0.0, epochs=0)
                 scores, dev_scores, embedder = run_retrieval(task, model, seed=seed, device=device, where=where,
-                                                 start_from=finetuned.get(task.init_from_task), **settings)
+                                                 start_from=_start_from(finetuned, task, seed), **settings)
                 records.append(dict(task=task.name, type=task.type, model=model.name, seed=seed, **point,
                                     zero_shot=task.zero_shot, eval=scores, dev=dev_scores))
-                chooser = (dev_scores or scores)[task.main_metric]
-                if keep and (best_score is None or chooser > best_score):
-                    best_score, best_model = chooser, embedder
+                if keep:
+                    chosen.add(seed, (dev_scores or scores)[task.main_metric], embedder)
                 bar.finished(f"{model.name} {task.name} seed {seed}")
-        if keep:
-            finetuned[task.name] = best_model
+            if keep:
+                chosen.end_point()
     else:
         from modernbert_train.eval.mlm import evaluate_mlm
 
         scores = evaluate_mlm(task, model, device, where)
         records.append(dict(task=task.name, type=task.type, model=model.name, seed=task.mask_seed, eval=scores))
         bar.finished(f"{model.name} {task.name}")
+    if keep:
+        finetuned[task.name] = chosen.models
     return records
 
 

@@ -201,3 +201,19 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
             raise UserError(f"{where}.name: {task.name!r} appears twice")
         tasks.append(task)
     return Suite(name=str(raw.get("name") or path.stem), path=path, tasks=tasks)
+
+
+def select_tasks(suite: Suite, names: list[str]) -> Suite:
+    """The suite cut to the named tasks, in the suite's order, with every earlier task a kept one starts from
+    (init_from_task) kept too: its fine-tuned models are where that task begins."""
+    known = [t.name for t in suite.tasks]
+    for name in names:
+        if name not in known:
+            raise UserError(f"--tasks: {name!r} is not a task of {suite.path}{did_you_mean(name, known)}")
+    by_name = {t.name: t for t in suite.tasks}
+    kept = set()
+    for name in names:
+        while name is not None and name not in kept:
+            kept.add(name)
+            name = by_name[name].init_from_task
+    return Suite(name=suite.name, path=suite.path, tasks=[t for t in suite.tasks if t.name in kept])

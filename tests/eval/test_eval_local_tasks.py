@@ -3,11 +3,13 @@ two tasks meant to need more than word identity really do (shuffled lines keep t
 queries without the signature's names). Retrieval chooses its grid point on its dev split."""
 import ast
 import json
+import re
 from collections import Counter
 
 import pytest
 
-from modernbert_train.eval.local_tasks import _shuffled, _without_signature, build_local_tasks
+from modernbert_train.eval.local_tasks import (TRANSFER_TRAIN, _shuffled, _without_shared_words, _without_signature,
+                                               build_local_tasks)
 from modernbert_train.eval.runner import _summarise
 from modernbert_train.eval.suite import DataSpec, Sweep, TaskSpec
 
@@ -47,18 +49,22 @@ def test_shuffled_lines_classes_share_their_bag_of_words(built):
     assert shuffled != lines and sorted(shuffled) == sorted(lines) and _shuffled(lines, "key") == shuffled
 
 
+def _beir(folder):
+    """(corpus id -> text, query id -> text, split -> [(query id, doc id)]) of a BEIR folder's three splits."""
+    texts = [{r["_id"]: r["text"] for r in _jsonl(folder / f"{name}.jsonl")} for name in ("corpus", "queries")]
+    qrels = {s: [line.split("\t")[:2] for line in (folder / "qrels" / f"{s}.tsv").read_text().splitlines()[1:]]
+             for s in ("train", "dev", "test")}
+    return texts[0], texts[1], qrels
+
+
 def test_noname_queries_lose_the_signature_names_only(built):
     root, _ = built
-    folder = root / "stdlib-code-search-noname"
-    corpus = {r["_id"]: r["text"] for r in _jsonl(folder / "corpus.jsonl")}
-    queries = {r["_id"]: r["text"] for r in _jsonl(folder / "queries.jsonl")}
+    corpus, queries, qrels = _beir(root / "stdlib-code-search-noname")
     original = {r["_id"]: r["text"] for r in _jsonl(root / "stdlib-code-search" / "queries.jsonl")}
-    qrels = {s: [line.split("\t") for line in (folder / "qrels" / f"{s}.tsv").read_text().splitlines()[1:]]
-             for s in ("train", "dev", "test")}
     assert min(len(pairs) for pairs in qrels.values()) >= 80
-    assert not {q for q, _, _ in qrels["dev"]} & {q for s in ("train", "test") for q, _, _ in qrels[s]}
+    assert not {q for q, _ in qrels["dev"]} & {q for s in ("train", "test") for q, _ in qrels[s]}
     shortened = 0
-    for query_id, doc_id, _ in qrels["test"]:
+    for query_id, doc_id in qrels["test"]:
         try:
             node = ast.parse(corpus[doc_id]).body[0]
         except SyntaxError:
@@ -71,13 +77,43 @@ def test_noname_queries_lose_the_signature_names_only(built):
         "the config at"
 
 
+def _identifier_words(code):
+    """Every word of a code text, identifiers split at underscores and case changes, lower-cased."""
+    words = set()
+    for token in re.findall(r"[A-Za-z0-9]+", code):
+        words.add(token.lower())
+        words.update(w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", token))
+    return words
+
+
+def test_nooverlap_queries_share_no_word_with_their_code(built):
+    root, info = built
+    corpus, queries, qrels = _beir(root / "stdlib-code-search-nooverlap")
+    assert min(len(pairs) for pairs in qrels.values()) >= 80
+    assert corpus == {r["_id"]: r["text"] for r in _jsonl(root / "stdlib-code-search" / "corpus.jsonl")}
+    for split, pairs in qrels.items():
+        for query_id, doc_id in pairs:
+            words = {w.lower() for w in re.findall(r"[A-Za-z0-9]+", queries[query_id]) if len(w) >= 2}
+            assert len(queries[query_id].split()) >= 3
+            assert not words & _identifier_words(corpus[doc_id]), (split, queries[query_id])
+    code = "def load(path):\n    return open(path).readlines()  # config"
+    assert _without_shared_words("Read the lines of the config files at a path.", code) == "the of the files at a"
+
+
+def test_transfer_training_pairs_come_from_the_pretraining_side_only(built):
+    root, info = built
+    folder = root / TRANSFER_TRAIN
+    corpus = {r["text"] for r in _jsonl(folder / "corpus.jsonl")}
+    held_out = {r["text"] for r in _jsonl(root / "stdlib-code-search" / "corpus.jsonl")}
+    assert info["counts"]["transfer_train"] > 2000 and info["counts"]["transfer_train-nooverlap"] > 2000
+    assert not corpus & held_out
+    # training splits only: nothing here is scored
+    assert sorted(p.name for p in (folder / "qrels").iterdir()) == ["train-nooverlap.tsv", "train.tsv"]
+
+
 def test_code_continuation_cuts_each_function_once_between_40_and_70_percent(built):
     root, info = built
-    folder = root / "stdlib-code-continuation"
-    heads = {r["_id"]: r["text"] for r in _jsonl(folder / "queries.jsonl")}
-    tails = {r["_id"]: r["text"] for r in _jsonl(folder / "corpus.jsonl")}
-    qrels = {s: [line.split("\t")[:2] for line in (folder / "qrels" / f"{s}.tsv").read_text().splitlines()[1:]]
-             for s in ("train", "dev", "test")}
+    tails, heads, qrels = _beir(root / "stdlib-code-continuation")
     assert [len(qrels[s]) for s in ("train", "dev", "test")] == [760, 100, 200]
     pairs = [pair for split in qrels.values() for pair in split]
     assert len({q for q, _ in pairs}) == len({d for _, d in pairs}) == len(tails) == len(pairs)  # one cut each
@@ -141,9 +177,10 @@ def test_demo_suite_keeps_the_tasks_that_show_pretraining():
 
 
 def _task_texts(root):
-    """(file, text) of every text a local task shows a model: queries, documents, examples, held-out prose."""
+    """(file, text) of every text a local task shows a model: queries, documents, examples, held-out prose
+    (the transfer training pairs aside: they come from the pretraining side on purpose)."""
     return [(str(path.relative_to(root)), row["text"]) for path in sorted(root.rglob("*.jsonl"))
-            for row in _jsonl(path) if "text" in row]
+            if TRANSFER_TRAIN not in path.parts for row in _jsonl(path) if "text" in row]
 
 
 def test_default_sizes_are_full(built):

@@ -27,7 +27,7 @@ def _suite(tmp_path, toy_tasks, **changes):
          "sweep": {"lr": [3e-3], "epochs": [1], "batch_size": 16, "seeds": [0]}},
         {"name": "search", "type": "retrieval", "max_length": 64,
          "data": {"beir": f"{toy_tasks}/beir", "hard_negatives": f"{toy_tasks}/beir/hard_negatives.jsonl"},
-         "sweep": {"lr": [1e-3], "epochs": [1], "batch_size": 8, "seeds": [0]}},
+         "sweep": {"lr": [1e-3], "epochs": [1], "batch_size": 8, "seeds": [0, 1]}},
         {"name": "search-zero-shot", "type": "retrieval", "zero_shot": True, "data": {"beir": f"{toy_tasks}/beir"}},
         {"name": "search-again", "type": "retrieval", "zero_shot": True, "init_from_task": "search",
          "max_length": 64, "data": {"beir": f"{toy_tasks}/beir"}},
@@ -61,8 +61,11 @@ def test_suite_runs_every_task_type_for_two_models(tmp_path, toy_tasks, hf_folde
         assert set(search) == {"ndcg@10", "mrr@10", "recall@100"}
         assert 0 <= search["ndcg@10"] <= 1 and search["recall@100"] == 1.0  # 40 documents: all retrieved
         assert summary[("mlm", model)]["metric_means"]["loss"] > 0
-        # A later task starting from the fine-tuned embedder scores exactly what that embedder scored.
-        assert summary[("search-again", model)]["metric_means"] == search
+        # A later task starts each seed from that seed's fine-tuned embedder: it scores exactly what it scored.
+        again = summary[("search-again", model)]
+        assert again["seeds"] == 2 and again["per_seed"] == summary[("search", model)]["per_seed"]
+        assert len(set(again["per_seed"]["ndcg@10"])) == 2  # two different embedders, each in its seed's place
+        assert again["metric_means"] == search
     # Zero-shot search: a pretrained model's is the same for every seed (run once), a random init's is drawn
     # by the seed (run on every seed, so its mean and std say how much the draw matters).
     zero_shot = {model: summary[("search-zero-shot", model)] for model in ("micro", "random init (micro)")}
@@ -152,6 +155,22 @@ def test_shipped_suites_are_valid(name):
         rte = next(t for t in suite.tasks if t.name == "rte")
         assert (len(rte.sweep.lr), len(rte.sweep.weight_decay), len(rte.sweep.epochs)) == (4, 4, 3)
         assert {t.name for t in suite.tasks if t.init_from_task == "mnli"} == {"rte", "mrpc", "stsb"}
+
+
+def test_tasks_flag_runs_the_named_tasks_and_what_they_start_from(tmp_path, toy_tasks, hf_folder, capsys):
+    from pathlib import Path
+
+    from modernbert_train.eval.suite import select_tasks
+
+    beir = load_suite(Path(__file__).resolve().parents[2] / "yamls" / "eval" / "beir.yaml")
+    assert [t.name for t in select_tasks(beir, ["fiqa", "scifact"]).tasks] == ["msmarco", "scifact", "fiqa"]
+    with pytest.raises(UserError, match=r"--tasks: 'scifakt' is not a task of .*beir.yaml \(did you mean: scifact"):
+        select_tasks(beir, ["scifakt"])
+    out = tmp_path / "out"
+    assert main(["eval", str(_suite(tmp_path, toy_tasks)), "--model", str(hf_folder), "--out", str(out),
+                 "--device", "cpu", "--tasks", "search-again,mlm"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [s["task"] for s in results["summary"]] == ["search", "search-again", "mlm"]
 
 
 @pytest.mark.parametrize("flag,lines", [("lines", 3), ("none", 0)])
