@@ -196,7 +196,7 @@ def _shuffled(lines: list[str], key: str) -> list[str]:
 def build_local_tasks(out_dir: str | Path, per_topic: int = 120, retrieval_train: int = 800,
                       retrieval_test: int = 200, corpus_size: int = 1200, heldout: int = 200,
                       retrieval_dev: int = 100, shuffle_split: tuple[int, int, int] = (480, 120, 200),
-                          shuffle_max_lines: int = 12, continuation_split: tuple[int, int, int] = (760, 100, 200),
+                      shuffle_max_lines: int = 12, continuation_split: tuple[int, int, int] = (760, 100, 200),
                       continuation_min_lines: int = 6) -> dict:
     """Write the tasks under out_dir; returns counts. Skips work when `tasks_info.json` matches."""
     out = Path(out_dir)

@@ -109,16 +109,20 @@ def _start_from(finetuned: dict, task: TaskSpec, seed: int):
 class _ChosenModels:
     """Keeps the per-seed models of the grid point with the best mean score so far (the point `_summarise`
     reports), so that a later task can start each seed from its own fine-tuned model; at most two points'
-    models are held at a time."""
+    models are held at a time. Keeps nothing when no later task starts from this one (`enabled` False)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.best, self.models, self.point_scores, self.point_models = None, {}, [], {}
 
     def add(self, seed: int, score: float, model) -> None:
-        self.point_scores.append(score)
-        self.point_models[seed] = model
+        if self.enabled:
+            self.point_scores.append(score)
+            self.point_models[seed] = model
 
     def end_point(self) -> None:
+        if not self.enabled:
+            return
         mean = float(np.mean(self.point_scores))
         if self.best is None or mean > self.best:
             self.best, self.models = mean, self.point_models
@@ -128,7 +132,7 @@ class _ChosenModels:
 def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progress, finetuned: dict) -> list[dict]:
     where = f"{suite.path}: task {task.name}"
     keep = any(t.init_from_task == task.name for t in suite.tasks)
-    chosen = _ChosenModels()
+    chosen = _ChosenModels(keep)
     records = []
     if task.type == "classification":
         from modernbert_train.eval.classify import finetune_classifier, load_classification_data
@@ -143,11 +147,9 @@ def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progr
                 records.append(dict(task=task.name, type=task.type, model=model.name, seed=seed, **point,
                                     dev=result.dev, test=result.test, best_epoch=result.best_epoch,
                                     epochs_run=result.epochs_run))
-                if keep:
-                    chosen.add(seed, result.dev[task.main_metric], result.classifier)
+                chosen.add(seed, result.dev[task.main_metric], result.classifier)
                 bar.finished(f"{model.name} {task.name} seed {seed}")
-            if keep:
-                chosen.end_point()
+            chosen.end_point()
     elif task.type == "retrieval":
         from modernbert_train.eval.retrieval import run_retrieval
 
@@ -158,18 +160,16 @@ def _run_task(suite: Suite, task: TaskSpec, model: EvalModel, device, bar: Progr
                                                  start_from=_start_from(finetuned, task, seed), **settings)
                 records.append(dict(task=task.name, type=task.type, model=model.name, seed=seed, **point,
                                     zero_shot=task.zero_shot, eval=scores, dev=dev_scores))
-                if keep:
-                    chosen.add(seed, (dev_scores or scores)[task.main_metric], embedder)
+                chosen.add(seed, (dev_scores or scores)[task.main_metric], embedder)
                 bar.finished(f"{model.name} {task.name} seed {seed}")
-            if keep:
-                chosen.end_point()
+            chosen.end_point()
     else:
         from modernbert_train.eval.mlm import evaluate_mlm
 
         scores = evaluate_mlm(task, model, device, where)
         records.append(dict(task=task.name, type=task.type, model=model.name, seed=task.mask_seed, eval=scores))
         bar.finished(f"{model.name} {task.name}")
-    if keep:
+    if chosen.enabled:
         finetuned[task.name] = chosen.models
     return records
 
