@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.model.config import ModernBertConfig
 
 TIED_DECODER_KEY = "decoder.weight"
@@ -84,7 +84,7 @@ def special_ids_from_tokenizer(folder: Path) -> dict[str, int]:
     A ModernBERT with its own vocabulary often keeps transformers' default ids (50281-50284) in config.json."""
     if not (folder / "tokenizer.json").is_file():
         return {}
-    from data_prep.tokenizer import load_tokenizer, special_token_ids
+    from modernbert_train.data.tokenizer import load_tokenizer, special_token_ids
 
     ids = special_token_ids(load_tokenizer(folder), folder / "tokenizer.json")
     return {field: getattr(ids, role) for field, role in _TOKENIZER_ROLES.items()}

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from modernbert_train.checkpoints import convert_sharded_checkpoint, load_composer_state
-from modernbert_train.errors import UserError
-from modernbert_train.export import export_to_hf
-from modernbert_train.run_dir import write_config, write_run_artifacts
-from modernbert_train.safety import check_safe_to_replace
-from tests.export.test_export import composer_checkpoint, tokenizer_file, trained_like_model  # noqa: F401
+from modernbert_train.checkpoint import convert_sharded_checkpoint, load_composer_state
+from modernbert_train.common.errors import UserError
+from modernbert_train.run.export import export_to_hf
+from modernbert_train.run.folder import write_config, write_run_artifacts
+from modernbert_train.common.safety import check_safe_to_replace
+from tests.run.test_export import composer_checkpoint, tokenizer_file, trained_like_model  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,7 +127,7 @@ def test_a_planted_payload_in_a_checkpoint_from_elsewhere_does_not_run(tmp_path,
     with pytest.raises(UserError, match=r"holds pickled objects \(io.open\).*--trust-checkpoint"):
         export_to_hf(downloaded, tmp_path / "hf", model_config=config, tokenizer=tokenizer_file)
     assert not marker.exists()
-    from modernbert_train.checkpoints import load_model_weights_from_checkpoint  # model.init_from's path
+    from modernbert_train.checkpoint import load_model_weights_from_checkpoint  # model.init_from's path
 
     with pytest.raises(UserError, match="model.trust_checkpoint=true"):
         load_model_weights_from_checkpoint(model, downloaded)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from modernbert_train import progress as progress_module
-from modernbert_train.errors import UserError
-from modernbert_train.progress import (LineClock, Progress, RankPrefixedStream, eta_seconds,
+from modernbert_train.common import progress as progress_module
+from modernbert_train.common.errors import UserError
+from modernbert_train.common.progress import (LineClock, Progress, RankPrefixedStream, eta_seconds,
                                        format_duration, human, progress_mode, resolve_mode)
 from tests.progress_io import ETA, REPO, cli_env
 
@@ -115,7 +115,7 @@ def test_rank_prefixed_stream_prefixes_every_line():
 
 CONSOLE_SCRIPT = """
 import logging, sys, warnings
-from modernbert_train.progress import Progress, configure_console
+from modernbert_train.common.progress import Progress, configure_console
 configure_console()
 print("result on stdout")
 logging.getLogger("modernbert_train").info("an info message")

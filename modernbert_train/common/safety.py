@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 
 def _contains(folder: Path, other: Path) -> bool:
@@ -82,15 +82,15 @@ def only_these_entries(allowed: Callable[[str], bool], required: Iterable[str], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m modernbert_train.safety --remove PATH ...`: the same guard for the launch scripts' deletions."""
+    """`python -m modernbert_train.common.safety --remove PATH ...`: the same guard for the launch scripts' deletions."""
     import argparse
     import shutil
 
-    from modernbert_train.errors import run_command
+    from modernbert_train.common.errors import run_command
 
-    parser = argparse.ArgumentParser(prog="python -m modernbert_train.safety",
+    parser = argparse.ArgumentParser(prog="python -m modernbert_train.common.safety",
                                      description="Remove folders through the project's deletion guard.",
-                                     epilog="example:  python -m modernbert_train.safety --remove "
+                                     epilog="example:  python -m modernbert_train.common.safety --remove "
                                             "/tmp/modernbert-me-4242-node0")
     parser.add_argument("--remove", nargs="+", required=True, metavar="PATH",
                         help="folders to delete (refused: /, a home or the current directory, symbolic links)")

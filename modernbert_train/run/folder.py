@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 log = logging.getLogger("modernbert_train")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modernbert_train.errors import UserError
-from modernbert_train.run_dir import (LOCK_FILE, STALE_AFTER_S, check_resume_keeps_architecture, lock_run_dir,
+from modernbert_train.common.errors import UserError
+from modernbert_train.run.folder import (LOCK_FILE, STALE_AFTER_S, check_resume_keeps_architecture, lock_run_dir,
                                       release_run_dir)
 from modernbert_train.train.recipe import load_recipe
 
@@ -24,7 +24,7 @@ TINY1 = REPO / "yamls/tiny/phase1.yaml"
 HOLD = """
 import sys, time
 from pathlib import Path
-from modernbert_train.run_dir import lock_run_dir
+from modernbert_train.run.folder import lock_run_dir
 lock_run_dir(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(120)

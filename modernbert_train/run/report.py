@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from modernbert_train.errors import UserError
-from modernbert_train.report_plots import (EVAL_PLOT_FILE, PLOTS, PlotSpec, draw_eval_plot, draw_plot,
+from modernbert_train.common.errors import UserError
+from modernbert_train.run.plots import (EVAL_PLOT_FILE, PLOTS, PlotSpec, draw_eval_plot, draw_plot,
                                            human_count)
 
 METRICS_FILE = "metrics.jsonl"
@@ -471,7 +471,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                  eval_dirs: Sequence[str | os.PathLike] = ()) -> Path:
     """Plots and summary of the given run directories (in phase order) and of evaluation results folders;
     returns the path of report.md."""
-    from modernbert_train.progress import Progress
+    from modernbert_train.common.progress import Progress
 
     out_dir = Path(out_dir)
     with Progress("report", len(run_dirs) + len(PLOTS) + 1, "step") as bar:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modernbert_train.averaging import average_checkpoints
+from modernbert_train.checkpoint.averaging import average_checkpoints
 from modernbert_train.cli.main import main
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

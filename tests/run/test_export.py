@@ -9,9 +9,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from modernbert_train.errors import UserError
-from modernbert_train.export import export_to_hf, validate_folder
-from modernbert_train.run_dir import write_run_artifacts
+from modernbert_train.common.errors import UserError
+from modernbert_train.run.export import export_to_hf, validate_folder
+from modernbert_train.run.folder import write_run_artifacts
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from modernbert_train.report import Phase
+    from modernbert_train.run.report import Phase
 
 # Every PNG has this exact size (no bbox_inches="tight", which would crop it to the content).
 FIGURE_SIZE_INCHES = (11.0, 5.5)

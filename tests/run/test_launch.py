@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from modernbert_train.cli.main import main as cli_main
-from modernbert_train.errors import UserError
-from modernbert_train.launch import launcher_command
+from modernbert_train.common.errors import UserError
+from modernbert_train.run.launch import launcher_command
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH_DIR = REPO / "launch"
 SBATCH = LAUNCH_DIR / "slurm_phase.sbatch"
 MULTINODE = LAUNCH_DIR / "multinode.sh"
@@ -175,7 +175,7 @@ def test_real_composer_launcher_starts_every_rank_with_recipe_args(recipe_cwd, t
         """))
     command = launcher_command("yamls/phase1.yaml", ["max_duration=20ba"], nproc=2)
     command[command.index("modernbert_train.train")] = "rank_probe"
-    code = f"from modernbert_train.launch import exec_launcher; exec_launcher({command!r})"
+    code = f"from modernbert_train.run.launch import exec_launcher; exec_launcher({command!r})"
     env = dict(os.environ, PYTHONPATH=f"{probe_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
@@ -214,7 +214,7 @@ def test_sbatch_dry_run_prints_node_commands(tmp_path, fake_bin, node_id):
     assert result.stdout.splitlines() == [
         f"srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=64 bash {SBATCH} --node-task "
         "yamls/phase1.yaml run_name=phase1 save_folder=/shared/runs/phase1",
-        f"{sys.executable} -m modernbert_train.safety --remove {node_tmp}",
+        f"{sys.executable} -m modernbert_train.common.safety --remove {node_tmp}",
         f"mkdir -p {node_tmp}",
         f"export TMPDIR={node_tmp}",
         f"{sys.executable} -c {shlex.quote(CLEANER)}",
@@ -352,7 +352,7 @@ def test_manual_launches_get_their_own_scratch_and_only_dead_launchers_scratch_i
     assert scratch_of[0] != scratch_of[1]  # each launch its own folder
     removed = [line for line in first if "--remove" in line]
     # Not the live launcher's, not another host's; through the project's deletion guard.
-    assert removed == [f"{sys.executable} -m modernbert_train.safety --remove {shlex.quote(str(dead))}"]
+    assert removed == [f"{sys.executable} -m modernbert_train.common.safety --remove {shlex.quote(str(dead))}"]
     assert f"{sys.executable} -c {shlex.quote(CLEANER)}" in first  # the project's shm cleaner, not streaming's
 
 
@@ -383,8 +383,8 @@ def test_node_tmpdir_folder_itself_is_never_deleted(tmp_path):
 
 
 def test_scratch_removal_goes_through_the_deletion_guard(tmp_path, monkeypatch):
-    """The launch scripts delete only through `python -m modernbert_train.safety --remove` (one guard)."""
-    from modernbert_train.safety import main as safety_main
+    """The launch scripts delete only through `python -m modernbert_train.common.safety --remove` (one guard)."""
+    from modernbert_train.common.safety import main as safety_main
 
     scratch = tmp_path / "modernbert-me-4242-node0"
     (scratch / "lock").mkdir(parents=True)

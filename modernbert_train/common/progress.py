@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator, TextIO
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 MODES = ("auto", "bar", "lines", "none")
 MODE_ENV = "MODERNBERT_PROGRESS"

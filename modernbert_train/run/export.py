@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.checkpoints import find_checkpoint, load_model_weights_from_checkpoint
-from modernbert_train.errors import UserError
+from modernbert_train.checkpoint import find_checkpoint, load_model_weights_from_checkpoint
+from modernbert_train.common.errors import UserError
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
-from modernbert_train.run_dir import MODEL_CONFIG_FILE, TOKENIZER_FILE, read_model_config_values
-from modernbert_train.safety import check_safe_to_replace, only_these_entries
+from modernbert_train.run.folder import MODEL_CONFIG_FILE, TOKENIZER_FILE, read_model_config_values
+from modernbert_train.common.safety import check_safe_to_replace, only_these_entries
 
 log = logging.getLogger("modernbert_train")
 
@@ -98,7 +98,7 @@ def validate_folder(model: ModernBertForMaskedLM, folder: Path, token_rows: list
 
 def validation_rows(tokenizer_file: Path | None, config: ModernBertConfig) -> list[list[int]]:
     if tokenizer_file is not None:
-        from data_prep.tokenizer import load_tokenizer
+        from modernbert_train.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer_file)
         rows = [tok.encode(text).ids for text in VALIDATION_TEXTS]
@@ -142,7 +142,7 @@ def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float
     try:
         model.save_hf(staging, dtype=DTYPES[dtype])
         if tokenizer_file is not None:
-            from data_prep.tokenizer import load_tokenizer, make_mask_absorb_preceding_space, save_tokenizer
+            from modernbert_train.data.tokenizer import load_tokenizer, make_mask_absorb_preceding_space, save_tokenizer
 
             tok = load_tokenizer(tokenizer_file)
             if make_mask_absorb_preceding_space(tok):  # a tokenizer trained before train-tokenizer set it

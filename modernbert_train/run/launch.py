@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 TRAIN_MODULE = "modernbert_train.train"
 LAUNCHER = "composer"

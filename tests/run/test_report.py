@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from modernbert_train.cli.main import main as cli_main
-from modernbert_train.errors import UserError
-from modernbert_train.report import load_phases, read_metrics, write_report
-from modernbert_train.report_plots import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS, eval_bars, eval_figure, eval_tick_label
+from modernbert_train.common.errors import UserError
+from modernbert_train.run.report import load_phases, read_metrics, write_report
+from modernbert_train.run.plots import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS, eval_bars, eval_figure, eval_tick_label
 
 EXPECTED_PNG_SHAPE = (round(FIGURE_SIZE_INCHES[1] * FIGURE_DPI), round(FIGURE_SIZE_INCHES[0] * FIGURE_DPI))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
-from modernbert_train.model.tiling import centre_indices, tile_parameter, tile_state_dict, tile_tensor
+from modernbert_train.checkpoint.tiling import centre_indices, tile_parameter, tile_state_dict, tile_tensor
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,7 @@ def test_extra_layers_are_filled_by_the_same_centre_tiling():
 def _first_loss(model, recipe) -> float:
     from modernbert_train.data.dataset import initialize_distributed
     from modernbert_train.data.manifest import load_manifest
-    from modernbert_train.train.trainer import build_loader
+    from modernbert_train.train.builders import build_loader
 
     loader = build_loader(recipe, load_manifest(recipe.data.manifest), initialize_distributed(), infinite=True)
     step = next(iter(loader))
@@ -66,7 +66,7 @@ def _first_loss(model, recipe) -> float:
 def test_tiled_larger_model_starts_far_below_random(trained_tiny_run, data_overrides):
     from modernbert_train.data.manifest import load_manifest
     from modernbert_train.train.recipe import load_recipe
-    from modernbert_train.train.trainer import build_model, read_data_facts
+    from modernbert_train.train.builders import build_model, read_data_facts
 
     bigger = ["model.config.hidden_size=192", "model.config.num_hidden_layers=8", "model.config.intermediate_size=288"]
     recipe = load_recipe(REPO / "yamls/tiny/phase1.yaml", data_overrides() + bigger + ["data.seed=99"])
@@ -90,9 +90,9 @@ def test_tiled_larger_model_starts_far_below_random(trained_tiny_run, data_overr
 
 def test_tile_source_with_another_vocabulary_is_a_user_error(trained_tiny_run, data_overrides):
     from modernbert_train.data.manifest import load_manifest
-    from modernbert_train.errors import UserError
+    from modernbert_train.common.errors import UserError
     from modernbert_train.train.recipe import load_recipe
-    from modernbert_train.train.trainer import build_model, read_data_facts
+    from modernbert_train.train.builders import build_model, read_data_facts
 
     recipe = load_recipe(REPO / "yamls/tiny/phase1.yaml", data_overrides() + [
         "model.config.vocab_size=768", f"model.init_from=tile:{trained_tiny_run}"])

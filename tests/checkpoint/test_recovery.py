@@ -11,9 +11,9 @@ import torch
 from composer.core import Timestamp
 from composer.utils.file_helpers import ensure_folder_has_no_conflicting_files
 
-from modernbert_train.checkpoints import (has_checkpoints, is_complete_checkpoint, latest_checkpoint,
+from modernbert_train.checkpoint import (has_checkpoints, is_complete_checkpoint, latest_checkpoint,
                                           recover_interrupted_save)
-from modernbert_train.train.trainer import CHECKPOINT_NAME
+from modernbert_train.checkpoint.files import CHECKPOINT_NAME
 
 LATEST = "latest-rank0.pt"
 

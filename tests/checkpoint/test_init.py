@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modernbert_train.data.masking import MaskRateSchedule
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.train.recipe import load_recipe
 from modernbert_train.train.schedule import LRSchedule, WarmupStableDecay
 
@@ -116,7 +116,7 @@ def test_mask_rate_schedules():
 def test_loader_masks_at_the_scheduled_rate_and_resumes_exactly(data_overrides):
     from modernbert_train.data.dataset import initialize_distributed
     from modernbert_train.data.manifest import load_manifest
-    from modernbert_train.train.trainer import build_loader, mask_rate_schedule
+    from modernbert_train.train.builders import build_loader, mask_rate_schedule
 
     recipe = tiny(data_overrides, "data.mask_schedule={kind: stepped, tokens: [3000], rates: [0.05]}",
                   "data.seed=5")
@@ -153,7 +153,7 @@ def test_heldout_evaluation_masks_at_15_percent_with_the_same_masks_for_every_re
     score the same held-out tokens."""
     from modernbert_train.data.dataset import initialize_distributed
     from modernbert_train.data.manifest import load_manifest
-    from modernbert_train.train.trainer import build_loader
+    from modernbert_train.train.builders import build_loader
 
     def first_micro_batches(*overrides):
         recipe = tiny(data_overrides, *overrides)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.checkpoints import find_checkpoint, load_composer_state
-from modernbert_train.errors import UserError
+from modernbert_train.checkpoint.files import find_checkpoint
+from modernbert_train.checkpoint.trust import load_composer_state
+from modernbert_train.common.errors import UserError
 
 log = logging.getLogger("modernbert_train")
 # What export needs beside the weights (see export.py); copied next to the averaged file when missing there.

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("phase1", "phase2", "phase3")
@@ -51,14 +52,18 @@ def _say(text: str) -> None:
 
 
 def _run_cli(argv: list[str]) -> None:
-    """Run one of our CLIs in-process, exactly as typed; a failure stops the demo with its message."""
+    """Run one of our CLIs exactly as typed; a failure stops the demo with its message.
+
+    Data preparation runs as its own process (`python -m data_prep.cli`): data_prep builds on this package,
+    never the other way round, and the demo shows what a user types."""
     print("$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
     program, args = argv[0], argv[1:]
     if program == "modernbert-data":
-        from data_prep.cli import main
+        code = subprocess.call([sys.executable, "-m", "data_prep.cli", *args])
     else:
         from modernbert_train.cli.main import main
-    code = main(args)
+
+        code = main(args)
     if code:
         raise UserError(f"demo step failed (exit {code}): {' '.join(argv)}")
 
@@ -91,7 +96,7 @@ def fill_mask_examples(hf_dir: Path, prompts=FILL_MASK_PROMPTS, top_k: int = 5) 
 def _check_corpus_is_held_out(corpus: Path) -> None:
     """A corpus built before the evaluation files were reserved holds the evaluation's texts: everything
     trained on it would be scored on what it saw. Refuse to reuse it (nothing is deleted here)."""
-    from data_prep.local_corpus import EVAL_RESERVATION
+    from modernbert_train.eval.heldout import EVAL_RESERVATION
 
     info = json.loads((corpus / "corpus_info.json").read_text())
     if info.get("reserved_for_eval") != EVAL_RESERVATION:
@@ -112,7 +117,7 @@ def clean_demo(out_dir: str | Path = "demo_out") -> bool:
     """Delete a demo's output folder, only if it holds nothing but what the demo writes; False if absent."""
     import shutil
 
-    from modernbert_train.safety import check_safe_to_replace, only_these_entries
+    from modernbert_train.common.safety import check_safe_to_replace, only_these_entries
 
     out = Path(out_dir)
     if not out.exists():
