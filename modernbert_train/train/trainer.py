@@ -17,6 +17,7 @@ import torch
 
 from modernbert_train.checkpoint.files import (CHECKPOINT_NAME, LATEST_NAME, has_checkpoints,
                                                recover_interrupted_save)
+from modernbert_train.checkpoint.trust import check_resume_is_safe
 from modernbert_train.common.errors import UserError
 from modernbert_train.run.folder import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
                                          write_config, write_run_artifacts)
@@ -62,6 +63,9 @@ def prepare_run_folder(recipe: Recipe, dist_info) -> Path:
         if dist_info.rank == 0:
             recover_interrupted_save(run_dir)  # a kill mid-save leaves a file composer would refuse to resume past
         composer_dist.barrier()
+        # Composer's autoresume fully unpickles the checkpoint: it must pass the safe readers first, on every
+        # rank (each raises the same one line), unless the user trusts this run's checkpoints.
+        check_resume_is_safe(run_dir, trust=recipe.model.trust_checkpoint, where=f"save_folder {run_dir}: ")
     if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
         raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
                         f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
