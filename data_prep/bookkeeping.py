@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modernbert_train.data.shards import read_json_file
+from modernbert_train.data.shards import confined_path, read_json_file
 from modernbert_train.common.errors import UserError
 
 if TYPE_CHECKING:
@@ -161,10 +161,11 @@ def merged_index(out: Path, n_units: int) -> dict:
     shards = []
     for index in range(n_units):
         part = f"{PART_PREFIX}{index:05d}"
-        part_index = read_json_file(out / part / INDEX_FILE)
+        part_index = read_json_file(out / part / INDEX_FILE)  # synced from a remote on a resume: data
         for shard in part_index["shards"]:
             for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                 if shard.get(key):
+                    confined_path(out / part, shard[key]["basename"], out / part / INDEX_FILE)
                     shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
             shards.append(shard)
     return {"version": 2, "shards": shards}

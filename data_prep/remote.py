@@ -30,6 +30,7 @@ from pathlib import Path
 
 from data_prep.bookkeeping import INDEX_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE, UNIT_SUMMARY_FILE
 from modernbert_train.common.errors import UserError
+from modernbert_train.data.shards import confined_path, read_json_file
 
 # streaming's uploader retries each file this many times with exponential backoff (1, 2, 4, 8 s ...).
 UPLOAD_RETRY = 5
@@ -95,7 +96,7 @@ def fetch_metadata(remote: str, dest: Path, with_shards: bool = False) -> Path:
     if with_shards:
         for shard in json.loads((dest / INDEX_FILE).read_text())["shards"]:
             name = (shard.get("zip_data") or shard["raw_data"])["basename"]
-            if not download(join(remote, name), dest / name):
+            if not download(join(remote, name), confined_path(dest, name, join(remote, INDEX_FILE))):
                 raise UserError(f"{remote}: shard {name} listed in index.json is missing")
     return dest
 
@@ -195,12 +196,21 @@ class RemoteOutput:
         return {"remote_parts": len(done), "fetched": fetched, "uploaded": uploaded, "redone": dropped}
 
     @staticmethod
-    def _has_all_shards(part: Path) -> bool:
+    def _shard_names(part: Path) -> list[str]:
+        """The shard files a part's index.json lists (each confined to the part folder)."""
         index = part / INDEX_FILE
         if not index.is_file():
+            return []
+        names = [(s.get("zip_data") or s["raw_data"])["basename"] for s in read_json_file(index)["shards"]]
+        for name in names:
+            confined_path(part, name, index)
+        return names
+
+    @classmethod
+    def _has_all_shards(cls, part: Path) -> bool:
+        if not (part / INDEX_FILE).is_file():
             return False
-        shards = json.loads(index.read_text())["shards"]
-        return all((part / (s.get("zip_data") or s["raw_data"])["basename"]).is_file() for s in shards)
+        return all(confined_path(part, name, part / INDEX_FILE).is_file() for name in cls._shard_names(part))
 
     # ------------------------------------------------------------------------------------------ uploading
 
@@ -214,11 +224,22 @@ class RemoteOutput:
         """Shards, then the part's index.json, then unit_summary.json (the completion marker); then free disk."""
         shards = [p for p in sorted(part.iterdir()) if p.is_file() and p.name not in (INDEX_FILE, UNIT_SUMMARY_FILE)]
         for shard in shards:
+            if not shard.is_file():  # freed by another uploader of this part, which frees shards only when done
+                return
             self._upload(f"{part.name}/{shard.name}")
         self._upload(f"{part.name}/{INDEX_FILE}")
         self._upload(f"{part.name}/{UNIT_SUMMARY_FILE}")
         for shard in shards:
-            shard.unlink()
+            shard.unlink(missing_ok=True)
+
+    def upload_unuploaded_parts(self) -> int:
+        """Upload every complete part of the staging folder whose shards are still there (not uploaded yet)."""
+        count = 0
+        for part in sorted(self.staging.glob(PART_PREFIX + "*")):
+            if (part / UNIT_SUMMARY_FILE).is_file() and self._has_all_shards(part) and self._shard_names(part):
+                self.upload_part(part)
+                count += 1
+        return count
 
     def start(self) -> None:
         """A run with work to do: the remote stops looking complete, and records the plan."""

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from modernbert_train.data.manifest import Manifest, SourceSpec
-from modernbert_train.data.shards import INDEX_FILE, SHARD_HASH, check_column_safety, has_shard_hashes, load_index
+from modernbert_train.data.shards import (INDEX_FILE, SHARD_HASH, check_column_safety, check_stream_shard_names,
+                                          confined_path, has_shard_hashes, load_index)
 from modernbert_train.common.errors import UserError
 
 # streaming names its shared memory "<6-digit prefix>_<what>" (streaming.base.shared.prefix._get_path).
@@ -297,7 +298,8 @@ def _make_dataset_class():
             for raw_info, zip_info in self.shards[shard_id].file_pairs:
                 for info in (raw_info, zip_info):
                     if info is not None:
-                        Path(stream.local, stream.split or "", info.basename).unlink(missing_ok=True)
+                        folder = Path(stream.local, stream.split or "")
+                        confined_path(folder, info.basename, folder / INDEX_FILE).unlink(missing_ok=True)
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             if self._shard_failure is not None:
@@ -488,6 +490,7 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
         if "contains no samples" in str(err):
             raise UserError(f"manifest {manifest.path}: {err}") from err
         raise
+    check_stream_shard_names(dataset)  # names from (remote) index.json files stay inside their folders
     _verify_remote_shard_hashes(dataset, manifest)
     dataset.source_names = manifest.source_names()
     vocabularies = [meta["vocab_size"] for meta in map(SourceSpec.prep_meta, manifest.sources)
