@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import urllib.parse
 from pathlib import Path
 
-from data_prep.bookkeeping import INDEX_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE, UNIT_SUMMARY_FILE
+from data_prep.bookkeeping import (INDEX_FILE, LOCK_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE,
+                                   UNIT_SUMMARY_FILE, is_own_entry, recognise_output, remove_own_entry)
 from modernbert_train.common.errors import UserError
+from modernbert_train.common.safety import check_safe_to_replace, remove_tree
 from modernbert_train.data.shards import confined_path, read_json_file
 
 # streaming's uploader retries each file this many times with exponential backoff (1, 2, 4, 8 s ...).
@@ -177,7 +178,7 @@ class RemoteOutput:
         for part in sorted(done):
             local = self.staging / part
             if not (local / UNIT_SUMMARY_FILE).is_file() or not (local / INDEX_FILE).is_file():
-                shutil.rmtree(local, ignore_errors=True)
+                remove_own_entry(local, "--staging part")
                 download(join(self.remote, part, INDEX_FILE), local / INDEX_FILE)
                 download(join(self.remote, part, UNIT_SUMMARY_FILE), local / UNIT_SUMMARY_FILE)
                 fetched += 1
@@ -188,7 +189,7 @@ class RemoteOutput:
                 self.upload_part(local)
                 uploaded += 1
             else:
-                shutil.rmtree(local)
+                remove_own_entry(local, "--staging part")
                 dropped += 1
         if INDEX_FILE in names:
             for name in (INDEX_FILE, META_FILE, SUMMARY_FILE):
@@ -283,8 +284,18 @@ class RemoteOutput:
                 raise _explain(err, target, "delete") from err
 
     def clear(self) -> None:
-        """--overwrite: delete every object under the prefix (old parts must not pass for new ones)."""
-        self.delete(sorted(self.list_names()))
+        """--overwrite: delete every object under the prefix (old parts must not pass for new ones), only when
+        every one of them is prepare's own (the guard's rule, for a bucket prefix): nothing is deleted else."""
+        names = sorted(self.list_names())
+        foreign = [n for n in names if not is_own_entry(n.split("/")[0]) or n.split("/")[0] == LOCK_FILE]
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise UserError(f"--out {self.remote} holds {', '.join(foreign[:3])}{more}, which prepare does not "
+                            f"write; refusing --overwrite there (nothing was deleted) — choose a new prefix")
+        if names and PLAN_FILE not in names:
+            raise UserError(f"--out {self.remote} holds objects but no plan.json from `modernbert-data prepare`; "
+                            f"refusing --overwrite there (nothing was deleted) — choose a new prefix")
+        self.delete(names)
 
 
 class RemoteHooks:
@@ -311,10 +322,12 @@ def prepare_remote(cfg, staging: str | os.PathLike | None = None, engine=None) -
 
     remote = cfg.out.rstrip("/")
     staging = Path(staging) if staging else default_staging(remote)
+    if cfg.overwrite:  # both places checked by the guard before anything is deleted in either
+        check_safe_to_replace(staging, label="--staging", recognise=recognise_output)
     output = RemoteOutput(remote, staging)
     if cfg.overwrite:
         output.clear()
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging, label="--staging", recognise=recognise_output)
         staging.mkdir(parents=True)
         output = RemoteOutput(remote, staging)
     synced = output.sync_down()

@@ -28,7 +28,7 @@ import numpy as np
 
 from modernbert_train.data.manifest import Manifest, SourceSpec
 from modernbert_train.data.shards import (INDEX_FILE, SHARD_HASH, check_column_safety, check_stream_shard_names,
-                                          confined_path, has_shard_hashes, load_index)
+                                          confined_path, has_shard_hashes, load_index, remove_shard_cache)
 from modernbert_train.common.errors import UserError
 
 # streaming names its shared memory "<6-digit prefix>_<what>" (streaming.base.shared.prefix._get_path).
@@ -383,7 +383,7 @@ _datasets_built = 0
 @atexit.register
 def _remove_own_caches() -> None:
     for folder in _CACHES_TO_REMOVE_AT_EXIT:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_shard_cache(folder)
 
 
 def release_shard_caches(dataset) -> list[str]:
@@ -394,7 +394,7 @@ def release_shard_caches(dataset) -> list[str]:
     for stream in getattr(dataset, "streams", []):
         folder = str(stream.local)
         if folder in _CACHES_TO_REMOVE_AT_EXIT:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_shard_cache(folder)
             _CACHES_TO_REMOVE_AT_EXIT.discard(folder)
             removed.append(folder)
     return removed
@@ -415,7 +415,7 @@ def _remove_caches_of_dead_processes(source_root: Path) -> None:
     for folder in source_root.iterdir():
         match = re.fullmatch(r"pid-(\d+)-\d+", folder.name)
         if match and not Path(f"/proc/{match.group(1)}").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_shard_cache(folder)
 
 
 def _stream_for(source: SourceSpec, download_timeout: float, download_retry: int, dataset_ordinal: int = 0):

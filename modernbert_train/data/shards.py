@@ -51,6 +51,40 @@ def shard_file_names(index: dict) -> list[str]:
     return names
 
 
+def recognise_shard_cache(folder: Path) -> str | None:
+    """The deletion guard's test for a shard cache folder: only its index.json and the files that index lists
+    (with streaming's temporary variants of them: a listed name plus a suffix). None when it is, else why not."""
+    try:
+        listed = set(shard_file_names(json.loads((folder / INDEX_FILE).read_text())))
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    listed_dirs = {str(Path(name).parent) for name in listed}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            return f"holds the symbolic link {relative}, which a shard cache never holds"
+        if path.is_dir():
+            if relative not in listed_dirs:
+                return f"holds the folder {relative}, which its index.json does not list"
+        elif relative != INDEX_FILE and not any(relative.startswith(name) for name in listed):
+            return f"holds {relative}, which its index.json does not list"
+    return None
+
+
+def remove_shard_cache(folder: str | os.PathLike) -> bool:
+    """Delete one shard cache folder of ours through the deletion guard; a folder that holds anything else is
+    kept, with a warning naming it (this runs at exit and between attempts: it never raises)."""
+    import logging
+
+    from modernbert_train.common.safety import remove_tree
+
+    try:
+        return remove_tree(folder, label="shard cache folder", recognise=recognise_shard_cache)
+    except (UserError, OSError) as err:
+        logging.getLogger("modernbert_train").warning("kept %s: %s", folder, err)
+        return False
+
+
 def read_json_file(path: str | os.PathLike, what: str = "") -> dict:
     """json.loads of a bookkeeping file; a truncated or corrupt one is a UserError naming it."""
     path = Path(path)
