@@ -1,4 +1,4 @@
-"""The one trust policy for reading checkpoint pickles (README "Trusting checkpoints", DESIGN.md).
+"""The one trust policy for reading checkpoint pickles (docs/safety.md "Trusting checkpoints", DESIGN.md).
 
 Composer checkpoints are pickles. Every checkpoint, our own run folders' included, is read without running
 code: a .pt file with torch's weights-only unpickler plus an allow-list of plain data types, a sharded
