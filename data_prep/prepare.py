@@ -198,7 +198,7 @@ class UnitWriter:
             shutil.rmtree(tmp, ignore_errors=True)  # this attempt's own folder (attempt-unique name)
             return json.loads((final / UNIT_SUMMARY_FILE).read_text())
         self.published = True
-        return summary
+        return json.loads(json.dumps(summary))  # as a reader of unit_summary.json (or the losing attempt) sees it
 
     def _handle_problem(self, problem: Problem, result: UnitResult, entry: dict) -> None:
         policy = REASON_POLICY[problem.reason]
