@@ -213,3 +213,18 @@ def test_prepare_overwrite_of_a_part_holding_a_users_file_deletes_nothing(local_
                     overwrite=True)
     assert (out / "part-00000" / "my-notes.txt").read_text() == "mine"
     assert os.path.isfile(out / "part-00000" / "unit_summary.json")
+
+
+def test_stats_of_a_remote_index_with_a_crafted_name_writes_nothing_outside(s3_server, tmp_path, capsys):
+    """`stats s3://... --scan` downloads each shard the remote index.json names into a temporary folder: a
+    '../' name wrote outside it. Now one line names the index and the name, and nothing is downloaded."""
+    client = s3_server.client()
+    out = s3_server.bucket("crafted-index") + "/web"
+    index = {"version": 2, "shards": [{"raw_data": {"basename": "../../../../tmp-planted", "bytes": 3},
+                                        "samples": 1, "column_names": [], "column_encodings": []}]}
+    for key, body in (("web/index.json", json.dumps(index)), ("web/prep_meta.json", "{}"), ("web/prep_summary.json", "{}"),
+                      ("tmp-planted", "payload")):
+        client.put_object(Bucket="crafted-index", Key=key, Body=body.encode())
+    assert data_cli(["stats", out, "--scan"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "web/index.json: '../../../../tmp-planted' is not a plain file name" in err[0]
