@@ -17,7 +17,7 @@ from pathlib import Path
 
 from modernbert_train.common.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PHASES = ("phase1", "phase2", "phase3")
 FILL_MASK_PROMPTS = (
     "The [MASK] statement is used to leave a loop early.",
