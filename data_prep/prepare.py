@@ -32,7 +32,7 @@ from data_prep.sources import (DEFAULT_MAX_DOC_BYTES, REASON_POLICY, Document, P
                                plan_units, read_unit)
 from data_prep.bookkeeping import (INDEX_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE, TMP_PREFIX,
                                    UNIT_SUMMARY_FILE, OutputLock, merged_index, reconcile_output,
-                                   refuse_foreign_output, write_json_atomic)
+                                   refuse_foreign_output, remove_own_entry, write_json_atomic)
 from data_prep.stats import Histogram
 from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256, vocab_size
 from modernbert_train.data.shards import SHARD_HASH
@@ -428,6 +428,17 @@ def prepare(cfg: PrepareConfig, hooks=None) -> dict:
         return _prepare_locked(cfg, hooks)
 
 
+def _remove_abandoned_attempts(out: Path) -> None:
+    """Every unit is published: what is left of attempts that died (a killed worker, a lost executor) goes,
+    through the guard. One still writing (a lost executor that lives on) may race the removal: it then finds
+    its part published, or its folder gone, and ends; either way the published part is whole."""
+    for path in out.glob(f"{TMP_PREFIX}*"):
+        try:
+            remove_own_entry(path, "--out's temporary part")
+        except OSError:
+            continue
+
+
 def _completed_summary(out: Path) -> dict | None:
     """prep_summary.json of a complete output (index.json present), or None if incomplete or unreadable."""
     if not (out / INDEX_FILE).is_file():
@@ -488,6 +499,7 @@ def _prepare_locked(cfg: PrepareConfig, hooks=None) -> dict:
     finally:
         progress.close()
     elapsed = time.perf_counter() - start
+    _remove_abandoned_attempts(out)
 
     summaries = sorted(list(kept.values()) + new, key=lambda s: s["index"])
     totals = _sum_counts(summaries)

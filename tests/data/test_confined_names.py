@@ -13,20 +13,25 @@ import pytest
 from .conftest import write_manifest
 from modernbert_train.common.errors import UserError
 from modernbert_train.data import build_streaming_dataset, load_manifest
-from modernbert_train.data.shards import (check_stream_shard_names, confined_path, iter_samples, remove_shard_cache)
+from modernbert_train.data.shards import iter_samples
 
 
 @pytest.mark.parametrize("name", ["../victim", "/etc/passwd", "part-00000/../../x", "a//b", "./a", "", "a\\..\\b",
                                   None, 7])
 def test_a_name_that_is_not_a_plain_relative_name_is_one_error_naming_file_and_name(tmp_path, name):
+    from modernbert_train.data.shards import confined_path
+
     with pytest.raises(UserError) as err:
         confined_path(tmp_path, name, tmp_path / "index.json")
     assert str(err.value).startswith(f"{tmp_path / 'index.json'}: {name!r} is not a plain file name inside")
 
 
 def test_plain_names_join_as_before(tmp_path):
+    from modernbert_train.data.shards import confined_path
+
     assert confined_path(tmp_path, "shard.00000.mds", "x") == tmp_path / "shard.00000.mds"
-    assert confined_path(tmp_path, "part-00003/shard.00001.mds.zstd", "x") == tmp_path / "part-00003" / "shard.00001.mds.zstd"
+    joined = confined_path(tmp_path, "part-00003/shard.00001.mds.zstd", "x")
+    assert joined == tmp_path / "part-00003" / "shard.00001.mds.zstd"
 
 
 def test_a_crafted_name_with_a_bad_hash_deletes_nothing_outside_the_cache(corpus_copy):
@@ -56,6 +61,8 @@ def test_a_crafted_name_with_a_bad_hash_deletes_nothing_outside_the_cache(corpus
 
 def test_names_of_a_remote_sources_index_are_checked_before_any_download(tmp_path):
     """streaming fetches a remote source's index.json itself: the built dataset's names are checked."""
+    from modernbert_train.data.shards import check_stream_shard_names
+
     info = SimpleNamespace(basename="../../.bashrc")
     stream = SimpleNamespace(local=str(tmp_path / "cache"), split=None, remote="s3://bucket/web")
     dataset = SimpleNamespace(shards=[SimpleNamespace(file_pairs=[(None, info)])], streams=[stream],
@@ -65,10 +72,13 @@ def test_names_of_a_remote_sources_index_are_checked_before_any_download(tmp_pat
 
 
 def test_a_shard_cache_folder_is_removed_only_when_it_holds_nothing_else(tmp_path, caplog):
+    from modernbert_train.data.shards import remove_shard_cache
+
     cache = tmp_path / "code-1234" / "pid-999999-0"
     (cache / "part-00000").mkdir(parents=True)
     (cache / "index.json").write_text(json.dumps({"shards": [
-        {"raw_data": {"basename": "part-00000/shard.00000.mds"}, "zip_data": {"basename": "part-00000/shard.00000.mds.zstd"}}]}))
+        {"raw_data": {"basename": "part-00000/shard.00000.mds"},
+         "zip_data": {"basename": "part-00000/shard.00000.mds.zstd"}}]}))
     (cache / "part-00000" / "shard.00000.mds").write_bytes(b"x")
     (cache / "part-00000" / "shard.00000.mds.zstd.tmp").write_bytes(b"x")  # streaming's half-done download
     (cache / "thesis.tex").write_text("mine")  # MODERNBERT_SHARD_CACHE pointed somewhere a user keeps work

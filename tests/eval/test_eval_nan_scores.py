@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from modernbert_train.eval import classify
-from modernbert_train.eval.metrics import beats, rank_key
 from modernbert_train.eval.runner import _ChosenModels, run_suite
 from modernbert_train.eval.suite import load_suite
 
@@ -17,6 +16,8 @@ NAN = float("nan")
 
 
 def test_a_number_always_beats_nan_and_nan_never_wins():
+    from modernbert_train.eval.metrics import beats, rank_key
+
     assert beats(0.1, None) and beats(0.1, NAN) and beats(-5.0, NAN)
     assert not beats(NAN, 0.1) and not beats(NAN, NAN) and not beats(0.1, 0.2)
     assert max([NAN, 0.3, 0.7], key=rank_key) == 0.7 and rank_key(NAN) == -math.inf
