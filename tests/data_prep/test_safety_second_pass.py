@@ -78,7 +78,7 @@ def test_overwrite_of_a_staging_folder_of_ours_still_works(s3_server, local_corp
 
 # -- finding 3: two attempts of one work unit ----------------------------------------------------------------------
 def _unit_and_writer(corpus: Path, tokenizer: Path, out: Path, gate=None):
-    from data_prep.prepare import UnitWriter, mds_columns  # noqa: F401
+    from data_prep.prepare import UnitWriter
     from data_prep.sources import expand_inputs, plan_units
     from data_prep.tokenizer import load_tokenizer, special_token_ids, vocab_size
 
