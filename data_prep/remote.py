@@ -176,7 +176,7 @@ class RemoteOutput:
             download(join(self.remote, PLAN_FILE), self.staging / PLAN_FILE)
         fetched = uploaded = dropped = 0
         for part in sorted(done):
-            local = self.staging / part
+            local = confined_path(self.staging, part, f"the listing of {self.remote}")
             if not (local / UNIT_SUMMARY_FILE).is_file() or not (local / INDEX_FILE).is_file():
                 remove_own_entry(local, "--staging part")
                 download(join(self.remote, part, INDEX_FILE), local / INDEX_FILE)
