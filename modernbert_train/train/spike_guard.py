@@ -20,13 +20,14 @@ non-blocking copy, read at the next step (the device finished them long before),
 the event line and counts the streak.
 
 Rollback. `max_consecutive` spikes in a row raise `SpikeRollback`; `train()` ends the attempt and calls
-`roll_back`: rank 0 picks the newest checkpoint at least two steps before the first spike and at a step the
-guard had judged (never one inside the unjudged warm-up: with none, the attempt restarts from the phase's
-initial weights when the streak came soon after judging began), sets newer checkpoints aside, and records
-the rollback in <run dir>/spike_guard.json: the loader positions to skip (from the checkpoint's position to
-the last spike's, counted in loader steps since the phase began, so they stay valid whatever step a later
-rollback restarts from) and the lr factor. Every attempt skips every window recorded so far and multiplies
-the peak lr by every factor. Rank 0's outcome (or error) is broadcast, so no rank waits in a barrier.
+`roll_back`: rank 0 picks the newest checkpoint at least two steps before the first judged-bad step of the
+episode (the streak, and skipped spikes within `warmup_steps` before it) and at a step the guard had judged.
+Never one inside the unjudged warm-up: with none, the attempt restarts from the phase's initial weights
+when the streak came soon after judging began. Newer checkpoints are set aside, and <run dir>/
+spike_guard.json records the loader steps to skip (from the checkpoint's position through the last step the
+attempt read, counted since the phase began, so they stay valid whatever step a later rollback restarts
+from) and the lr factor. Every attempt skips every window recorded so far and multiplies the peak lr by
+every factor. Rank 0's outcome (or error) is broadcast, so no rank waits in a barrier.
 
 Record. Every skip and rollback is an event line of metrics.jsonl; events survive the cut-back of a resume.
 """
@@ -100,8 +101,10 @@ class SpikeRollback(Exception):
     """Raised inside fit() when `max_consecutive` spikes came in a row; `train()` handles it."""
 
     def __init__(self, spike_steps: list[int], reasons: list[str], judged_from: int | None,
-                 loader_steps: dict[int, int]):
+                 loader_steps: dict[int, int], first_bad: int | None = None):
         self.spike_steps = list(spike_steps)
+        # The first judged-bad step of the episode: skipped spikes shortly before the streak count too.
+        self.first_bad = spike_steps[0] if first_bad is None else first_bad
         self.reasons = list(reasons)
         self.judged_from = judged_from
         self.loader_steps = dict(loader_steps)  # optimizer step -> loader step it read, for the window
@@ -144,10 +147,10 @@ def prepare_rollback(run_dir: Path, spikes: SpikeRollback, cfg: SpikeGuardConfig
         raise UserError(f"spike_guard: {what} after {len(rollbacks)} rollbacks (spike_guard.max_rollbacks); lower "
                         f"optimizer.lr or check the data ({run_dir / GUARD_FILE} lists the rollbacks)")
     by_step = checkpoints_by_step(run_dir)
-    good = choose_restart(by_step, spikes.spike_steps[0], spikes.judged_from, cfg.warmup_steps)
+    good = choose_restart(by_step, spikes.first_bad, spikes.judged_from, cfg.warmup_steps)
     if good is None:
         raise UserError(f"spike_guard: {what}, and no checkpoint of {run_dir} between step {spikes.judged_from} "
-                        f"(where judging began) and step {spikes.spike_steps[0] - 2} to roll back to (save more "
+                        f"(where judging began) and step {spikes.first_bad - 2} to roll back to (save more "
                         f"often: checkpoint.interval, checkpoint.keep_last)")
     last = spikes.spike_steps[-1]
     skip_from = spikes.loader_steps.get(good, good) + 1 if good else 1
@@ -238,6 +241,7 @@ class SpikeGuard(Algorithm):
         self.streak: list[int] = []
         self.reasons: list[str] = []
         self.judged_from: int | None = None
+        self.skipped: list[int] = []  # recent judged-bad steps (a rollback returns to a checkpoint before them)
         self.offsets: list[list[int]] = []  # change points of (loader step - optimizer step)
         self._loader_steps: dict[int, int] = {}
         self._device_stats: torch.Tensor | None = None  # [loss mean, var, count, grad mean, var, count]
@@ -257,7 +261,8 @@ class SpikeGuard(Algorithm):
         self._harvest(final=True)
         self._stats_to_host()
         return {"loss": asdict(self.loss_stats), "grad_norm": asdict(self.grad_stats), "streak": list(self.streak),
-                "reasons": list(self.reasons), "judged_from": self.judged_from, "offsets": self.offsets}
+                "reasons": list(self.reasons), "judged_from": self.judged_from, "offsets": self.offsets,
+                "skipped": list(self.skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_stats = RunningStats(**state["loss"])
@@ -266,6 +271,7 @@ class SpikeGuard(Algorithm):
         self.reasons = list(state.get("reasons", []))
         self.judged_from = state.get("judged_from")
         self.offsets = [list(x) for x in state.get("offsets", [])]
+        self.skipped = list(state.get("skipped", []))
         self._device_stats = None
         self._rollback_due = len(self.streak) >= self.cfg.max_consecutive
 
@@ -307,7 +313,12 @@ class SpikeGuard(Algorithm):
             self._rollback_due = False
             loader_steps = {s: _loader_step_at(self.offsets, s) for s in range(0, max(self.streak) + 1)}
             loader_steps.update(self._loader_steps)
-            raise SpikeRollback(self.streak, self.reasons, self.judged_from, loader_steps)
+            # Skipped spikes within warmup_steps of each other and of the streak belong to its episode.
+            first_bad = self.streak[0]
+            for step in sorted(self.skipped, reverse=True):
+                if step < first_bad and first_bad - step <= self.cfg.warmup_steps:
+                    first_bad = step
+            raise SpikeRollback(self.streak, self.reasons, self.judged_from, loader_steps, first_bad)
 
     # -- the device side: judge, mask, update, all without reading a device value ----------------------------
     def _judge(self, state: State) -> None:
@@ -365,6 +376,7 @@ class SpikeGuard(Algorithm):
             return
         reason = _reason(step, values)
         self.streak.append(step)
+        self.skipped = self.skipped[-63:] + [step]
         self.reasons.append(reason)
         if dist.get_global_rank() == 0:
             self.metrics.append({
