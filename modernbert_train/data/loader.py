@@ -280,6 +280,8 @@ class MLMLoader(_LoaderBase):
         self._pending_tokens = 0     # this rank's real tokens of the last step, reduced at the next step
         self.steps = 0
         self._skip = 0
+        # (first, last) loader steps, 1-based since the phase began, that __next__ drops (set by the spike guard).
+        self.skip_windows: list[tuple[int, int]] = []
         self._prefetcher: StepPrefetcher | None = None
         self._yielded_state: dict[str, Any] | None = None  # producer state right after the last yielded step
         # A MaskRateSchedule (set by the trainer) gives each step's mask rate from the tokens seen.
@@ -300,6 +302,13 @@ class MLMLoader(_LoaderBase):
         return self
 
     def __next__(self) -> dict[str, Any]:
+        while True:
+            step = self._take_step()
+            # The spike guard's windows: loader steps whose data a rollback discarded are never trained on.
+            if not any(first <= step["loader_step"] <= last for first, last in self.skip_windows):
+                return step
+
+    def _take_step(self) -> dict[str, Any]:
         if not self.config.prefetch_steps:
             return self._next_step()
         if self._prefetcher is None:
@@ -362,6 +371,7 @@ class MLMLoader(_LoaderBase):
             "num_sequences": sum(rows),
             "tokens_seen_before": self._tokens_seen,
             "epoch": self.epoch,
+            "loader_step": self.steps,  # this step's position in the stream, dropped steps included
         }
 
     # --- state ---------------------------------------------------------------------------------------

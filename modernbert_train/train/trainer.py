@@ -135,7 +135,7 @@ def build_trainer(recipe: Recipe):
         max_duration=builders.composer_duration(recipe.max_duration, "max_duration"),
         optimizers=optimizer,
         schedulers=[],
-        algorithms=builders.build_algorithms(recipe),
+        algorithms=builders.build_algorithms(recipe, run_dir, train_loader, metrics, callbacks),
         eval_dataloader=evaluators or None,
         eval_interval=builders.composer_duration(recipe.eval.interval, "eval.interval") if evaluators else 1,
         eval_subset_num_batches=recipe.eval.max_batches if evaluators else -1,
@@ -175,13 +175,33 @@ def _loaders_of(trainer) -> list:
     return [loader for loader in loaders if loader is not None]
 
 
+def _clear_model_caches() -> None:
+    """torch.distributed.checkpoint's state-dict helpers memoise on the model (functools.lru_cache on
+    `_get_fqns(model, name)`), which keeps every model composer ever saved alive; the cache is rebuilt on use."""
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    for name in dir(dcp_state_dict):
+        cache_clear = getattr(getattr(dcp_state_dict, name), "cache_clear", None)
+        if callable(cache_clear):
+            cache_clear()
+
+
 def release_trainer(trainer, run_dir: Path) -> list[str]:
     """End an attempt: close the trainer, stop its loaders' threads and remove their shard caches, release the
     run folder's lock, and free what the trainer held (weights, gradients, optimizer state, CUDA memory).
     Returns the cache folders removed."""
+    import atexit
+
+    from composer.core.engine import Engine
+
     removed: list[str] = []
     try:
         trainer.close()
+        # composer registers Engine._close(state, logger) with atexit for every trainer and never unregisters it
+        # after close(): that registration would keep the closed trainer's state (model, optimizer) alive until
+        # the process exits. Only one trainer lives at a time here, and it is closed now.
+        atexit.unregister(Engine._close)
+        _clear_model_caches()
     finally:
         for loader in _loaders_of(trainer):
             release = getattr(loader, "release", None) or getattr(loader, "close", None)
@@ -205,7 +225,8 @@ def _fit_once(recipe: Recipe):
         else:
             trainer.fit()
     except SpikeRollback as spikes:
-        rollback = spikes
+        # Its traceback holds the frames of fit(), and so the trainer: keep only the exception's data.
+        rollback = spikes.with_traceback(None)
     finally:
         release_trainer(trainer, run_dir)
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
@@ -229,7 +250,7 @@ def train(recipe: Recipe) -> TrainResult:
             torch.cuda.empty_cache()
         if rollback is None:
             return TrainResult(result.run_dir, result.steps, result.tokens, result.final_loss, attempts)
-        roll_back(result.run_dir, rollback.spike_steps, recipe.spike_guard)
+        roll_back(result.run_dir, rollback, recipe.spike_guard)
 
 
 __all__ = ["train", "build_trainer", "release_trainer", "TrainResult"]
