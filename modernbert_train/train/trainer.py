@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from modernbert_train.checkpoints import (LATEST_NAME, has_checkpoints, latest_checkpoint,
-                                          load_model_weights_from_checkpoint, recover_interrupted_save)
+                                          load_model_weights_from_checkpoint)
 from modernbert_train.errors import UserError
 from modernbert_train.run_dir import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
                                       write_config, write_run_artifacts)
@@ -247,6 +247,7 @@ def build_trainer(recipe: Recipe):
     from modernbert_train.train.composer_model import ModernBertMLM, make_data_spec
     from modernbert_train.train.console import ConsoleLines, console_mode
     from modernbert_train.train.optim import build_optimizer
+    from modernbert_train.train.resume_point import resume_checkpoint
     from modernbert_train.train.parallel import (attach_wrap_policies, check_even_shards,
                                                  composer_parallelism_config, install_gloo_workarounds,
                                                  shard_group_size)
@@ -258,11 +259,8 @@ def build_trainer(recipe: Recipe):
     # After torch.distributed is up: HYBRID_SHARD builds its device mesh here.
     parallelism = composer_parallelism_config(recipe.parallelism.fsdp, recipe.where("parallelism.fsdp"))
     run_dir = Path(recipe.save_folder)
-    if recipe.checkpoint.autoresume:
-        if dist_info.rank == 0:
-            recover_interrupted_save(run_dir)  # a kill mid-save leaves a file composer would refuse to resume past
-        from composer.utils import dist as composer_dist
-        composer_dist.barrier()
+    # Not composer's autoresume: it breaks on several nodes sharing save_folder (see train/resume_point.py).
+    resume_from = resume_checkpoint(run_dir, dist_info.rank) if recipe.checkpoint.autoresume else None
     if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
         raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
                         f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
@@ -368,9 +366,7 @@ def build_trainer(recipe: Recipe):
         save_interval=composer_duration(recipe.checkpoint.interval, "checkpoint.interval"),
         save_num_checkpoints_to_keep=recipe.checkpoint.keep_last,
         save_overwrite=False,
-        # Only when there is something to resume: with no local checkpoint composer asks every logger to
-        # download one, and WandBLogger raises when asked before wandb.init().
-        autoresume=recipe.checkpoint.autoresume and (run_dir / LATEST_NAME.format(rank=0)).exists(),
+        load_path=resume_from,
         parallelism_config=parallelism,
         device=device,
         precision=precision,
