@@ -47,7 +47,7 @@ source "$repo_dir/launch/common.sh"
 user=$(id -un)
 host=$(hostname -s 2>/dev/null || hostname)
 scratch_base=${NODE_TMPDIR:-${TMPDIR:-/tmp}}
-job_tag=${SLURM_JOB_ID:-manual-$host-$$}  # $$ stays the launcher's pid: the script ends with exec
+job_tag=${SLURM_JOB_ID:-manual-$host-$$}  # $$: this shell, alive as long as the launch
 node_tmpdir=$scratch_base/modernbert-$user-$job_tag-node$node_rank
 [[ ! -L $node_tmpdir ]] || die "$node_tmpdir is a symbolic link; refusing to use it as scratch"
 # Provably stale scratch only: this name (an earlier incarnation of this SLURM job, which SLURM ended before
@@ -61,8 +61,8 @@ for stale in "$scratch_base/modernbert-$user-manual-$host-"*-node*; do
   if [[ $pid != "$$" ]] && ! kill -0 "$pid" 2>/dev/null; then remove+=("$stale"); fi
 done
 if [[ -n ${SLURM_JOB_ID:-} ]]; then remove+=("$node_tmpdir"); fi
-# Through the project's deletion guard (modernbert_train/safety.py): never /, a home or the current directory.
-if (( ${#remove[@]} )); then run "$PYTHON" -m modernbert_train.safety --remove "${remove[@]}"; fi
+# Through the project's deletion guard (modernbert_train/common/safety.py): never /, a home or the current directory.
+if (( ${#remove[@]} )); then run "$PYTHON" -m modernbert_train.common.safety --remove "${remove[@]}"; fi
 run mkdir -p "$node_tmpdir"
 if [[ $dry_run == 1 ]]; then echo "export TMPDIR=$(quote "$node_tmpdir")"; fi
 export TMPDIR=$node_tmpdir
@@ -86,7 +86,7 @@ if [[ $dry_run == 1 ]]; then exec "$PYTHON" -m modernbert_train.cli.main "${laun
 # error, or stopped by SIGTERM/SIGINT/SIGHUP (SLURM's requeue, scancel, preemption, Ctrl-C), which are passed on
 # to it. Only a SIGKILL of this shell leaves the folder; the next run of the same SLURM job removes it.
 remove_scratch() {
-  "$PYTHON" -m modernbert_train.safety --remove "$node_tmpdir" >/dev/null 2>&1 \
+  "$PYTHON" -m modernbert_train.common.safety --remove "$node_tmpdir" >/dev/null 2>&1 \
     || echo "multinode.sh: could not remove the scratch folder $node_tmpdir" >&2
 }
 "$PYTHON" -m modernbert_train.cli.main "${launch_args[@]}" &

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modernbert_train.checkpoints import recover_interrupted_save
-from modernbert_train.errors import UserError
+from modernbert_train.checkpoint.files import recover_interrupted_save
+from modernbert_train.common.errors import UserError
 
 
 def resume_checkpoint(run_dir: Path, rank: int) -> str | None:

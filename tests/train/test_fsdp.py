@@ -187,7 +187,7 @@ def test_phase2_carries_the_optimizer_state_into_fsdp2_as_into_one_process(runs)
 
 def test_resuming_on_another_world_size_without_world_invariant_data_is_refused():
     """Default per-rank packing: a data state written by 2 ranks is refused by 1 process, naming the fix."""
-    from modernbert_train.errors import UserError
+    from modernbert_train.common.errors import UserError
     from modernbert_train.train.callbacks import ExactResumeState
 
     class NeverLoaded:
@@ -211,7 +211,7 @@ def test_checkpoints_are_sharded_and_pruned(runs):
 
 def test_convert_and_export_of_sharded_checkpoint_equal_the_full_state_dict(runs, tmp_path):
     from modernbert_train.cli.main import main as cli_main
-    from modernbert_train.export import export_to_hf
+    from modernbert_train.run.export import export_to_hf
     from safetensors.torch import load_file
 
     merged = tmp_path / "merged.pt"
