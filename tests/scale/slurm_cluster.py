@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,7 +65,9 @@ class SlurmCluster:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.conf = self.root / "slurm.conf"
-        self.munge_dir = self.root / "munge"
+        # munged runs as the munge user and checks every folder above its socket and log, and a socket path
+        # must fit 108 bytes: its folder is a short one of its own in /tmp (pytest's are 0700 and long).
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="munge-", dir="/tmp"))
         self.socket = self.munge_dir / "munge.socket"
         self.logs = self.root / "log"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
@@ -76,7 +79,6 @@ class SlurmCluster:
     # --- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> "SlurmCluster":
         self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)  # munged checks every folder above its socket
         self.logs.mkdir(exist_ok=True)
         self._start_munge()
         self._write_conf()
@@ -103,6 +105,7 @@ class SlurmCluster:
         for pid in pids:
             self._signal(pid, signal.SIGKILL)
         self._pid_files.clear()
+        shutil.rmtree(self.munge_dir, ignore_errors=True)  # its own mkdtemp folder: key, socket, log
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()
