@@ -65,10 +65,7 @@ class SlurmCluster:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.conf = self.root / "slurm.conf"
-        # munged runs as the munge user and checks every folder above its socket and log, and a socket path
-        # must fit 108 bytes: its folder is a short one of its own in /tmp (pytest's are 0700 and long).
-        self.munge_dir = Path(tempfile.mkdtemp(prefix="munge-", dir="/tmp"))
-        self.socket = self.munge_dir / "munge.socket"
+        self.munge_dir: Path | None = None  # made by start()
         self.logs = self.root / "log"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         for key in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
@@ -105,7 +102,8 @@ class SlurmCluster:
         for pid in pids:
             self._signal(pid, signal.SIGKILL)
         self._pid_files.clear()
-        shutil.rmtree(self.munge_dir, ignore_errors=True)  # its own mkdtemp folder: key, socket, log
+        if self.munge_dir is not None:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)  # its own mkdtemp folder: key, socket, log
 
     def __enter__(self) -> "SlurmCluster":
         return self.start()
@@ -160,7 +158,10 @@ class SlurmCluster:
     # --- internals -------------------------------------------------------------------------------------------
     def _start_munge(self) -> None:
         munge = pwd.getpwnam("munge")
-        self.munge_dir.mkdir(exist_ok=True)
+        # munged runs as the munge user and checks every folder above its socket and log, and a socket path
+        # must fit 108 bytes: its folder is a short one of its own in /tmp (pytest's are 0700 and long).
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="munge-", dir="/tmp"))
+        self.socket = self.munge_dir / "munge.socket"
         self.munge_dir.chmod(0o755)  # the socket's folder must be searchable by every user
         key = self.munge_dir / "munge.key"
         if not key.exists():
