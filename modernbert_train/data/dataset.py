@@ -460,7 +460,7 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
     try:
         from modernbert_train.data.shm_prefix import shm_prefix_registration
 
-        with shm_prefix_registration():  # the host-wide lock, never across streaming's barriers
+        with shm_prefix_registration(host_shm_lock):  # the host-wide lock, never across streaming's barriers
             dataset = dataset_class()(
                 streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
                 shuffle_algo=shuffle_algo, num_canonical_nodes=num_canonical_nodes,

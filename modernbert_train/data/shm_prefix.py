@@ -13,30 +13,30 @@ the shared memory is streaming's own (same names, same packed contents), so stre
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 
 @contextmanager
-def shm_prefix_registration():
-    """While a StreamingDataset is built, streaming registers its prefix through `register_shm_prefix`."""
+def shm_prefix_registration(host_lock):
+    """While a StreamingDataset is built, streaming registers its prefix through `register_shm_prefix`, under
+    `host_lock()` (a context manager: the host-wide lock, `dataset.host_shm_lock`)."""
     import streaming.base.dataset as streaming_dataset
 
     original = streaming_dataset.get_shm_prefix
-    streaming_dataset.get_shm_prefix = register_shm_prefix
+    streaming_dataset.get_shm_prefix = functools.partial(register_shm_prefix, host_lock=host_lock)
     try:
         yield
     finally:
         streaming_dataset.get_shm_prefix = original
 
 
-def _leader_registers(streams_local, streams_remote, retry: int):
+def _leader_registers(streams_local, streams_remote, retry: int, host_lock):
     """(prefix, its `_locals` shared memory): the first prefix free of every kind of shared memory."""
     import streaming.base.shared.prefix as prefix
     from streaming.base.constant import LOCALS, SHM_TO_CLEAN
 
-    from modernbert_train.data import dataset as dataset_module
-
-    with dataset_module.host_shm_lock():
+    with host_lock():
         prefix_int = max(prefix._check_and_find_retrying(streams_local, streams_remote, shm_name=name, retry=retry)
                          for name in SHM_TO_CLEAN)
         packed = prefix._pack_locals(streams_local, prefix_int)
@@ -45,8 +45,8 @@ def _leader_registers(streams_local, streams_remote, retry: int):
     return prefix_int, shm
 
 
-def register_shm_prefix(streams_local, streams_remote, world, retry: int = 100):
-    """Drop-in for streaming's `get_shm_prefix` (same arguments and result)."""
+def register_shm_prefix(streams_local, streams_remote, world, retry: int = 100, *, host_lock):
+    """Drop-in for streaming's `get_shm_prefix` (same arguments and result, plus the lock to register under)."""
     import streaming.base.shared.prefix as prefix
     import torch.distributed as torch_dist
     from streaming.base.constant import LOCALS
@@ -57,7 +57,7 @@ def register_shm_prefix(streams_local, streams_remote, world, retry: int = 100):
     shm = None
     if world.is_local_leader:
         try:
-            answer, shm = _leader_registers(streams_local, streams_remote, retry)
+            answer, shm = _leader_registers(streams_local, streams_remote, retry, host_lock)
         except Exception as err:  # noqa: BLE001 - the other ranks must hear of it, or they wait forever
             failure, answer = err, f"{type(err).__name__}: {err}"
     answers = [answer]
