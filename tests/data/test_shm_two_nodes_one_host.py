@@ -62,6 +62,7 @@ def test_two_node_leaders_on_one_host_register_without_waiting_for_each_other(co
         assert "without it" not in output, output[-3000:]  # nobody gave up waiting for the lock
     lines = [output.strip().splitlines()[-1].split() for output in outputs]
     built = [float(line[1]) for line in lines]
+    print(f"\nseconds to build each node's dataset: {built}")
     assert max(built) < LOCK_WAIT_S / 2, (built, outputs)
     assert lines[0][3] != lines[1][3], "both nodes' leaders registered the same shared-memory prefix"
     # Each node reads its half of the samples (a node is a rank here); streaming pads the halves to equal size.

@@ -16,7 +16,9 @@ the job, and from release to completion) are printed for bench/RESULTS.md ("clus
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -80,10 +82,17 @@ def _training_processes(job: int) -> list[int]:
 
 def _requeue_mid_run(cluster, job: int, work: Path, name: str) -> dict:
     deadline = time.monotonic() + RUN_TIMEOUT_S
+    checked = 0.0
     while not any(r["step"] >= REQUEUE_AT for r in _metrics(work / name)):
-        assert cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}, _log(work, name)
+        if time.monotonic() - checked > 2:  # scontrol is slow on a loaded machine: not on every poll
+            checked = time.monotonic()
+            assert cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}, _log(work, name)
         assert time.monotonic() < deadline, f"job {job} never reached step {REQUEUE_AT}:\n{_log(work, name)}"
-        time.sleep(0.1)
+        time.sleep(0.05)
+    # The ranks are paused (SIGSTOP) so that the requeue lands mid-run however slowly this machine answers:
+    # SLURM sends SIGCONT before SIGTERM, as to any job it ends.
+    for pid in _training_processes(job):
+        os.kill(pid, signal.SIGSTOP)
     requeued = time.monotonic()
     cluster.requeue(job)
     ranks_gone_s = None
