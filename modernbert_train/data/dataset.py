@@ -171,34 +171,30 @@ def clean_stale_streaming_shm(shm_dir: Path = SHM_DIR) -> list[str]:
 
 
 @contextmanager
-def host_shm_lock(is_local_leader: bool = True, barrier=None):
-    """Held by this job's local leader while streaming registers shared memory on this host.
+def host_shm_lock():
+    """Held by a node's leader while it registers or cleans streaming's shared memory on this host.
 
     streaming's leader finds the first free shm prefix, then creates it: two jobs starting together on one host
     (two single-GPU runs, a train and an eval job) can both pick the same prefix, and the second dies with
-    FileExistsError '/000523_locals'. Every job of ours takes this host-wide lock first, and `barrier` (called
-    on all ranks) makes the other ranks look only once their leader holds it. After SHM_LOCK_WAIT_S it goes on
-    without the lock, with a warning, rather than wait forever on a job that shares two nodes with this one.
+    FileExistsError '/000523_locals'. Every job of ours takes this host-wide lock first. It is never held across
+    a collective (see data/shm_prefix.py): another node of the same job may need it to reach that collective.
+    After SHM_LOCK_WAIT_S it goes on without the lock, with a warning, rather than wait forever.
     """
-    fd = None
-    if is_local_leader:
-        fd, path = _open_registration_lock()
-        deadline = time.monotonic() + SHM_LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd, path = _open_registration_lock()
+    deadline = time.monotonic() + SHM_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                log.warning("another job on this host held %s for %.0f s; registering streaming's shared "
+                            "memory without it", path, SHM_LOCK_WAIT_S)
+                os.close(fd)
+                fd = None
                 break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    log.warning("another job on this host held %s for %.0f s; registering streaming's shared "
-                                "memory without it", path, SHM_LOCK_WAIT_S)
-                    os.close(fd)
-                    fd = None
-                    break
-                time.sleep(0.05)
+            time.sleep(0.05)
     try:
-        if barrier is not None:
-            barrier()
         yield
     finally:
         if fd is not None:
@@ -218,13 +214,6 @@ def _open_registration_lock() -> tuple[int, str]:
             break
     private = os.path.join(tempfile.gettempdir(), f"{SHM_LOCK_NAME}-{os.getuid()}")
     return os.open(private, os.O_RDONLY | os.O_CREAT, 0o644), private
-
-
-def _default_group_barrier() -> None:
-    import torch.distributed as torch_dist
-
-    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.barrier()  # the group streaming's own barriers use
 
 
 def prepare_streaming_environment(dist_info: DistInfo, group=None) -> None:
@@ -471,7 +460,9 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
         cache_limit = default_cache_limit(manifest)
     streams = [_stream_for(source, download_timeout, download_retry, ordinal) for source in manifest.sources]
     try:
-        with host_shm_lock(_env_int("LOCAL_RANK", 0) == 0, _default_group_barrier):
+        from modernbert_train.data.shm_prefix import shm_prefix_registration
+
+        with shm_prefix_registration(host_shm_lock):  # the host-wide lock, never across streaming's barriers
             dataset = dataset_class()(
                 streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
                 shuffle_algo=shuffle_algo, num_canonical_nodes=num_canonical_nodes,

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.checkpoint.files import (CHECKPOINT_NAME, LATEST_NAME, has_checkpoints,
-                                               recover_interrupted_save)
+from modernbert_train.checkpoint.files import CHECKPOINT_NAME, LATEST_NAME, has_checkpoints
 from modernbert_train.checkpoint.trust import check_resume_is_safe
 from modernbert_train.common.errors import UserError
 from modernbert_train.run.folder import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
@@ -54,22 +53,22 @@ def _add_file_log(run_dir: Path) -> None:
         logger.setLevel(logging.INFO)
 
 
-def prepare_run_folder(recipe: Recipe, dist_info) -> Path:
-    """Rank 0 repairs an interrupted save; every rank refuses a folder that holds another run's checkpoints."""
-    from composer.utils import dist as composer_dist
+def prepare_run_folder(recipe: Recipe, dist_info) -> tuple[Path, str | None]:
+    """(run folder, checkpoint to resume from or None). Rank 0 repairs an interrupted save and picks the checkpoint
+    for every rank; every rank refuses a folder that holds another run's checkpoints."""
+    from modernbert_train.train.resume_point import resume_checkpoint
 
     run_dir = Path(recipe.save_folder)
-    if recipe.checkpoint.autoresume:
-        if dist_info.rank == 0:
-            recover_interrupted_save(run_dir)  # a kill mid-save leaves a file composer would refuse to resume past
-        composer_dist.barrier()
-        # Composer's autoresume fully unpickles the checkpoint: it must pass the safe readers first, on every
-        # rank (each raises the same one line), unless the user trusts this run's checkpoints.
+    # Not composer's autoresume, which fails on several nodes sharing save_folder (see train/resume_point.py).
+    resume_from = resume_checkpoint(run_dir, dist_info.rank) if recipe.checkpoint.autoresume else None
+    if resume_from is not None:
+        # Composer's loading fully unpickles the checkpoint: it must pass the safe readers first, on every rank
+        # (each raises the same one line), unless the user trusts this run's checkpoints.
         check_resume_is_safe(run_dir, trust=recipe.model.trust_checkpoint, where=f"save_folder {run_dir}: ")
     if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
         raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
                         f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
-    return run_dir
+    return run_dir, resume_from
 
 
 def record_run(recipe: Recipe, run_dir: Path, model, loader) -> None:
@@ -97,7 +96,7 @@ def build_trainer(recipe: Recipe):
     device, precision = builders.resolve_device_and_precision(recipe)
     # Before any StreamingDataset exists: streaming otherwise builds (and destroys) its own process group.
     dist_info = initialize_distributed()
-    run_dir = prepare_run_folder(recipe, dist_info)
+    run_dir, resume_from = prepare_run_folder(recipe, dist_info)
     manifest = builders.load_manifest_at(recipe.data.manifest, recipe, "data.manifest")
     facts = builders.read_data_facts(manifest, recipe)
     if facts.max_chunk_len > recipe.data.max_seq_len:
@@ -150,9 +149,7 @@ def build_trainer(recipe: Recipe):
         save_interval=builders.composer_duration(recipe.checkpoint.interval, "checkpoint.interval"),
         save_num_checkpoints_to_keep=recipe.checkpoint.keep_last,
         save_overwrite=False,
-        # Only when there is something to resume: with no local checkpoint composer asks every logger to
-        # download one, and WandBLogger raises when asked before wandb.init().
-        autoresume=recipe.checkpoint.autoresume and (run_dir / LATEST_NAME.format(rank=0)).exists(),
+        load_path=resume_from,
         parallelism_config=parallelism,
         device=device,
         precision=precision,
