@@ -79,6 +79,9 @@ class _LoaderBase:
         self.num_nodes = num_nodes
         self._num_canonical_nodes = config.num_canonical_nodes or (
             64 * num_nodes if config.shuffle_algo in ("py1s", "py2s") else num_nodes)
+        if self._num_canonical_nodes % num_nodes and num_nodes % self._num_canonical_nodes:
+            raise UserError(f"data num_canonical_nodes={self._num_canonical_nodes} and this run's {num_nodes} nodes: "
+                            f"one must divide the other (streaming's partition); set it to a multiple of the node count")
         # Manifest proportions are token shares; streaming draws samples, so weigh by tokens per sample.
         streaming_manifest, self.token_shares = sampling_manifest(self.manifest, config.max_seq_len)
         self.dataset = build_streaming_dataset(
