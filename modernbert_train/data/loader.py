@@ -413,7 +413,9 @@ class MLMLoader(_LoaderBase):
             "num_canonical_nodes": self._num_canonical_nodes,
             "config": {key: getattr(self.config, key) for key in RESUME_KEYS},
             "sources": self.source_names,
-            "ranks": gathered,
+            # A tuple is one opaque item to torch.distributed.checkpoint (FSDP sharded checkpoints): a list of
+            # dicts would be saved entry by entry and loaded only as far as this world's own list reaches.
+            "ranks": tuple(gathered),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
