@@ -39,6 +39,6 @@ test: $(VENV)/.installed $(CURRENT_VENV)/.installed
 	@echo "== full suite on the pinned stack (torch 2.7, composer 0.32.1, transformers 4.x) =="
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
-# Deletes demo_out/ only if it holds nothing but what the demo writes (modernbert_train/safety.py).
+# Deletes demo_out/ only if it holds nothing but what the demo writes (modernbert_train/common/safety.py).
 clean-demo: $(VENV)/.installed
 	$(VENV)/bin/modernbert-train demo --clean --out demo_out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modernbert_train.data.shards import read_json_file
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 if TYPE_CHECKING:
     from data_prep.sources import WorkUnit
@@ -114,7 +114,7 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
                 f"--out {out} was prepared with different settings ({key}: {old['settings'].get(key)!r} now "
                 f"{settings.get(key)!r}); pass --overwrite to delete its shards and start over, or choose "
                 f"another --out (nothing was changed)")
-        from modernbert_train.safety import check_safe_to_replace
+        from modernbert_train.common.safety import check_safe_to_replace
 
         check_safe_to_replace(out, label="--out")  # never the current directory, a home directory or /
         for name in names:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 DEFAULT_MAX_FAILURES = 4  # attempts per task, as spark.task.maxFailures counts them
 # Environment variables streaming's storage clients read (credentials, endpoints, profiles).

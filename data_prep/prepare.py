@@ -32,7 +32,7 @@ from data_prep.bookkeeping import (INDEX_FILE, META_FILE, PART_PREFIX, PLAN_FILE
 from data_prep.stats import Histogram
 from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256, vocab_size
 from modernbert_train.data.shards import SHARD_HASH
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 LAYOUT_VERSION = 1
 POLICIES = ("skip", "fail")
@@ -268,7 +268,7 @@ class _Progress:
     """Input bytes done and tokens written: a bar on a terminal, else a line every few seconds with an ETA."""
 
     def __init__(self, total_bytes: int, enabled: bool, desc: str):
-        from modernbert_train.progress import Progress
+        from modernbert_train.common.progress import Progress
 
         self.progress = Progress(desc, total_bytes, "B", mode=None if enabled else "none")
 

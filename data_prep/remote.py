@@ -29,7 +29,7 @@ import urllib.parse
 from pathlib import Path
 
 from data_prep.bookkeeping import INDEX_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE, UNIT_SUMMARY_FILE
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 # streaming's uploader retries each file this many times with exponential backoff (1, 2, 4, 8 s ...).
 UPLOAD_RETRY = 5

@@ -61,8 +61,8 @@ for stale in "$scratch_base/modernbert-$user-manual-$host-"*-node*; do
   if [[ $pid != "$$" ]] && ! kill -0 "$pid" 2>/dev/null; then remove+=("$stale"); fi
 done
 if [[ -n ${SLURM_JOB_ID:-} ]]; then remove+=("$node_tmpdir"); fi
-# Through the project's deletion guard (modernbert_train/safety.py): never /, a home or the current directory.
-if (( ${#remove[@]} )); then run "$PYTHON" -m modernbert_train.safety --remove "${remove[@]}"; fi
+# Through the project's deletion guard (modernbert_train/common/safety.py): never /, a home or the current directory.
+if (( ${#remove[@]} )); then run "$PYTHON" -m modernbert_train.common.safety --remove "${remove[@]}"; fi
 run mkdir -p "$node_tmpdir"
 if [[ $dry_run == 1 ]]; then echo "export TMPDIR=$(quote "$node_tmpdir")"; fi
 export TMPDIR=$node_tmpdir

@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from modernbert_train.averaging import average_checkpoints
+    from modernbert_train.checkpoint.averaging import average_checkpoints
 
     out = average_checkpoints(args.sources, args.out, overwrite=args.overwrite, trust=args.trust_checkpoint)
     print(f"averaged {len(args.sources)} checkpoints -> {out}")

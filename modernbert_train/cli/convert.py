@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from modernbert_train.checkpoints import convert_sharded_checkpoint
+    from modernbert_train.checkpoint import convert_sharded_checkpoint
 
     out = convert_sharded_checkpoint(Path(args.sharded_dir).resolve(), args.out, overwrite=args.overwrite,
                                      trust=args.trust_checkpoint)

@@ -37,13 +37,13 @@ def run(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from modernbert_train.errors import UserError
+    from modernbert_train.common.errors import UserError
 
     if len(args.source) > 1 and not args.average:
         raise UserError(f"{len(args.source)} sources given: pass --average to export their mean, or give one")
     if not args.average:
         return _export(args.source[0], args)
-    from modernbert_train.averaging import average_checkpoints
+    from modernbert_train.checkpoint.averaging import average_checkpoints
 
     # The averaged file gets the first source's model_config.json and tokenizer.json beside it.
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,7 +52,7 @@ def run(args) -> int:
 
 
 def _export(source, args) -> int:
-    from modernbert_train.export import export_to_hf
+    from modernbert_train.run.export import export_to_hf
 
     result = export_to_hf(source, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
                           model_config=args.model_config, overwrite=args.overwrite, tolerance=args.tolerance,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modernbert_train.data.manifest import Manifest
-from modernbert_train.errors import UserError, did_you_mean
+from modernbert_train.common.errors import UserError, did_you_mean
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 
 from modernbert_train.data.manifest import Manifest, SourceSpec
 from modernbert_train.data.shards import INDEX_FILE, SHARD_HASH, check_column_safety, has_shard_hashes, load_index
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 # streaming names its shared memory "<6-digit prefix>_<what>" (streaming.base.shared.prefix._get_path).
 _STREAMING_SHM_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|"
@@ -382,6 +382,20 @@ _datasets_built = 0
 def _remove_own_caches() -> None:
     for folder in _CACHES_TO_REMOVE_AT_EXIT:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def release_shard_caches(dataset) -> list[str]:
+    """Remove the cache folders this process made for `dataset`'s prepared local sources (a rollback's old
+    dataset: its bytes would otherwise count as free space for the next one's cache limit). Remote sources'
+    `local` folders are the user's and stay. Returns the folders removed."""
+    removed = []
+    for stream in getattr(dataset, "streams", []):
+        folder = str(stream.local)
+        if folder in _CACHES_TO_REMOVE_AT_EXIT:
+            shutil.rmtree(folder, ignore_errors=True)
+            _CACHES_TO_REMOVE_AT_EXIT.discard(folder)
+            removed.append(folder)
+    return removed
 
 
 def _job_key() -> str:

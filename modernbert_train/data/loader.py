@@ -29,7 +29,7 @@ from modernbert_train.data.manifest import Manifest, load_manifest, sampling_man
 from modernbert_train.data.masking import IGNORE_INDEX, Masker, MaskingConfig, document_key
 from modernbert_train.data.packing import BestFitPacker, Piece, assemble, split_sample
 from modernbert_train.data.prefetch import StepPrefetcher
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 log = logging.getLogger("modernbert_train")
 
@@ -49,7 +49,7 @@ class _LoaderBase:
 
     def __init__(self, config: MLMLoaderConfig, *, rank: int | None, world_size: int | None, shuffle: bool,
                  lookahead_steps: int, sampling_method: str = "balanced", world_invariant: bool = False):
-        from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256
+        from modernbert_train.data.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256
 
         self.config = config
         self.manifest: Manifest = (config.manifest if isinstance(config.manifest, Manifest)
@@ -268,6 +268,16 @@ class _LoaderBase:
             batch["epochs"] = np.fromiter((p.epoch for p in pieces), dtype=np.int64, count=len(pieces))
             batch["source_ids"] = source_ids
         return batch
+
+    def release(self) -> list[str]:
+        """close(), then give back what the loader holds on the host: its raw iterator and the shard cache
+        folders of its dataset (see dataset.release_shard_caches). The loader cannot be used afterwards."""
+        from modernbert_train.data.dataset import release_shard_caches
+
+        getattr(self, "close", lambda: None)()
+        self._raw_iter = None
+        self._raw_loader = None
+        return release_shard_caches(self.dataset)
 
 
 class MLMLoader(_LoaderBase):

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 # Fast non-cryptographic hash: it detects corruption (disk, copy, truncation), not tampering (whoever can
 # rewrite a shard can rewrite index.json too). streaming verifies it when it decompresses a shard.
@@ -138,7 +138,7 @@ def iter_shard_samples(folder: Path, shard: dict, limit: int | None = None) -> I
 
 def iter_samples(folder: str | os.PathLike, progress: bool = False, allow_unsafe_types: bool = False) -> Iterator[dict]:
     """Every sample of an MDS folder in index order, as streaming decodes it, hashes verified."""
-    from modernbert_train.progress import track
+    from modernbert_train.common.progress import track
 
     folder = Path(folder)
     index = load_index(folder)

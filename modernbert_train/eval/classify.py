@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.eval.data import load_split, select_columns
 from modernbert_train.eval.encoder import PackedBatch, SequenceClassifier, TextEncoder
 from modernbert_train.eval.metrics import classification_metric

@@ -7,7 +7,6 @@ random state is untouched (the evaluation runs under a forked RNG), so exact res
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -18,7 +17,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.eval.models import EvalModel
 from modernbert_train.eval.runner import Progress, evaluate_model, runs_per_model
 from modernbert_train.eval.suite import load_suite
@@ -36,14 +35,14 @@ def parse_steps(interval: str, key: str = "eval.suite_interval") -> int:
 
 
 class LiveEvaluation(Callback):
-    def __init__(self, suite_file: str, interval: str, metrics_path: str | Path, phase: str, model_config,
+    def __init__(self, suite_file: str, interval: str, metrics, phase: str, model_config,
                  tokenizer_file: str | Path, overrides: list[str] | None = None, where: str = "eval.suite"):
         try:  # a bad suite fails before training starts
             self.suite = load_suite(suite_file, overrides)
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
         self.every = parse_steps(interval)
-        self.metrics_path = Path(metrics_path)
+        self.metrics = metrics  # train.metrics_file.MetricsFile: the file's one writer
         self.phase = phase
         self.model_config = model_config
         self.tokenizer_file = Path(tokenizer_file)
@@ -73,8 +72,7 @@ class LiveEvaluation(Callback):
             for _, summary in evaluate_model(self.suite, model, device, bar):
                 for metric, value in summary.metric_means.items():
                     record[f"{PREFIX}{summary.task}/{metric}"] = value
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.metrics.append(record)
         log.info("live evaluation at step %d (%.0f s): %s", step, time.perf_counter() - started,
                  {k[len(PREFIX):]: round(v, 4) for k, v in record.items() if k.startswith(PREFIX)})
         return record

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modernbert_train import progress
+from modernbert_train.common import progress
 from modernbert_train.eval.models import EvalModel, load_eval_model
 from modernbert_train.eval.suite import Suite, TaskSpec
 

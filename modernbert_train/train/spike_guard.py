@@ -25,8 +25,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +34,14 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from modernbert_train.errors import UserError
+from modernbert_train.checkpoint.files import checkpoints_by_step, set_aside_checkpoints_after
+from modernbert_train.common.errors import UserError
+from modernbert_train.train.metrics_file import MetricsFile
 from modernbert_train.train.recipe import SpikeGuardConfig
 
 log = logging.getLogger("modernbert_train")
 GUARD_FILE = "spike_guard.json"
 ROLLED_BACK_DIR = "rolled_back"
-_CHECKPOINT = re.compile(r"^ep\d+-ba(\d+)(-rank\d+\.pt)?$")
 
 
 @dataclass
@@ -102,31 +101,14 @@ def prepare_rollback(run_dir: Path, spike_steps: list[int], cfg: SpikeGuardConfi
         raise UserError(f"spike_guard: {len(spike_steps)} loss spikes in a row at steps {spike_steps} after "
                         f"{len(rollbacks)} rollbacks (spike_guard.max_rollbacks); lower optimizer.lr or check "
                         f"the data ({run_dir / GUARD_FILE} lists the rollbacks)")
-    by_step: dict[int, list[Path]] = {}
-    for path in run_dir.iterdir():
-        match = _CHECKPOINT.match(path.name)
-        if match and not path.is_symlink():
-            by_step.setdefault(int(match.group(1)), []).append(path)
+    by_step = checkpoints_by_step(run_dir)
     good_steps = [step for step in by_step if step <= spike_steps[0] - 2]
     if not good_steps:
         raise UserError(f"spike_guard: {len(spike_steps)} loss spikes in a row at steps {spike_steps} and no "
                         f"checkpoint of {run_dir} before step {spike_steps[0] - 1} to roll back to (save more "
                         f"often: checkpoint.interval, checkpoint.keep_last)")
     good = max(good_steps)
-    aside = run_dir / ROLLED_BACK_DIR
-    for step, paths in by_step.items():
-        if step > good:
-            aside.mkdir(exist_ok=True)
-            for path in paths:
-                target = aside / path.name
-                if target.exists():
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
-                path.rename(target)
-    for latest in run_dir.glob("latest-rank*.pt"):
-        if latest.is_symlink():
-            name = re.sub(r"ba\d+", f"ba{good}", os.readlink(latest))
-            latest.unlink()
-            latest.symlink_to(name)
+    set_aside_checkpoints_after(run_dir, good, run_dir / ROLLED_BACK_DIR)
     rollback = Rollback(to_step=good, spike_steps=list(spike_steps), skip_steps=spike_steps[-1] - good,
                         lr_factor=cfg.lr_factor)
     _write_rollbacks(run_dir, rollbacks + [rollback])
@@ -147,10 +129,10 @@ def roll_back(run_dir: Path, spike_steps: list[int], cfg: SpikeGuardConfig) -> N
 class SpikeGuard(Callback):
     """See the module docstring. `loader` is the training loader; `lr_schedule` the LRSchedule callback."""
 
-    def __init__(self, cfg: SpikeGuardConfig, run_dir: Path, metrics_path: Path, loader, lr_schedule):
+    def __init__(self, cfg: SpikeGuardConfig, run_dir: Path, metrics: MetricsFile, loader, lr_schedule):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.metrics_path = Path(metrics_path)
+        self.metrics = metrics
         self.loader = loader
         self.lr_schedule = lr_schedule
         self.loss_stats = RunningStats()
@@ -246,13 +228,7 @@ class SpikeGuard(Callback):
     def _log_event(self, step: int, tokens: int, fields: dict[str, Any], unique: bool = False) -> None:
         if dist.get_global_rank() != 0:
             return
-        record = {"step": step, "tokens": tokens, **fields}
-        line = json.dumps(record)
-        if unique and self.metrics_path.is_file() and line in self.metrics_path.read_text().splitlines():
-            return
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a") as f:
-            f.write(line + "\n")
+        self.metrics.append({"step": step, "tokens": tokens, **fields}, unique=unique)
 
 
 def _has_fsdp1_shards(model: torch.nn.Module) -> bool:

@@ -213,7 +213,7 @@ def test_checkpoints_are_sharded_and_pruned(runs):
 
 def test_convert_and_export_of_sharded_checkpoint_equal_the_full_state_dict(runs, tmp_path):
     from modernbert_train.cli.main import main as cli_main
-    from modernbert_train.export import export_to_hf
+    from modernbert_train.run.export import export_to_hf
     from safetensors.torch import load_file
 
     merged = tmp_path / "merged.pt"

@@ -133,7 +133,7 @@ def test_a_poisoned_batch_is_rolled_back_with_the_guard_and_degrades_the_run_wit
     assert tail(unguarded) > tail(clean) + 0.5
 
     # The report lists the rollback.
-    from modernbert_train.report import write_report
+    from modernbert_train.run.report import write_report
     report = write_report([root / "guarded"], root / "report").read_text()
     assert "## Loss-spike guard" in report
     assert "| rollback | after spikes at steps 15, 16, 17: restarted from step 12, skipped the data of 5 steps" in report
