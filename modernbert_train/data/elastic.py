@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 
 def rank_offset(rank: int, world_size: int, num_nodes: int) -> int:

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from modernbert_train.data.config import BatchSizeWarmup, MLMLoaderConfig
 from modernbert_train.data import elastic
+from modernbert_train.data.config import BatchSizeWarmup, MLMLoaderConfig
 from modernbert_train.data.dataset import (DistInfo, build_raw_dataloader, build_streaming_dataset,
                                            cpu_process_group, initialize_distributed,
                                            prepare_streaming_environment, stream_of_sample)
