@@ -247,6 +247,9 @@ class _DropRaisedUserErrors(logging.Filter):
 
 def _make_dataset_class():
     from streaming import StreamingDataset
+    from streaming.base.dataset import _ShardState
+
+    _PREPARING, _REMOTE = _ShardState.PREPARING, _ShardState.REMOTE
 
     logging.getLogger("concurrent.futures").addFilter(_DropRaisedUserErrors())
 
@@ -283,11 +286,39 @@ def _make_dataset_class():
             return UserError(message)
 
         def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            if self._shard_failure is not None:
+                raise UserError(self._shard_failure)
+            if blocking and self._shard_states[shard_id] == _PREPARING:
+                # Another thread downloads it: wait, but not for a download that already failed.
+                while self._shard_states[shard_id] == _PREPARING and self._shard_failure is None:
+                    time.sleep(0.007)
+                if self._shard_failure is not None:
+                    raise UserError(self._shard_failure)
             try:
                 super().prepare_shard(shard_id, blocking)
             except Exception as err:  # noqa: BLE001 - checksum, decompression, copy: all name the shard
                 self._drop_cached_copies(shard_id)
+                # streaming leaves a failed download PREPARING: whoever waits for it would wait forever.
+                if self._shard_states[shard_id] == _PREPARING:
+                    self._shard_states[shard_id] = _REMOTE
                 raise self._fail(shard_id, err) from err
+
+        # streaming counts the exits of its download and ready threads to end an epoch (`_Iterator.exit()`),
+        # but a thread that raises never reports one: with both dead of a lost store, the epoch's end waited
+        # for them forever. A thread that dies reports its exit too.
+        def _prepare_thread(self, it) -> None:
+            try:
+                super()._prepare_thread(it)
+            except BaseException:
+                it.on_exit()
+                raise
+
+        def _ready_thread(self, it) -> None:
+            try:
+                super()._ready_thread(it)
+            except BaseException:
+                it.on_exit()
+                raise
 
         def _drop_cached_copies(self, shard_id: int) -> None:
             """A failed shard's copies in the cache go: the next run fetches the (restored) original again."""

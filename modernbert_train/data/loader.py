@@ -83,7 +83,7 @@ class _LoaderBase:
             shuffle_algo=config.shuffle_algo, num_canonical_nodes=self._num_canonical_nodes,
             shuffle_block_size=config.shuffle_block_size, predownload=config.predownload,
             cache_limit=config.cache_limit, download_timeout=config.download_timeout,
-            sampling_method=sampling_method, replication=self.dist.world_size if world_invariant else None)
+            download_retry=config.download_retry, sampling_method=sampling_method, replication=self.dist.world_size if world_invariant else None)
         self._raw_loader = build_raw_dataloader(self.dataset, batch_size=config.raw_batch_size,
                                                 num_workers=config.num_workers,
                                                 prefetch_factor=config.prefetch_factor)
