@@ -121,9 +121,12 @@ def prepare_rollback(run_dir: Path, spike_steps: list[int], cfg: SpikeGuardConfi
 def roll_back(run_dir: Path, spike_steps: list[int], cfg: SpikeGuardConfig) -> None:
     """On every rank after the trainer closed: rank 0 prepares the run directory, the others wait for it.
     Every rank saw the same (all-reduced) spikes, so all of them arrive here together."""
-    if dist.get_global_rank() == 0:
-        prepare_rollback(Path(run_dir), spike_steps, cfg)
-    dist.barrier()
+    from modernbert_train.common.ranks import all_ranks_agree
+
+    # [i26-faults] the agreement is the barrier: a failed rollback on rank 0 ends every rank at once, named.
+    with all_ranks_agree("rolling back to an earlier checkpoint"):
+        if dist.get_global_rank() == 0:
+            prepare_rollback(Path(run_dir), spike_steps, cfg)
 
 
 class SpikeGuard(Callback):
