@@ -11,12 +11,54 @@ in the exchange while the others sit in that collective); `load_on_one_rank` is 
 """
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable
 
 from modernbert_train.common.errors import UserError
 
+# Seconds a collective waits for a missing rank before the job fails (composer's default: 300).
+DIST_TIMEOUT_ENV = "MODERNBERT_DIST_TIMEOUT"
 _group = None  # one gloo group for these exchanges, made the first time every rank comes to one
+
+
+def dist_timeout_s() -> float:
+    """How long any collective of ours waits for a rank that does not come (a stalled or lost rank): the
+    environment's DIST_TIMEOUT_ENV, else composer's 300 s. Every group we make gets it (torch's own default
+    for a new gloo group is 30 minutes)."""
+    value = os.environ.get(DIST_TIMEOUT_ENV)
+    try:
+        seconds = float(value) if value not in (None, "") else 300.0
+    except ValueError as err:
+        raise UserError(f"environment variable {DIST_TIMEOUT_ENV}={value!r} is not a number of seconds") from err
+    if seconds <= 0:
+        raise UserError(f"environment variable {DIST_TIMEOUT_ENV}={value!r} must be positive")
+    return seconds
+
+
+def new_gloo_group():
+    """A gloo group over all ranks with our collective timeout (call on every rank, in the same order)."""
+    from datetime import timedelta
+
+    import torch.distributed as torch_dist
+
+    return torch_dist.new_group(backend="gloo", timeout=timedelta(seconds=dist_timeout_s()))
+
+
+def die_with_launcher() -> None:
+    """Ask Linux to kill this rank when its launcher dies: a rank orphaned by a killed launcher (composer -n,
+    torchrun) would otherwise train on alone, holding the run folder's lock against the relaunch."""
+    if not os.environ.get("LOCAL_WORLD_SIZE") or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _world():
@@ -27,8 +69,7 @@ def _world():
     if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
         return None
     if _group is None:
-        _group = (torch_dist.group.WORLD if torch_dist.get_backend() == "gloo"
-                  else torch_dist.new_group(backend="gloo"))
+        _group = torch_dist.group.WORLD if torch_dist.get_backend() == "gloo" else new_gloo_group()
     return torch_dist.get_rank(), torch_dist.get_world_size(), _group
 
 

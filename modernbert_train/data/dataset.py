@@ -29,6 +29,7 @@ import numpy as np
 from modernbert_train.data.manifest import Manifest, SourceSpec
 from modernbert_train.data.shards import INDEX_FILE, SHARD_HASH, check_column_safety, has_shard_hashes, load_index
 from modernbert_train.common.errors import UserError
+from modernbert_train.common.ranks import die_with_launcher, dist_timeout_s, new_gloo_group
 
 # streaming names its shared memory "<6-digit prefix>_<what>" (streaming.base.shared.prefix._get_path).
 _STREAMING_SHM_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|"
@@ -84,7 +85,8 @@ def initialize_distributed() -> DistInfo:
 
         if not torch_dist.is_initialized():
             device = "gpu" if torch.cuda.is_available() else "cpu"
-            composer_dist.initialize_dist(device)
+            die_with_launcher()
+            composer_dist.initialize_dist(device, timeout=dist_timeout_s())
         return DistInfo(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(),
                         local_rank=_env_int("LOCAL_RANK", 0),
                         local_world_size=_env_int("LOCAL_WORLD_SIZE", world_size))
@@ -99,7 +101,7 @@ def cpu_process_group():
         return None
     if torch_dist.get_backend() == "gloo":
         return torch_dist.group.WORLD
-    return torch_dist.new_group(backend="gloo")
+    return new_gloo_group()
 
 
 def _mapped_shm_names() -> set[str] | None:

@@ -285,9 +285,9 @@ class MLMLoader(_LoaderBase):
         # A MaskRateSchedule (set by the trainer) gives each step's mask rate from the tokens seen.
         self.mask_rate_schedule = None
         if config.prefetch_steps and self.world_size > 1:
-            import torch.distributed as torch_dist
+            from modernbert_train.common.ranks import new_gloo_group
 
-            self._step_group = torch_dist.new_group(backend="gloo")
+            self._step_group = new_gloo_group()
 
     @property
     def tokens_seen(self) -> int:

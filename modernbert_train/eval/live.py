@@ -76,7 +76,9 @@ class LiveEvaluation(Callback):
         if dist.get_world_size() == 1:
             return work()
         if self._group is None:
-            self._group = torch_dist.new_group(backend="gloo")  # the default group may be NCCL
+            from modernbert_train.common.ranks import new_gloo_group
+
+            self._group = new_gloo_group()  # the default group may be NCCL
         outcome: list = []
         worker = None
         if dist.get_global_rank() == 0:
