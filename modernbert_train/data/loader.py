@@ -89,7 +89,7 @@ class _LoaderBase:
             shuffle_algo=config.shuffle_algo, num_canonical_nodes=self._num_canonical_nodes,
             shuffle_block_size=config.shuffle_block_size, predownload=config.predownload,
             cache_limit=config.cache_limit, download_timeout=config.download_timeout,
-            sampling_method=sampling_method, replication=self.dist.world_size if world_invariant else None)
+            download_retry=config.download_retry, sampling_method=sampling_method, replication=self.dist.world_size if world_invariant else None)
         self._raw_loader = build_raw_dataloader(self.dataset, batch_size=config.raw_batch_size,
                                                 num_workers=config.num_workers,
                                                 prefetch_factor=config.prefetch_factor)
@@ -314,9 +314,9 @@ class MLMLoader(_LoaderBase):
         # A MaskRateSchedule (set by the trainer) gives each step's mask rate from the tokens seen.
         self.mask_rate_schedule = None
         if config.prefetch_steps and self.world_size > 1:
-            import torch.distributed as torch_dist
+            from modernbert_train.common.ranks import new_gloo_group
 
-            self._step_group = torch_dist.new_group(backend="gloo")
+            self._step_group = new_gloo_group()
 
     @property
     def tokens_seen(self) -> int:

@@ -18,6 +18,7 @@ import torch
 from modernbert_train.checkpoint.files import CHECKPOINT_NAME, LATEST_NAME, has_checkpoints
 from modernbert_train.checkpoint.trust import check_resume_is_safe
 from modernbert_train.common.errors import UserError
+from modernbert_train.common.ranks import all_ranks_agree
 from modernbert_train.run.folder import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
                                          write_config, write_run_artifacts)
 from modernbert_train.train import builders
@@ -60,14 +61,17 @@ def prepare_run_folder(recipe: Recipe, dist_info) -> tuple[Path, str | None]:
 
     run_dir = Path(recipe.save_folder)
     # Not composer's autoresume, which fails on several nodes sharing save_folder (see train/resume_point.py).
+    # Rank 0's choice, or its error, reaches every rank.
     resume_from = resume_checkpoint(run_dir, dist_info.rank) if recipe.checkpoint.autoresume else None
-    if resume_from is not None:
-        # Composer's loading fully unpickles the checkpoint: it must pass the safe readers first, on every rank
-        # (each raises the same one line), unless the user trusts this run's checkpoints.
-        check_resume_is_safe(run_dir, trust=recipe.model.trust_checkpoint, where=f"save_folder {run_dir}: ")
-    if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
-        raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
-                        f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
+    # The agreement is the barrier: a failure on one rank ends every rank, named (common/ranks.py).
+    with all_ranks_agree("preparing the run folder"):
+        if resume_from is not None:
+            # Composer's loading fully unpickles the checkpoint: it must pass the safe readers first, unless the
+            # user trusts this run's checkpoints.
+            check_resume_is_safe(run_dir, trust=recipe.model.trust_checkpoint, where=f"save_folder {run_dir}: ")
+        if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
+            raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
+                            f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
     return run_dir, resume_from
 
 
@@ -97,31 +101,34 @@ def build_trainer(recipe: Recipe):
     # Before any StreamingDataset exists: streaming otherwise builds (and destroys) its own process group.
     dist_info = initialize_distributed()
     run_dir, resume_from = prepare_run_folder(recipe, dist_info)
-    manifest = builders.load_manifest_at(recipe.data.manifest, recipe, "data.manifest")
-    facts = builders.read_data_facts(manifest, recipe)
-    if facts.max_chunk_len > recipe.data.max_seq_len:
-        log.info("shards hold chunks up to %d tokens; the loader re-splits them to %d",
-                 facts.max_chunk_len, recipe.data.max_seq_len)
-    if dist_info.rank == 0:
-        lock_run_dir(run_dir)  # one writer per run folder (rank 0 speaks for the job); names the holder if taken
-        _add_file_log(run_dir)
+    with all_ranks_agree("reading the data manifest and locking the run folder"):
+        manifest = builders.load_manifest_at(recipe.data.manifest, recipe, "data.manifest")
+        facts = builders.read_data_facts(manifest, recipe)
+        if facts.max_chunk_len > recipe.data.max_seq_len:
+            log.info("shards hold chunks up to %d tokens; the loader re-splits them to %d",
+                     facts.max_chunk_len, recipe.data.max_seq_len)
+        if dist_info.rank == 0:
+            lock_run_dir(run_dir)  # one writer per run folder (rank 0 speaks for the job); names the holder if taken
+            _add_file_log(run_dir)
 
     torch.manual_seed(recipe.seed)  # model init is reproducible from the recipe's seed
-    model = builders.build_model(recipe, facts)
-    if has_checkpoints(run_dir) or (run_dir / LATEST_NAME.format(rank=0)).exists():
-        check_resume_keeps_architecture(run_dir, model.config.to_dict(),
-                                        lambda key: recipe.where(f"model.config.{key}"))
-    parallelism = builders.build_parallelism(recipe, model)
-    if recipe.compile:
-        model.compile_dense()
-    composer_model = ModernBertMLM(model)
-    optimizer = builders.build_optimizer(recipe, model, device)
-    recipe_settings = optimizer_settings(optimizer)
+    model = builders.build_model(recipe, facts)  # a checkpoint to start from is read on rank 0 and broadcast
+    with all_ranks_agree("building the model and optimizer"):
+        if has_checkpoints(run_dir) or (run_dir / LATEST_NAME.format(rank=0)).exists():
+            check_resume_keeps_architecture(run_dir, model.config.to_dict(),
+                                            lambda key: recipe.where(f"model.config.{key}"))
+        parallelism = builders.build_parallelism(recipe, model)
+        if recipe.compile:
+            model.compile_dense()
+        composer_model = ModernBertMLM(model)
+        optimizer = builders.build_optimizer(recipe, model, device)
+        recipe_settings = optimizer_settings(optimizer)
 
     train_loader = builders.build_loader(recipe, manifest, dist_info, infinite=True)
     train_loader.mask_rate_schedule = builders.mask_rate_schedule(recipe)
-    if dist_info.rank == 0:
-        record_run(recipe, run_dir, model, train_loader)
+    with all_ranks_agree("starting the data loader and recording the run"):
+        if dist_info.rank == 0:
+            record_run(recipe, run_dir, model, train_loader)
     metrics = MetricsFile(run_dir / METRICS_FILE)
     callbacks = builders.build_callbacks(recipe, run_dir, train_loader, model.config, metrics)
     evaluators = builders.build_evaluators(recipe, facts, dist_info, list(composer_model.eval_metrics))
