@@ -35,6 +35,9 @@ log = logging.getLogger("modernbert_train")
 
 STATE_FORMAT = "modernbert_train.data.loader/1"
 # Settings that fix the sample sequence: a resume with any of them changed cannot continue exactly.
+# Default lookahead floor in max_seq_len rows (bench/quality_bench.py, 2026-12-02: with 4 micro-batches of
+# 4 rows the buffer held ~6 samples and a step's 8 rows came from ~2 of them).
+MIN_LOOKAHEAD_ROWS = 64
 RESUME_KEYS = ("seed", "max_seq_len", "micro_batch_size", "raw_batch_size", "shuffle", "shuffle_algo")
 
 
@@ -95,7 +98,9 @@ class _LoaderBase:
                                                 prefetch_factor=config.prefetch_factor)
         self.tokens_per_micro_batch = config.tokens_per_micro_batch
         lookahead = config.packing_lookahead_tokens
-        self._lookahead_tokens = (4 * self.tokens_per_micro_batch if lookahead is None else lookahead)
+        # At least MIN_LOOKAHEAD_ROWS pieces to choose from, so that a small step's rows come from many samples.
+        self._lookahead_tokens = (max(4 * self.tokens_per_micro_batch, MIN_LOOKAHEAD_ROWS * config.max_seq_len)
+                                  if lookahead is None else lookahead)
         self._target_tokens = lookahead_steps * self.tokens_per_micro_batch + self._lookahead_tokens
         # By default a piece waits at most about two buffer turnovers.
         max_wait = config.packing_max_wait or 2 * -(-self._target_tokens // self.tokens_per_micro_batch)
