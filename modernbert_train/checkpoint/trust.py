@@ -1,4 +1,4 @@
-"""The one trust policy for reading checkpoint pickles (README "Trusting checkpoints", DESIGN.md).
+"""The one trust policy for reading checkpoint pickles (docs/safety.md "Trusting checkpoints", DESIGN.md).
 
 Composer checkpoints are pickles. They are read with torch's weights-only unpickler, which runs no code; full
 unpickling (needed for sharded folders' .metadata) only for our own run folders or when the user says so.
