@@ -5,13 +5,15 @@
 
 What it does, all offline (the demo's corpus: this interpreter's stdlib code and Python prose):
 1. a BPE tokenizer trained on the prose only (the "released" model knows general text, not the domain);
-2. a tiny ModernBERT pretrained on prose (yamls/tiny/phase1.yaml), exported to a Hugging Face folder;
+2. a tiny ModernBERT pretrained on prose (yamls/tiny/phase1.yaml with a final 20% 1-sqrt decay: a "final"
+   release), exported to a Hugging Face folder;
 3. four continuations on code at equal steps of equal token slots (>99% packed, so equal tokens), each from
    that folder with yamls/continue/tiny/from_final.yaml's schedule: with / without 25% prose replay, with /
    without vocabulary extension (modernbert-data propose-tokens + extend-vocab --mode append, the top
-   --new-tokens code strings);
+   --new-tokens code strings; the extended model is also scored before training, its own start);
 4. a table of the held-out code (domain) and held-out prose (general) MLM cross-entropy at 15% masking, and
-   tokens per character of the held-out code. Held-out files never appear in training.
+   tokens per character of the held-out code. Held-out files (every 8th code file, every 8th prose record)
+   never appear in training.
 Cross-entropies are per token: with extension a token covers more text, so also read "nats/char" (CE x
 tokens/char), a per-character view of the same loss.
 """
@@ -29,21 +31,21 @@ sys.path.insert(0, str(REPO))
 
 
 def split_corpus(corpus: Path, out: Path) -> dict[str, list[Path]]:
-    """Domain (code) and general (prose) texts, each with held-out files (every 8th code file, the pydoc
-    topics prose file): written as plain folders so `prepare` reads them like a user's."""
+    """Domain (code) and general (prose) texts, each with a held-out eighth (every 8th code file, every 8th prose
+    record), written as plain folders so `prepare` reads them like a user's files."""
     code = sorted(p for p in (corpus / "code").rglob("*.py"))
-    prose = sorted((corpus / "prose").glob("*.jsonl"))
-    parts = {"code_train": [p for i, p in enumerate(code) if i % 8], "code_heldout": code[::8],
-             "prose_train": [p for p in prose if not p.name.startswith("pydoc")],
-             "prose_heldout": [p for p in prose if p.name.startswith("pydoc")]}
-    for name, files in parts.items():
-        folder = out / name
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        for i, path in enumerate(files):
-            shutil.copyfile(path, folder / f"{i:05d}_{path.name}")
-    return {name: sorted((out / name).iterdir()) for name in parts}
+    records = [line for path in sorted((corpus / "prose").glob("*.jsonl"))
+               for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for name in ("code_train", "code_heldout", "prose_train", "prose_heldout"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        (out / name).mkdir(parents=True)
+    for i, path in enumerate(code):
+        shutil.copyfile(path, out / ("code_heldout" if i % 8 == 0 else "code_train") / f"{i:05d}_{path.name}")
+    (out / "prose_train" / "prose.jsonl").write_text("\n".join(r for i, r in enumerate(records) if i % 8) + "\n")
+    (out / "prose_heldout" / "prose.jsonl").write_text("\n".join(records[::8]) + "\n")
+    return {name: sorted((out / name).iterdir()) for name in ("code_train", "code_heldout", "prose_train",
+                                                               "prose_heldout")}
 
 
 def texts_of(files: list[Path]) -> list[str]:
@@ -117,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                        out / "tokenizer")
     base = prepare_all(parts, out / "tokenizer" / "tokenizer.json", out / "shards")
     size = ["data.max_seq_len=128", "data.micro_batch_size=4", "data.global_batch_size=8"]
-    heldout = lambda m: [f"eval.manifests={{domain: {m['domain']}, general: {m['general']}}}", "eval.max_batches=60"]
+    heldout = lambda m: [f"eval.manifests={{domain: {m['domain']}, general: {m['general']}}}", "eval.max_batches=40"]
 
     # 1-2: pretrain on prose, export (the "released" model).
     pre = train_run(REPO / "yamls/tiny/phase1.yaml", [
         f"data.manifest={base['prose']}", f"data.tokenizer={out / 'tokenizer'}", f"save_folder={out / 'runs/pretrain'}",
         f"max_duration={args.pretrain_steps}ba", f"eval.interval={args.pretrain_steps}ba",
-        f"checkpoint.interval={args.pretrain_steps}ba", "batch_warmup.tokens=2000", *size, *heldout(base)])
+        f"checkpoint.interval={args.pretrain_steps}ba", "batch_warmup.tokens=2000", "scheduler.decay=0.2dur",
+        *size, *heldout(base)])
     if not (out / "hf" / "config.json").exists():
         export_to_hf(out / "runs/pretrain", out / "hf")
 
@@ -135,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
                          sample_text=code_train[0][:2000])
     ext = prepare_all(parts, out / "hf_ext" / "tokenizer.json", out / "shards_ext")
 
-    rows = [("pretrained on prose (start)", None, pre, out / "hf")]
+    common = [*size, f"checkpoint.interval={args.continue_steps}ba"]
+    # The extended model's own start: its held-out texts are tokenized differently, so it is scored as it is
+    # (one step at a learning rate of 1e-12) and the +ext runs are compared with it.
+    ext_start = train_run(REPO / "yamls/continue/tiny/from_final.yaml", [
+        f"data.manifest={ext['code']}", f"data.tokenizer={out / 'hf_ext'}", f"model.init_from=hf:{out / 'hf_ext'}",
+        f"save_folder={out / 'runs/ext_start'}", "max_duration=1ba", "eval.interval=1ba", "optimizer.lr=1e-12",
+        *common, *heldout(ext)])
+    rows = [("pretrained on prose (start)", pre, out / "hf", pre),
+            ("+ext, before training (start)", ext_start, out / "hf_ext", ext_start)]
     every = max(1, args.continue_steps // 4)
     for extended in (False, True):
         manifests, folder = (ext, out / "hf_ext") if extended else (base, out / "hf")
@@ -145,20 +156,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.manifest={manifests['replay' if replay else 'code']}", f"data.tokenizer={folder}",
                 f"model.init_from=hf:{folder}", f"save_folder={out / 'runs' / name}",
                 f"max_duration={args.continue_steps}ba", f"eval.interval={every}ba",
-                f"checkpoint.interval={args.continue_steps}ba", f"optimizer.lr={args.lr}", *size, *heldout(manifests)])
-            rows.append((name, replay, records, folder))
+                f"optimizer.lr={args.lr}", *common, *heldout(manifests)])
+            rows.append((name, records, folder, ext_start if extended else pre))
 
     domain_text = texts_of(parts["code_heldout"])
-    start_general = last(pre, "eval_general/loss")
-    lines = ["| run | tokens seen | domain CE | general CE | general CE change | domain tok/char | domain nats/char |",
-             "|---|---|---|---|---|---|---|"]
-    for name, _, records, folder in rows:
+    # The worst point matters as much as the end: a decaying LR lets a run win back part of what it forgot.
+    lines = ["| run | tokens seen | domain CE | general CE | general CE change: end / worst | domain tok/char | "
+             "domain nats/char |", "|---|---|---|---|---|---|---|"]
+    for name, records, folder, start in rows:
+        start_general = last(start, "eval_general/loss")
         tpc = tokens_per_char(load_tokenizer(folder), domain_text)
         domain, general = last(records, "eval_domain/loss"), last(records, "eval_general/loss")
+        worst = max(r["eval_general/loss"] for r in records if "eval_general/loss" in r)
         lines.append(f"| {name} | {records[-1]['tokens']:,} | {domain:.3f} | {general:.3f} | "
-                     f"{general - start_general:+.3f} | {tpc:.4f} | {domain * tpc:.3f} |")
+                     f"{general - start_general:+.3f} / {worst - start_general:+.3f} | {tpc:.4f} | {domain * tpc:.3f} |")
     curve = ["", "general CE during each continuation (every %d steps):" % every]
-    for name, _, records, _ in rows[1:]:
+    for name, records, _, _ in rows[2:]:
         values = [f"{r['eval_general/loss']:.3f}" for r in records if "eval_general/loss" in r]
         curve.append(f"- {name}: {' -> '.join(values)}")
     table = "\n".join(lines + curve)
