@@ -95,3 +95,20 @@ def test_continue_recipes_print_their_resolved_choices(capsys):
 def test_eval_manifests_names_are_checked(data_overrides, tiny_data):
     with pytest.raises(UserError, match=r"eval.manifests.bad name"):
         load_recipe(TWIN, data_overrides() + [f"eval.manifests={{'bad name': {tiny_data['eval']}}}"])
+
+
+@pytest.mark.parametrize("name", ["from_final", "from_predecay", "domain_adapt"])
+def test_tiny_twins_build_on_the_test_data(name, trained_tiny_run, exported, data_overrides, tiny_data, tmp_path):
+    """Each CPU twin sets up (recipe, vocabulary check, starting weights, two evaluators) from its kind of source."""
+    from modernbert_train.train.trainer import build_trainer, release_trainer
+
+    source = str(trained_tiny_run) if name == "from_predecay" else f"hf:{exported}"
+    recipe = load_recipe(REPO / f"yamls/continue/tiny/{name}.yaml", data_overrides() + [
+        f"eval.manifests={{domain: {tiny_data['decay']}, general: {tiny_data['eval']}}}",
+        f"model.init_from={source}", f"save_folder={tmp_path / name}"])
+    trainer, run_dir = build_trainer(recipe)
+    try:
+        assert [e.label for e in trainer.state.evaluators] == ["eval_domain", "eval_general"]
+        assert bool(trainer.state.optimizers[0].state) == (name == "from_predecay")  # Adam moments carried
+    finally:
+        release_trainer(trainer, run_dir)
