@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         f"checkpoint.interval={args.pretrain_steps}ba", "batch_warmup.tokens=2000", "scheduler.decay=0.2dur",
         *size, *heldout(base)])
     if not (out / "hf" / "config.json").exists():
-        export_to_hf(out / "runs/pretrain", out / "hf")
+        export_to_hf(out / "runs/pretrain", out / "hf", trust_checkpoint=True)  # the run this script just trained
 
     # 3: extension from the domain's training text (never the held-out files).
     code_train = texts_of(parts["code_train"])

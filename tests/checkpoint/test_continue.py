@@ -28,7 +28,7 @@ def exported(trained_tiny_run, tmp_path_factory) -> Path:
     from modernbert_train.run.export import export_to_hf
 
     out = tmp_path_factory.mktemp("continue") / "hf"
-    export_to_hf(trained_tiny_run, out)
+    export_to_hf(trained_tiny_run, out, trust_checkpoint=True)  # our own fixture's checkpoint
     return out
 
 
@@ -41,6 +41,7 @@ def test_hf_folder_run_and_checkpoint_start_the_same_model(trained_tiny_run, exp
     for name, source in (("hf", f"hf:{exported}"), ("run", str(trained_tiny_run)),
                          ("checkpoint", str(trained_tiny_run / "ep0-ba16-rank0.pt"))):
         recipe = twin(data_overrides, tiny_data, f"model.init_from={source}", f"save_folder={tmp_path / name}",
+                      "model.trust_checkpoint=true",
                       "max_duration=2ba", "eval.interval=2ba", "eval.max_batches=2", "checkpoint.interval=2ba")
         train(recipe)
         records = first_records(tmp_path / name)
@@ -105,7 +106,7 @@ def test_tiny_twins_build_on_the_test_data(name, trained_tiny_run, exported, dat
     source = str(trained_tiny_run) if name == "from_predecay" else f"hf:{exported}"
     recipe = load_recipe(REPO / f"yamls/continue/tiny/{name}.yaml", data_overrides() + [
         f"eval.manifests={{domain: {tiny_data['decay']}, general: {tiny_data['eval']}}}",
-        f"model.init_from={source}", f"save_folder={tmp_path / name}"])
+        f"model.init_from={source}", f"save_folder={tmp_path / name}", "model.trust_checkpoint=true"])
     trainer, run_dir = build_trainer(recipe)
     try:
         assert [e.label for e in trainer.state.evaluators] == ["eval_domain", "eval_general"]
