@@ -434,7 +434,8 @@ def _add_heldout_sets(doc: _Doc, phases: Sequence[Phase], out_dir: Path) -> None
     if not keys:
         return
     doc.heading("Held-out sets")
-    series = tuple((k, k.split("/")[0][len("eval_"):]) for k in (["eval/loss"] if any(
+    # eval.manifest's set (eval/loss) joins as "eval"; eval_NAME/loss is labelled NAME.
+    series = tuple((k, k.split("/")[0].removeprefix("eval_")) for k in (["eval/loss"] if any(
         p.final("eval/loss") for p in phases) else []) + keys)
     spec = PlotSpec("heldout.png", "Held-out MLM loss per set", (("cross-entropy", series),))
     path, _ = draw_plot(spec, phases, out_dir)
