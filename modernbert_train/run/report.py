@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -426,6 +427,29 @@ def build_summary(phases: Sequence[Phase], plots: Sequence[tuple[PlotSpec, Path]
     return doc
 
 
+def _add_heldout_sets(doc: _Doc, phases: Sequence[Phase], out_dir: Path) -> None:
+    """Several held-out sets (eval.manifests, e.g. domain and general): their MLM losses on one plot and the
+    change of each from its first to its last evaluation, so forgetting shows next to adaptation."""
+    keys = sorted({k for p in phases for r in p.records for k in r if re.fullmatch(r"eval_[\w-]+/loss", k)})
+    if not keys:
+        return
+    doc.heading("Held-out sets")
+    # eval.manifest's set (eval/loss) joins as "eval"; eval_NAME/loss is labelled NAME.
+    series = tuple((k, k.split("/")[0].removeprefix("eval_")) for k in (["eval/loss"] if any(
+        p.final("eval/loss") for p in phases) else []) + keys)
+    spec = PlotSpec("heldout.png", "Held-out MLM loss per set", (("cross-entropy", series),))
+    path, _ = draw_plot(spec, phases, out_dir)
+    rows = []
+    for key, label in series:
+        values = [(p.name, r) for p in phases for r in p.records if key in r]
+        first, last = values[0][1], values[-1][1]
+        rows.append([label, f"{first[key]:.4f}", f"{last[key]:.4f}", f"{last[key] - first[key]:+.4f}",
+                     human_count(last["tokens"])])
+    doc.table(["held-out set", "first eval loss", "last eval loss", "change", "at tokens"], rows)
+    if path is not None:
+        doc.image(path.name, spec.title)
+
+
 LIVE_EVAL_PREFIX = "live_eval/"  # written by modernbert_train.eval.live.LiveEvaluation
 
 
@@ -502,6 +526,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                 plots.append((spec, path))
             bar.update()
         doc = build_summary(phases, plots, notes)
+        _add_heldout_sets(doc, phases, out_dir)
         _add_evaluation(doc, phases, eval_dirs, out_dir)
         markdown_path = out_dir / "report.md"
         markdown_path.write_text(doc.markdown(), encoding="utf-8")

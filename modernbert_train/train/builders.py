@@ -104,7 +104,10 @@ def model_config_values(recipe: Recipe, facts: DataFacts) -> dict[str, Any]:
 def build_model(recipe: Recipe, facts: DataFacts):
     """ModernBertForMaskedLM from the recipe, with its starting weights (random, previous phase, HF or tiled)."""
     from modernbert_train.checkpoint.init import initial_model
+    from modernbert_train.checkpoint.vocab import check_source_vocabulary
 
+    check_source_vocabulary(recipe.model.init_from, facts, recipe.data.tokenizer, recipe.data.manifest,
+                            recipe.where("model.init_from"))
     return initial_model(model_config_values(recipe, facts), preset=recipe.model.preset,
                          init_from=recipe.model.init_from, save_folder=recipe.save_folder,
                          data_vocab_size=facts.vocab_size, trust=recipe.model.trust_checkpoint,
@@ -277,16 +280,19 @@ def build_evaluators(recipe: Recipe, facts: DataFacts, dist_info, metric_names: 
 
     from modernbert_train.train.composer_model import make_data_spec
 
-    if recipe.eval.manifest is None:
-        return []
-    eval_manifest = load_manifest_at(recipe.eval.manifest, recipe, "eval.manifest")
-    eval_facts = read_data_facts(eval_manifest, recipe)
-    if eval_facts.tokenizer_sha256 != facts.tokenizer_sha256 or eval_facts.vocab_size != facts.vocab_size:
-        raise UserError(f"{recipe.where('eval.manifest')}eval.manifest: its shards use another tokenizer than "
-                        f"the training data")
-    eval_loader = build_loader(recipe, eval_manifest, dist_info, infinite=False)
-    return [Evaluator(label="eval", dataloader=make_data_spec(eval_loader), metric_names=metric_names,
-                      device_eval_microbatch_size=1)]
+    # eval.manifest logs eval/loss; each eval.manifests entry NAME logs eval_NAME/loss (MetricsJsonl).
+    sets = ([("eval", "eval.manifest", recipe.eval.manifest)] if recipe.eval.manifest is not None else []) + [
+        (f"eval_{name}", f"eval.manifests.{name}", path) for name, path in recipe.eval.manifests.items()]
+    evaluators = []
+    for label, key, path in sets:
+        eval_manifest = load_manifest_at(path, recipe, key)
+        eval_facts = read_data_facts(eval_manifest, recipe)
+        if eval_facts.tokenizer_sha256 != facts.tokenizer_sha256 or eval_facts.vocab_size != facts.vocab_size:
+            raise UserError(f"{recipe.where(key)}{key}: its shards use another tokenizer than the training data")
+        eval_loader = build_loader(recipe, eval_manifest, dist_info, infinite=False)
+        evaluators.append(Evaluator(label=label, dataloader=make_data_spec(eval_loader), metric_names=metric_names,
+                                    device_eval_microbatch_size=1))
+    return evaluators
 
 
 def build_loggers(recipe: Recipe, run_dir: Path) -> tuple[list, str]:

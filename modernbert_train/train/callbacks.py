@@ -67,8 +67,8 @@ class MetricsJsonl(Callback):
     Keys: step, tokens (cumulative real tokens), time_s (since the run's first start, across resumes),
     phase, train/loss, train/masked_accuracy, train/perplexity, lr, throughput/tokens_per_s,
     throughput/mfu (when the device's peak is known), batch_size (global rows this step), and after an
-    evaluation eval/loss, eval/masked_accuracy, eval/perplexity. On resume the file is cut back to the
-    checkpoint's step, so no step appears twice.
+    evaluation eval/loss, eval/masked_accuracy, eval/perplexity (eval_NAME/... for each eval.manifests set).
+    On resume the file is cut back to the checkpoint's step, so no step appears twice.
     """
 
     def __init__(self, metrics: MetricsFile, phase: str, micro_batch_size: int, lr_source,
@@ -80,7 +80,7 @@ class MetricsJsonl(Callback):
         self.peak_flops_per_device = peak_flops_per_device
         self.time_offset_s = 0.0
         self._started = time.monotonic()
-        self._eval_ran = False
+        self._eval_values: dict[str, dict[str, float]] = {}
         self._pending: dict[str, float] | None = None
 
     # time_s continues across resumes: the checkpoint carries the elapsed time at that step.
@@ -105,7 +105,8 @@ class MetricsJsonl(Callback):
         self.metrics.truncate_after(int(state.timestamp.batch))
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        self._eval_ran = True
+        # Called once per evaluator, while state.eval_metric_values holds that evaluator's values only.
+        self._eval_values[state.dataloader_label or "eval"] = dict(state.eval_metric_values or {})
 
     def batch_end(self, state: State, logger: Logger) -> None:
         rows = sum(int(mb.get("num_rows", self.micro_batch_size)) for mb in micro_batches_of(state.batch))
@@ -145,10 +146,10 @@ class MetricsJsonl(Callback):
             peak = self.peak_flops_per_device
             if peak:
                 record["throughput/mfu"] = pending["flops"] / (seconds * peak * dist.get_world_size())
-        if self._eval_ran:
-            self._eval_ran = False
-            for name, value in (state.eval_metric_values or {}).items():
-                record[f"eval/{_JSONL_NAMES.get(name, name)}"] = float(value)
+        for label, values in self._eval_values.items():
+            for name, value in values.items():
+                record[f"{label}/{_JSONL_NAMES.get(name, name)}"] = float(value)
+        self._eval_values = {}
         # Composer's loggers (wandb, console) already get losses and metrics; add what only we compute.
         logger.log_metrics({k: v for k, v in record.items() if k.startswith(("throughput/", "lr", "batch_size"))})
         if dist.get_global_rank() == 0:

@@ -132,6 +132,9 @@ class CheckpointConfig:
 class EvalConfig:
     # Held-out mixture manifest; null disables evaluation.
     manifest: Optional[str] = None
+    # More held-out sets, each scored and logged on its own ({domain: a.yaml, general: b.yaml} -> metrics
+    # eval_domain/loss, eval_general/loss): forgetting shows while a continued run adapts to its domain.
+    manifests: dict[str, str] = field(default_factory=dict)
     interval: str = "1000ba"
     # Micro-batches per evaluation (data.micro_batch_size rows each); -1 runs the whole held-out set.
     max_batches: int = 20

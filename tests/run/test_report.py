@@ -363,3 +363,20 @@ def test_bad_eval_results_file_is_one_line_naming_it(tmp_path):
     results_file.write_text('{"suite": "s", "runs": []}\n')
     with pytest.raises(UserError, match="with 'suite' and a 'summary' list"):
         write_report([run_dir], tmp_path / "out", eval_dirs=[tmp_path / "eval"])
+
+
+def test_two_heldout_sets_are_drawn_side_by_side_with_their_change(tmp_path):
+    """eval.manifests writes eval_NAME/loss: one plot of every set, and each set's first -> last change."""
+    records = []
+    for step in range(1, 41):
+        record = {"step": step, "tokens": 1000 * step, "train/loss": 5.0 - step / 20}
+        if step % 10 == 0:
+            record.update({"eval_domain/loss": 4.0 - step / 20, "eval_general/loss": 3.0 + step / 100})
+        records.append(record)
+    out_dir = tmp_path / "report"
+    summary = write_report([_write_run(tmp_path / "continue", records)], out_dir).read_text()
+    pixels = matplotlib.image.imread(out_dir / "heldout.png")
+    assert pixels.shape[:2] == EXPECTED_PNG_SHAPE
+    assert "| domain | 3.5000 | 2.0000 | -1.5000 | 40k |" in summary
+    assert "| general | 3.1000 | 3.4000 | +0.3000 | 40k |" in summary
+    assert "](heldout.png)" in summary
