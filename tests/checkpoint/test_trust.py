@@ -252,3 +252,18 @@ def test_a_resume_from_a_planted_checkpoint_stops_before_composer_unpickles_it(t
     assert not marker.exists()
     recipe.model.trust_checkpoint = True  # the user's explicit opt-in for this run
     assert prepare_run_folder(recipe, SimpleNamespace(rank=0)) == run
+
+
+def test_our_loader_state_with_an_empty_array_loads_safely(tmp_path):
+    """The elastic loader state holds arrays that are often empty (no positions to skip); pickle protocol 2
+    writes an empty array's data as a call of builtins.bytes, which the safe reader must accept."""
+    import numpy as np
+    import torch
+
+    from modernbert_train.checkpoint.trust import load_composer_state
+
+    path = tmp_path / "ep0-ba1-rank0.pt"
+    torch.save({"state": {"callbacks": {"ExactResumeState": {"loader": {"skip": np.asarray([], dtype=np.int64)}}},
+                          "model": {"model.w": torch.ones(2)}}}, path)
+    state = load_composer_state(path)
+    assert state["state"]["callbacks"]["ExactResumeState"]["loader"]["skip"].shape == (0,)
