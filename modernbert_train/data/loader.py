@@ -89,7 +89,7 @@ class _LoaderBase:
             shuffle_algo=config.shuffle_algo, num_canonical_nodes=self._num_canonical_nodes,
             shuffle_block_size=config.shuffle_block_size, predownload=config.predownload,
             cache_limit=config.cache_limit, download_timeout=config.download_timeout,
-            sampling_method=sampling_method, replication=self.dist.world_size if world_invariant else None)
+            download_retry=config.download_retry, sampling_method=sampling_method, replication=self.dist.world_size if world_invariant else None)
         self._raw_loader = build_raw_dataloader(self.dataset, batch_size=config.raw_batch_size,
                                                 num_workers=config.num_workers,
                                                 prefetch_factor=config.prefetch_factor)
@@ -307,14 +307,16 @@ class MLMLoader(_LoaderBase):
         self._tokens_seen = 0        # real tokens of all ranks in all steps whose counts were reduced
         self._pending_tokens = 0     # this rank's real tokens of the last step, reduced at the next step
         self.steps = 0
+        # (first, last) loader steps, 1-based since the phase began, that __next__ drops (set by the spike guard).
+        self.skip_windows: list[tuple[int, int]] = []
         self._prefetcher: StepPrefetcher | None = None
         self._yielded_state: dict[str, Any] | None = None  # producer state right after the last yielded step
         # A MaskRateSchedule (set by the trainer) gives each step's mask rate from the tokens seen.
         self.mask_rate_schedule = None
         if config.prefetch_steps and self.world_size > 1:
-            import torch.distributed as torch_dist
+            from modernbert_train.common.ranks import new_gloo_group
 
-            self._step_group = torch_dist.new_group(backend="gloo")
+            self._step_group = new_gloo_group()
 
     @property
     def tokens_seen(self) -> int:
@@ -327,6 +329,13 @@ class MLMLoader(_LoaderBase):
         return self
 
     def __next__(self) -> dict[str, Any]:
+        while True:
+            step = self._take_step()
+            # The spike guard's windows: loader steps whose data a rollback discarded are never trained on.
+            if not any(first <= step["loader_step"] <= last for first, last in self.skip_windows):
+                return step
+
+    def _take_step(self) -> dict[str, Any]:
         if not self.config.prefetch_steps:
             return self._next_step()
         if self._prefetcher is None:
@@ -384,6 +393,7 @@ class MLMLoader(_LoaderBase):
             "num_sequences": sum(rows),
             "tokens_seen_before": self._tokens_seen,
             "epoch": self.epoch,
+            "loader_step": self.steps,  # this step's position in the stream, dropped steps included
         }
 
     # --- state ---------------------------------------------------------------------------------------
