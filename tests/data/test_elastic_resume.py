@@ -82,7 +82,7 @@ def _stage(tmp: Path, config: dict, name: str, *, world: int, nodes: int = 1, st
     outputs = []
     for proc in running:
         try:
-            outputs.append(proc.communicate(timeout=300)[0])
+            outputs.append(proc.communicate(timeout=900)[0])  # generous: CI hosts may be loaded
         except subprocess.TimeoutExpired:
             for other in running:
                 other.kill()
