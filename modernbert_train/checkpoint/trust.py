@@ -21,9 +21,8 @@ from modernbert_train.common.errors import UserError
 
 def _checkpoint_data_types() -> list:
     """What a composer checkpoint holds besides tensors and plain containers: numpy arrays (RNG states, the
-    loader's positions), a timedelta (its timestamp), torch's version string, and `bytes` (pickle protocol 2
-    writes an empty bytes object, such as an empty array's data, as a call of `bytes()`). Plain data types:
-    unpickling them runs no code."""
+    loader's positions), a timedelta (its timestamp), torch's version string, bytes (an empty numpy array's
+    data is pickled as bytes()). Plain data types: unpickling them runs no code."""
     import datetime
 
     import numpy as np
@@ -177,17 +176,20 @@ def _load_sharded_safely(folder: Path, where: str = "") -> dict:
     return state
 
 
-def check_resume_is_safe(run_dir: Path, *, trust: bool = False, where: str = "") -> None:
-    """Composer's autoresume fully unpickles what `latest-rank*.pt` points at (torch.load weights_only=False,
-    pickle.load of a sharded .metadata). Before it does, each such checkpoint must pass the safe readers,
-    unless the user opted in for this run (model.trust_checkpoint)."""
+def check_resume_is_safe(run_dir: Path, *, checkpoint: str | Path | None = None, trust: bool = False,
+                         where: str = "") -> None:
+    """Composer's loading of a resume (load_path, or its autoresume's `latest-rank*.pt`) fully unpickles the
+    checkpoint (torch.load weights_only=False, pickle.load of a sharded .metadata). Before it does, `checkpoint`
+    and every `latest-rank*.pt` target must pass the safe readers, unless the user opted in for this run
+    (model.trust_checkpoint)."""
     if trust:
         return
     from modernbert_train.checkpoint.files import LATEST_NAME
 
-    for latest in sorted(run_dir.glob(LATEST_NAME.format(rank="*"))):
-        if latest.exists():
-            check_loads_safely(latest.resolve(), where)
+    targets = [Path(checkpoint)] if checkpoint is not None else []
+    targets += [latest.resolve() for latest in sorted(run_dir.glob(LATEST_NAME.format(rank="*"))) if latest.exists()]
+    for target in dict.fromkeys(targets):
+        check_loads_safely(target, where)
 
 
 def convert_sharded_checkpoint(sharded_dir: str | Path, out_file: str | Path, *, overwrite: bool = False,

@@ -68,7 +68,8 @@ def prepare_run_folder(recipe: Recipe, dist_info) -> tuple[Path, str | None]:
         if resume_from is not None:
             # Composer's loading fully unpickles the checkpoint: it must pass the safe readers first, unless the
             # user trusts this run's checkpoints.
-            check_resume_is_safe(run_dir, trust=recipe.model.trust_checkpoint, where=f"save_folder {run_dir}: ")
+            check_resume_is_safe(run_dir, checkpoint=resume_from, trust=recipe.model.trust_checkpoint,
+                                 where=f"save_folder {run_dir}: ")
         if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
             raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
                             f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")

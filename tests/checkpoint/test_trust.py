@@ -233,8 +233,8 @@ def test_checkpoints_our_trainer_writes_load_safely(trained_tiny_run):
 
 
 def test_a_resume_from_a_planted_checkpoint_stops_before_composer_unpickles_it(tmp_path, tokenizer_file, monkeypatch):  # noqa: F811
-    """composer's autoresume calls torch.load(weights_only=False) on latest-rank0.pt: prepare_run_folder runs the
-    safe check first, so a synced run folder with a payload stops with one line and the payload never runs."""
+    """composer loads the resume checkpoint with torch.load(weights_only=False): prepare_run_folder runs the safe
+    check first, so a synced run folder with a payload stops with one line and the payload never runs."""
     from types import SimpleNamespace
 
     from modernbert_train.train.trainer import prepare_run_folder
@@ -251,7 +251,7 @@ def test_a_resume_from_a_planted_checkpoint_stops_before_composer_unpickles_it(t
         prepare_run_folder(recipe, SimpleNamespace(rank=0))
     assert not marker.exists()
     recipe.model.trust_checkpoint = True  # the user's explicit opt-in for this run
-    assert prepare_run_folder(recipe, SimpleNamespace(rank=0)) == run
+    assert prepare_run_folder(recipe, SimpleNamespace(rank=0)) == (run, str(run / "ep0-ba7-rank0.pt"))
 
 
 def test_our_loader_state_with_an_empty_array_loads_safely(tmp_path):
