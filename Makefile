@@ -46,6 +46,11 @@ test-scale: $(VENV)/.installed
 	bash tests/scale/install_slurm.sh
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/scale $(ARGS)
 
+# The cluster rehearsal (tests/scale/): faults injected into 4-rank jobs under the real launcher, minutes each;
+# skipped by `make test`. SCALE_RESULTS=file.jsonl collects the fault table's figures.
+test-scale: $(VENV)/.installed
+	SCALE_TESTS=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/scale $(ARGS)
+
 # Deletes demo_out/ only if it holds nothing but what the demo writes (modernbert_train/common/safety.py).
 clean-demo: $(VENV)/.installed
 	$(VENV)/bin/modernbert-train demo --clean --out demo_out

@@ -118,7 +118,8 @@ def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
 
     Two things are tolerated because they happen to healthy runs: an unfinished last line (the trainer is
     writing it right now), and steps going back (a run resumed from a checkpoint older than its last log
-    line): the later records win and the superseded ones are dropped, so tokens never go backwards.
+    line): the later records win and the superseded ones are dropped, so tokens never go backwards. Event
+    records (spike-guard skips and rollbacks) are never dropped: every rollback stays in the report.
     """
     path = Path(path)
     if not path.is_file():
@@ -140,9 +141,11 @@ def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
                 notes.append(f"{path}:{line_no}: unfinished last line skipped (still being written?)")
                 continue
             raise
-        if records and record["step"] < records[-1]["step"]:
-            resumes += 1
-            records = [r for r in records if r["step"] < record["step"]]
+        if "event" not in record:
+            last = next((r["step"] for r in reversed(records) if "event" not in r), None)
+            if last is not None and record["step"] < last:
+                resumes += 1
+                records = [r for r in records if r["step"] < record["step"] or "event" in r]
         records.append(record)
     if resumes:
         notes.append(f"{path}: {resumes} resume(s) replayed steps already logged; the later lines were kept")
@@ -336,14 +339,21 @@ def spike_guard_rows(phases: Sequence[Phase]) -> list[list[str]]:
             event = record.get("event")
             if event == "spike_skipped":
                 loss, norm = record.get("spike/loss"), record.get("spike/grad_norm")
-                details = (f"loss {_number(loss)} (limit {_number(record.get('spike/loss_limit'))}), grad norm "
+                rule = f"{record['rule']} rule: " if record.get("rule") else ""
+                details = (f"{rule}loss {_number(loss)} (limit {_number(record.get('spike/loss_limit'))}), grad norm "
                            f"{_number(norm)} (limit {_number(record.get('spike/grad_norm_limit'))})")
                 rows.append([phase.name, f"{record['step']:,}", "update skipped", details])
             elif event == "rollback":
+                number = f" {record['rollback']}" if "rollback" in record else ""
+                start = f"step {record['step']:,}" if record["step"] else "the initial weights"
+                window = record.get("skipped_loader_steps")
+                skipped = (f"loader steps {window[0]:,}-{window[1]:,}" if window
+                           else f"the data of {record.get('skipped_steps')} steps")
                 details = (f"after spikes at steps {', '.join(map(str, record.get('spike_steps', [])))}: restarted "
-                           f"from step {record['step']:,}, skipped the data of {record.get('skipped_steps')} steps, "
-                           f"lr x {record.get('lr_scale')}")
-                rows.append([phase.name, f"{record['step']:,}", "rollback", details])
+                           f"from {start}, skipped {skipped}, lr x {record.get('lr_scale')}")
+                if record.get("reason"):
+                    details += f" ({record['reason']})"
+                rows.append([phase.name, f"{record['step']:,}", f"rollback{number}", details])
     return rows
 
 

@@ -216,8 +216,8 @@ def build_callbacks(recipe: Recipe, run_dir: Path, loader, model_config, metrics
 
     Live evaluation first: its scores belong to the step that just ended, before the metrics line is written.
     The LR schedule before anything that reads the LR. ExactResumeState before MetricsJsonl: the loader state is
-    restored before the metrics file is cut back to the checkpoint's step. PruneCheckpoints after those; the
-    spike guard last: its rollback record follows the resume clean-up of the metrics file."""
+    restored before the metrics file is cut back to the checkpoint's step. PruneCheckpoints after those. (The
+    spike guard changes the state: it is an algorithm, see build_algorithms.)"""
     from modernbert_train.train.callbacks import ExactResumeState, MetricsJsonl, PruneCheckpoints
     from modernbert_train.train.schedule import LRSchedule, WarmupStableDecay, peak_steps_from_recipe
 
@@ -236,16 +236,11 @@ def build_callbacks(recipe: Recipe, run_dir: Path, loader, model_config, metrics
                     else recipe.eval.suite_interval)
         callbacks.append(LiveEvaluation(recipe.eval.suite, interval, metrics, recipe.run_name, model_config,
                                         resolve_tokenizer_file(recipe.data.tokenizer), where="eval.suite"))
-    if recipe.spike_guard.enabled:
-        from modernbert_train.train.spike_guard import SpikeGuard
-
-        callbacks.append(SpikeGuard(recipe.spike_guard, run_dir, metrics, loader, lr_schedule))
     return sorted(callbacks, key=_callback_rank)
 
 
 # The order composer calls callbacks in (see build_callbacks): class names, so that this module imports none.
-CALLBACK_ORDER = ("LiveEvaluation", "LRSchedule", "ExactResumeState", "MetricsJsonl", "PruneCheckpoints",
-                  "SpikeGuard")
+CALLBACK_ORDER = ("LiveEvaluation", "LRSchedule", "ExactResumeState", "MetricsJsonl", "PruneCheckpoints")
 
 
 def _callback_rank(callback) -> int:
@@ -256,15 +251,25 @@ def lr_schedule_of(callbacks: list):
     return next(c for c in callbacks if type(c).__name__ == "LRSchedule")
 
 
-def build_algorithms(recipe: Recipe) -> list:
-    """Algorithms change the training state. Composer runs them in list order on "before" events and in reverse
-    on "after" events (AFTER_TRAIN_BATCH, where clipping acts); ALGORITHM_ORDER states the order that results."""
-    from composer.algorithms import GradientClipping
-
+def build_algorithms(recipe: Recipe, run_dir: Path, loader, metrics, callbacks: list) -> list:
+    """Algorithms change the training state. Composer runs them in list order on "before" events and in REVERSE
+    on "after" events (composer/core/passes.py set_filo_order). ALGORITHM_ORDER is the list order; on
+    AFTER_TRAIN_BATCH, where both act, the spike guard therefore runs first and judges the gradient norm before
+    GradientClipping scales it (a clipped norm never shows a gradient spike)."""
     algorithms = []
     if recipe.optimizer.grad_clip_norm is not None:
+        from composer.algorithms import GradientClipping
+
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.optimizer.grad_clip_norm))
-    return algorithms
+    if recipe.spike_guard.enabled:
+        from modernbert_train.train.spike_guard import SpikeGuard
+
+        algorithms.append(SpikeGuard(recipe.spike_guard, run_dir, metrics, loader, lr_schedule_of(callbacks)))
+    return sorted(algorithms, key=lambda algorithm: ALGORITHM_ORDER.index(type(algorithm).__name__))
+
+
+# List order of the algorithms (see build_algorithms): on AFTER_TRAIN_BATCH they run last to first.
+ALGORITHM_ORDER = ("GradientClipping", "SpikeGuard")
 
 
 def build_evaluators(recipe: Recipe, facts: DataFacts, dist_info, metric_names: list[str]) -> list:

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from modernbert_train.checkpoint.files import CHECKPOINT_NAME, LATEST_NAME, has_checkpoints
+from modernbert_train.checkpoint.trust import check_resume_is_safe
 from modernbert_train.common.errors import UserError
+from modernbert_train.common.ranks import all_ranks_agree
 from modernbert_train.run.folder import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
                                          write_config, write_run_artifacts)
 from modernbert_train.train import builders
@@ -59,10 +61,17 @@ def prepare_run_folder(recipe: Recipe, dist_info) -> tuple[Path, str | None]:
 
     run_dir = Path(recipe.save_folder)
     # Not composer's autoresume, which fails on several nodes sharing save_folder (see train/resume_point.py).
+    # Rank 0's choice, or its error, reaches every rank.
     resume_from = resume_checkpoint(run_dir, dist_info.rank) if recipe.checkpoint.autoresume else None
-    if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
-        raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
-                        f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
+    # The agreement is the barrier: a failure on one rank ends every rank, named (common/ranks.py).
+    with all_ranks_agree("preparing the run folder"):
+        if resume_from is not None:
+            # Composer's loading fully unpickles the checkpoint: it must pass the safe readers first, unless the
+            # user trusts this run's checkpoints.
+            check_resume_is_safe(run_dir, trust=recipe.model.trust_checkpoint, where=f"save_folder {run_dir}: ")
+        if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
+            raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
+                            f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
     return run_dir, resume_from
 
 
@@ -92,31 +101,34 @@ def build_trainer(recipe: Recipe):
     # Before any StreamingDataset exists: streaming otherwise builds (and destroys) its own process group.
     dist_info = initialize_distributed()
     run_dir, resume_from = prepare_run_folder(recipe, dist_info)
-    manifest = builders.load_manifest_at(recipe.data.manifest, recipe, "data.manifest")
-    facts = builders.read_data_facts(manifest, recipe)
-    if facts.max_chunk_len > recipe.data.max_seq_len:
-        log.info("shards hold chunks up to %d tokens; the loader re-splits them to %d",
-                 facts.max_chunk_len, recipe.data.max_seq_len)
-    if dist_info.rank == 0:
-        lock_run_dir(run_dir)  # one writer per run folder (rank 0 speaks for the job); names the holder if taken
-        _add_file_log(run_dir)
+    with all_ranks_agree("reading the data manifest and locking the run folder"):
+        manifest = builders.load_manifest_at(recipe.data.manifest, recipe, "data.manifest")
+        facts = builders.read_data_facts(manifest, recipe)
+        if facts.max_chunk_len > recipe.data.max_seq_len:
+            log.info("shards hold chunks up to %d tokens; the loader re-splits them to %d",
+                     facts.max_chunk_len, recipe.data.max_seq_len)
+        if dist_info.rank == 0:
+            lock_run_dir(run_dir)  # one writer per run folder (rank 0 speaks for the job); names the holder if taken
+            _add_file_log(run_dir)
 
     torch.manual_seed(recipe.seed)  # model init is reproducible from the recipe's seed
-    model = builders.build_model(recipe, facts)
-    if has_checkpoints(run_dir) or (run_dir / LATEST_NAME.format(rank=0)).exists():
-        check_resume_keeps_architecture(run_dir, model.config.to_dict(),
-                                        lambda key: recipe.where(f"model.config.{key}"))
-    parallelism = builders.build_parallelism(recipe, model)
-    if recipe.compile:
-        model.compile_dense()
-    composer_model = ModernBertMLM(model)
-    optimizer = builders.build_optimizer(recipe, model, device)
-    recipe_settings = optimizer_settings(optimizer)
+    model = builders.build_model(recipe, facts)  # a checkpoint to start from is read on rank 0 and broadcast
+    with all_ranks_agree("building the model and optimizer"):
+        if has_checkpoints(run_dir) or (run_dir / LATEST_NAME.format(rank=0)).exists():
+            check_resume_keeps_architecture(run_dir, model.config.to_dict(),
+                                            lambda key: recipe.where(f"model.config.{key}"))
+        parallelism = builders.build_parallelism(recipe, model)
+        if recipe.compile:
+            model.compile_dense()
+        composer_model = ModernBertMLM(model)
+        optimizer = builders.build_optimizer(recipe, model, device)
+        recipe_settings = optimizer_settings(optimizer)
 
     train_loader = builders.build_loader(recipe, manifest, dist_info, infinite=True)
     train_loader.mask_rate_schedule = builders.mask_rate_schedule(recipe)
-    if dist_info.rank == 0:
-        record_run(recipe, run_dir, model, train_loader)
+    with all_ranks_agree("starting the data loader and recording the run"):
+        if dist_info.rank == 0:
+            record_run(recipe, run_dir, model, train_loader)
     metrics = MetricsFile(run_dir / METRICS_FILE)
     callbacks = builders.build_callbacks(recipe, run_dir, train_loader, model.config, metrics)
     evaluators = builders.build_evaluators(recipe, facts, dist_info, list(composer_model.eval_metrics))
@@ -129,7 +141,7 @@ def build_trainer(recipe: Recipe):
         max_duration=builders.composer_duration(recipe.max_duration, "max_duration"),
         optimizers=optimizer,
         schedulers=[],
-        algorithms=builders.build_algorithms(recipe),
+        algorithms=builders.build_algorithms(recipe, run_dir, train_loader, metrics, callbacks),
         eval_dataloader=evaluators or None,
         eval_interval=builders.composer_duration(recipe.eval.interval, "eval.interval") if evaluators else 1,
         eval_subset_num_batches=recipe.eval.max_batches if evaluators else -1,
@@ -167,13 +179,33 @@ def _loaders_of(trainer) -> list:
     return [loader for loader in loaders if loader is not None]
 
 
+def _clear_model_caches() -> None:
+    """torch.distributed.checkpoint's state-dict helpers memoise on the model (functools.lru_cache on
+    `_get_fqns(model, name)`), which keeps every model composer ever saved alive; the cache is rebuilt on use."""
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    for name in dir(dcp_state_dict):
+        cache_clear = getattr(getattr(dcp_state_dict, name), "cache_clear", None)
+        if callable(cache_clear):
+            cache_clear()
+
+
 def release_trainer(trainer, run_dir: Path) -> list[str]:
     """End an attempt: close the trainer, stop its loaders' threads and remove their shard caches, release the
     run folder's lock, and free what the trainer held (weights, gradients, optimizer state, CUDA memory).
     Returns the cache folders removed."""
+    import atexit
+
+    from composer.core.engine import Engine
+
     removed: list[str] = []
     try:
         trainer.close()
+        # composer registers Engine._close(state, logger) with atexit for every trainer and never unregisters it
+        # after close(): that registration would keep the closed trainer's state (model, optimizer) alive until
+        # the process exits. Only one trainer lives at a time here, and it is closed now.
+        atexit.unregister(Engine._close)
+        _clear_model_caches()
     finally:
         for loader in _loaders_of(trainer):
             release = getattr(loader, "release", None) or getattr(loader, "close", None)
@@ -197,7 +229,8 @@ def _fit_once(recipe: Recipe):
         else:
             trainer.fit()
     except SpikeRollback as spikes:
-        rollback = spikes
+        # Its traceback holds the frames of fit(), and so the trainer: keep only the exception's data.
+        rollback = spikes.with_traceback(None)
     finally:
         release_trainer(trainer, run_dir)
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
@@ -221,7 +254,7 @@ def train(recipe: Recipe) -> TrainResult:
             torch.cuda.empty_cache()
         if rollback is None:
             return TrainResult(result.run_dir, result.steps, result.tokens, result.final_loss, attempts)
-        roll_back(result.run_dir, rollback.spike_steps, recipe.spike_guard)
+        roll_back(result.run_dir, rollback, recipe.spike_guard)
 
 
 __all__ = ["train", "build_trainer", "release_trainer", "TrainResult"]
