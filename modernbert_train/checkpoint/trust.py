@@ -32,7 +32,9 @@ def _checkpoint_data_types() -> list:
     except ImportError:  # numpy 1.x
         from numpy.core.multiarray import _reconstruct
     dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
-    return [_reconstruct, np.ndarray, np.dtype, *dtype_classes, datetime.timedelta, TorchVersion]
+    # bytes: torch.save's pickle protocol 2 writes an empty bytes object as a call of `builtins.bytes` (a
+    # 2-rank DDP run's checkpoint holds one); constructing bytes runs no code.
+    return [_reconstruct, np.ndarray, np.dtype, *dtype_classes, datetime.timedelta, TorchVersion, bytes]
 
 
 def _refuse_pickle(checkpoint: Path, what: str, where: str) -> UserError:
