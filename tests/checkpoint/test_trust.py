@@ -251,4 +251,4 @@ def test_a_resume_from_a_planted_checkpoint_stops_before_composer_unpickles_it(t
         prepare_run_folder(recipe, SimpleNamespace(rank=0))
     assert not marker.exists()
     recipe.model.trust_checkpoint = True  # the user's explicit opt-in for this run
-    assert prepare_run_folder(recipe, SimpleNamespace(rank=0)) == run
+    assert prepare_run_folder(recipe, SimpleNamespace(rank=0))[0] == run  # (run folder, resume point)
