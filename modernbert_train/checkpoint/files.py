@@ -84,6 +84,12 @@ def set_aside_checkpoints_after(run_dir: Path, step: int, aside: Path) -> None:
     """Move every checkpoint newer than `step` into `aside` (kept for inspection, never read again) and point
     every rank's `latest` link at `step`'s checkpoint: autoresume then restarts from there. Step 0 (no
     checkpoint) removes the links: the next start begins from the initial weights."""
+    from modernbert_train.common.safety import check_safe_to_replace, only_these_entries
+
+    # `aside` may already hold an earlier rollback's checkpoints, which a same-named one replaces: only when it
+    # is a real folder holding nothing but checkpoints (a synced run folder could bring a link to elsewhere).
+    check_safe_to_replace(aside, label="rollback folder", recognise=only_these_entries(
+        lambda name: bool(_CHECKPOINT_ENTRY.match(name)), (), "a rollback"))
     for newer, paths in checkpoints_by_step(run_dir).items():
         if newer > step:
             aside.mkdir(exist_ok=True)

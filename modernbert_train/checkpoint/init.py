@@ -19,6 +19,7 @@ import torch
 from modernbert_train.checkpoint.files import checkpoint_step, find_checkpoint, latest_checkpoint
 from modernbert_train.checkpoint.trust import load_composer_state
 from modernbert_train.common.errors import UserError
+from modernbert_train.common.ranks import load_on_one_rank
 
 log = logging.getLogger("modernbert_train")
 
@@ -41,7 +42,9 @@ def carry_optimizer_state(trainer, init_from: str, settings: list[dict[str, Any]
     """Load the optimizer state of init_from's checkpoint into the freshly built trainer, then put the
     recipe's settings back (the checkpoint's param groups carry the previous phase's lr and decay)."""
     checkpoint, _ = find_checkpoint(Path(init_from))
-    state = load_composer_state(checkpoint, trust=trust)["state"]
+    # Rank 0 reads the file and keeps only the moments; every rank gets them from it (one read per job).
+    state = load_on_one_rank(f"reading the optimizer state of {checkpoint}", lambda: {
+        "optimizers": load_composer_state(checkpoint, trust=trust)["state"].get("optimizers")})
     if not state.get("optimizers"):
         raise UserError(f"{where}model.init_optimizer: {checkpoint} holds no optimizer state (an averaged or "
                         f"converted weights-only file?)")
@@ -101,7 +104,10 @@ def initial_model(config_values: dict[str, Any], *, preset: str, init_from: str 
         if checkpoint is None:
             raise UserError(f"{where}model.init_from: {init_from} does not exist (give the previous phase's run "
                             f"directory, a checkpoint file, or hf:PATH)")
-        step = load_model_weights_from_checkpoint(model, checkpoint, where, trust=trust)
+        # Rank 0 reads the file, the weights reach the other ranks by broadcast (one read per job).
+        state = load_on_one_rank(f"reading the weights of {checkpoint}",
+                                 lambda: _model_part(load_composer_state(checkpoint, trust=trust)))
+        step = load_model_weights_from_checkpoint(model, checkpoint, where, trust=trust, state=state)
         log.info("initial weights: %s (step %d of the previous phase)", checkpoint, step)
     return model
 
@@ -129,16 +135,26 @@ def tile_from(model, source: str, where: str, trust: bool = False) -> None:
     log.info("initial weights: centre-tiled from %s", source)
 
 
+def _model_part(state: dict) -> dict:
+    """What load_model_weights_from_checkpoint reads of a composer state (the rest is not broadcast)."""
+    inner = state.get("state") if isinstance(state, dict) else None
+    if not isinstance(inner, dict):
+        return state
+    return {"state": {"model": inner.get("model"), "timestamp": inner.get("timestamp")}}
+
+
 def load_model_weights_from_checkpoint(model: torch.nn.Module, checkpoint: Path, where: str = "",
-                                       trust: bool = False) -> int:
+                                       trust: bool = False, state: dict | None = None) -> int:
     """Copy the `model.*` weights of a composer checkpoint into `model`; returns the checkpoint's step.
 
     A sharded FSDP checkpoint (a folder of .distcp files) is merged first; see load_composer_state for what
-    is unpickled when."""
-    state = load_composer_state(checkpoint, trust=trust)
+    is unpickled when. `state`: the checkpoint's state, already read (by another rank)."""
+    if state is None:
+        state = load_composer_state(checkpoint, trust=trust)
     try:
         weights = state["state"]["model"]
-    except (KeyError, TypeError):
+        weights.items()
+    except (KeyError, TypeError, AttributeError):
         raise UserError(f"{where}{checkpoint} is not a composer checkpoint (no state.model)") from None
     prefix = "model."
     inner = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}

@@ -17,7 +17,6 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from modernbert_train.checkpoint.files import prune_checkpoints
-from modernbert_train.common.errors import UserError
 from modernbert_train.train.composer_model import micro_batches_of
 from modernbert_train.train.metrics_file import MetricsFile
 
@@ -29,7 +28,8 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 class ExactResumeState(Callback):
-    """Makes a resumed run continue bit-identically: loader position in the checkpoint, step-seeded RNG.
+    """Makes a resumed run continue bit-identically (on the same number of processes; on another, with the
+    same data order and no sample lost or repeated): loader position in the checkpoint, step-seeded RNG.
 
     The loader's state (position, packer buffer, tokens seen, for every rank) goes into composer's
     checkpoint through this callback's state_dict. The torch RNG (dropout) is re-seeded from (seed, rank,
@@ -49,13 +49,8 @@ class ExactResumeState(Callback):
         return {"world_size": dist.get_world_size(), "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved_world = int(state["world_size"])
-        # A world-invariant data stream (data.loader_options.world_invariant) continues on any number of
-        # processes; the loader checks that both runs use it.
-        if saved_world != dist.get_world_size() and not state["loader"].get("world_invariant", False):
-            raise UserError(f"the checkpoint was written by {saved_world} processes but this run has "
-                            f"{dist.get_world_size()}; resume with the same number of processes, or train with "
-                            f"data.loader_options.world_invariant=true to be able to change it")
+        # On another number of processes the loader re-partitions the saved positions and packer buffers
+        # (data/elastic.py); it names what cannot continue (e.g. a node count that breaks the sample order).
         self.loader.load_state_dict(state["loader"])
 
     def after_dataloader(self, state: State, logger: Logger) -> None:

@@ -70,8 +70,8 @@ class ModelConfig:
     # (weights only unless init_optimizer; the schedule starts fresh), 'hf:PATH' (a transformers folder),
     # or 'tile:PATH' (centre-tile a smaller model's run directory, checkpoint or HF folder into this one).
     init_from: Optional[str] = None
-    # Fully unpickle an init_from checkpoint that holds more than weights and plain data (it can run code);
-    # needed only for checkpoints outside our own run folders. Trust only files you trust.
+    # Fully unpickle init_from's checkpoint, and the one a resume starts from, when they hold more than weights
+    # and plain data (it can run code). Our own checkpoints never need it: only for foreign files you trust.
     trust_checkpoint: bool = False
     # Also take the optimizer state (Adam moments) of init_from's checkpoint; lr, weight decay, betas and
     # the schedule stay this recipe's (the authors' reset_time with restart_override).

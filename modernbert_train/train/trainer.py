@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.checkpoint.files import (CHECKPOINT_NAME, LATEST_NAME, has_checkpoints,
-                                               recover_interrupted_save)
+from modernbert_train.checkpoint.files import CHECKPOINT_NAME, LATEST_NAME, has_checkpoints
+from modernbert_train.checkpoint.trust import check_resume_is_safe
 from modernbert_train.common.errors import UserError
+from modernbert_train.common.ranks import all_ranks_agree
 from modernbert_train.run.folder import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
                                          write_config, write_run_artifacts)
 from modernbert_train.train import builders
@@ -53,19 +54,25 @@ def _add_file_log(run_dir: Path) -> None:
         logger.setLevel(logging.INFO)
 
 
-def prepare_run_folder(recipe: Recipe, dist_info) -> Path:
-    """Rank 0 repairs an interrupted save; every rank refuses a folder that holds another run's checkpoints."""
-    from composer.utils import dist as composer_dist
+def prepare_run_folder(recipe: Recipe, dist_info) -> tuple[Path, str | None]:
+    """(run folder, checkpoint to resume from or None). Rank 0 repairs an interrupted save and picks the checkpoint
+    for every rank; every rank refuses a folder that holds another run's checkpoints."""
+    from modernbert_train.train.resume_point import resume_checkpoint
 
     run_dir = Path(recipe.save_folder)
-    if recipe.checkpoint.autoresume:
-        if dist_info.rank == 0:
-            recover_interrupted_save(run_dir)  # a kill mid-save leaves a file composer would refuse to resume past
-        composer_dist.barrier()
-    if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
-        raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
-                        f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
-    return run_dir
+    # Not composer's autoresume, which fails on several nodes sharing save_folder (see train/resume_point.py).
+    # Rank 0's choice, or its error, reaches every rank.
+    resume_from = resume_checkpoint(run_dir, dist_info.rank) if recipe.checkpoint.autoresume else None
+    # The agreement is the barrier: a failure on one rank ends every rank, named (common/ranks.py).
+    with all_ranks_agree("preparing the run folder"):
+        if resume_from is not None:
+            # Composer's loading fully unpickles the checkpoint: it must pass the safe readers first, unless the
+            # user trusts this run's checkpoints.
+            check_resume_is_safe(run_dir, trust=recipe.model.trust_checkpoint, where=f"save_folder {run_dir}: ")
+        if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
+            raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
+                            f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
+    return run_dir, resume_from
 
 
 def record_run(recipe: Recipe, run_dir: Path, model, loader) -> None:
@@ -93,32 +100,35 @@ def build_trainer(recipe: Recipe):
     device, precision = builders.resolve_device_and_precision(recipe)
     # Before any StreamingDataset exists: streaming otherwise builds (and destroys) its own process group.
     dist_info = initialize_distributed()
-    run_dir = prepare_run_folder(recipe, dist_info)
-    manifest = builders.load_manifest_at(recipe.data.manifest, recipe, "data.manifest")
-    facts = builders.read_data_facts(manifest, recipe)
-    if facts.max_chunk_len > recipe.data.max_seq_len:
-        log.info("shards hold chunks up to %d tokens; the loader re-splits them to %d",
-                 facts.max_chunk_len, recipe.data.max_seq_len)
-    if dist_info.rank == 0:
-        lock_run_dir(run_dir)  # one writer per run folder (rank 0 speaks for the job); names the holder if taken
-        _add_file_log(run_dir)
+    run_dir, resume_from = prepare_run_folder(recipe, dist_info)
+    with all_ranks_agree("reading the data manifest and locking the run folder"):
+        manifest = builders.load_manifest_at(recipe.data.manifest, recipe, "data.manifest")
+        facts = builders.read_data_facts(manifest, recipe)
+        if facts.max_chunk_len > recipe.data.max_seq_len:
+            log.info("shards hold chunks up to %d tokens; the loader re-splits them to %d",
+                     facts.max_chunk_len, recipe.data.max_seq_len)
+        if dist_info.rank == 0:
+            lock_run_dir(run_dir)  # one writer per run folder (rank 0 speaks for the job); names the holder if taken
+            _add_file_log(run_dir)
 
     torch.manual_seed(recipe.seed)  # model init is reproducible from the recipe's seed
-    model = builders.build_model(recipe, facts)
-    if has_checkpoints(run_dir) or (run_dir / LATEST_NAME.format(rank=0)).exists():
-        check_resume_keeps_architecture(run_dir, model.config.to_dict(),
-                                        lambda key: recipe.where(f"model.config.{key}"))
-    parallelism = builders.build_parallelism(recipe, model)
-    if recipe.compile:
-        model.compile_dense()
-    composer_model = ModernBertMLM(model)
-    optimizer = builders.build_optimizer(recipe, model, device)
-    recipe_settings = optimizer_settings(optimizer)
+    model = builders.build_model(recipe, facts)  # a checkpoint to start from is read on rank 0 and broadcast
+    with all_ranks_agree("building the model and optimizer"):
+        if has_checkpoints(run_dir) or (run_dir / LATEST_NAME.format(rank=0)).exists():
+            check_resume_keeps_architecture(run_dir, model.config.to_dict(),
+                                            lambda key: recipe.where(f"model.config.{key}"))
+        parallelism = builders.build_parallelism(recipe, model)
+        if recipe.compile:
+            model.compile_dense()
+        composer_model = ModernBertMLM(model)
+        optimizer = builders.build_optimizer(recipe, model, device)
+        recipe_settings = optimizer_settings(optimizer)
 
     train_loader = builders.build_loader(recipe, manifest, dist_info, infinite=True)
     train_loader.mask_rate_schedule = builders.mask_rate_schedule(recipe)
-    if dist_info.rank == 0:
-        record_run(recipe, run_dir, model, train_loader)
+    with all_ranks_agree("starting the data loader and recording the run"):
+        if dist_info.rank == 0:
+            record_run(recipe, run_dir, model, train_loader)
     metrics = MetricsFile(run_dir / METRICS_FILE)
     callbacks = builders.build_callbacks(recipe, run_dir, train_loader, model.config, metrics)
     evaluators = builders.build_evaluators(recipe, facts, dist_info, list(composer_model.eval_metrics))
@@ -146,9 +156,7 @@ def build_trainer(recipe: Recipe):
         save_interval=builders.composer_duration(recipe.checkpoint.interval, "checkpoint.interval"),
         save_num_checkpoints_to_keep=recipe.checkpoint.keep_last,
         save_overwrite=False,
-        # Only when there is something to resume: with no local checkpoint composer asks every logger to
-        # download one, and WandBLogger raises when asked before wandb.init().
-        autoresume=recipe.checkpoint.autoresume and (run_dir / LATEST_NAME.format(rank=0)).exists(),
+        load_path=resume_from,
         parallelism_config=parallelism,
         device=device,
         precision=precision,
