@@ -21,7 +21,9 @@ from modernbert_train.common.errors import UserError
 
 def _checkpoint_data_types() -> list:
     """What a composer checkpoint holds besides tensors and plain containers: numpy arrays (RNG states), a
-    timedelta (its timestamp), torch's version string. Plain data types: unpickling them runs no code."""
+    timedelta (its timestamp), torch's version string, and `bytes` (torch.save's pickle protocol 2 writes an
+    empty numpy array's data, e.g. an empty loader buffer, as a call to bytes()). Plain data types: unpickling
+    them runs no code."""
     import datetime
 
     import numpy as np
@@ -32,7 +34,7 @@ def _checkpoint_data_types() -> list:
     except ImportError:  # numpy 1.x
         from numpy.core.multiarray import _reconstruct
     dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
-    return [_reconstruct, np.ndarray, np.dtype, *dtype_classes, datetime.timedelta, TorchVersion]
+    return [_reconstruct, np.ndarray, np.dtype, *dtype_classes, datetime.timedelta, TorchVersion, bytes]
 
 
 def _refuse_pickle(checkpoint: Path, what: str, where: str) -> UserError:
