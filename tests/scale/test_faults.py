@@ -22,7 +22,9 @@ from tests.scale.harness import (DIST_TIMEOUT_S, FaultResult, copy_data, launch,
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600),
               pytest.mark.skipif(os.environ.get("SCALE_TESTS") != "1", reason="cluster rehearsal: make test-scale")]
 STEPS, EVERY, FAULT_AT = 6, 2, 3
-BOUND_S = DIST_TIMEOUT_S + 60  # the collective timeout, plus the launcher's SIGTERM grace and the exits
+# The collective timeout, the loader's bounded wait for its prefetch thread at exit (30 s), the launcher's SIGTERM
+# grace (30 s) and the exits.
+BOUND_S = DIST_TIMEOUT_S + 120
 COMMON = [f"max_duration={STEPS}ba", f"checkpoint.interval={EVERY}ba", "checkpoint.keep_last=-1",
           "logging.progress_bar=false", "run_name=rehearsal", "batch_warmup.start_batch_size=null",
           "parallelism.fsdp={version: 2, state_dict_type: sharded}"]
@@ -47,12 +49,11 @@ def rehearsal(tiny_data, tmp_path_factory):
 
 
 def _fault(rehearsal, name: str, inject, *, nodes: int = 1, env: dict | None = None, relaunch_env: dict | None = None,
-           save_folder: Path | None = None, between=None, fault_at: int | None = FAULT_AT):
+           save_folder: Path | None = None, between=None, fault_at: int = FAULT_AT):
     work, args_for, reference = rehearsal
     args, run_dir = args_for(name, save_folder)
     job = launch(work, name, args, nodes=nodes, env=env)
-    if fault_at is not None:
-        wait_for_step(job, run_dir, fault_at)
+    wait_for_step(job, run_dir, fault_at)
     what = inject(job, run_dir)
     seconds = job.wait_ended(BOUND_S)
     if seconds is None:
@@ -147,12 +148,13 @@ def test_disk_full_while_saving(rehearsal, tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         def inject(job, run_dir):
-            return "save_folder on a 20 MiB tmpfs: one sharded checkpoint (about 13 MB) fits, the second does not"
+            return ("save_folder on a 20 MiB tmpfs: the step-2 sharded checkpoint (about 13 MB) fits, the step-4 "
+                    "one does not (seconds counted from step 2)")
 
         def bigger_disk():
             subprocess.run(["mount", "-o", "remount,size=512m", str(mount)], check=True)
         result, _ = _fault(rehearsal, "disk-full", inject, save_folder=mount / "run", between=bigger_disk,
-                           fault_at=None)
+                           fault_at=2)
     finally:
         subprocess.run(["umount", "-l", str(mount)])
     assert result.seconds_to_exit is not None, result
