@@ -253,7 +253,8 @@ def train_ours(work: Path, name: str, overrides: list[str], seed: int, tokens: i
     from modernbert_train.checkpoints import latest_checkpoint, load_model_weights_from_checkpoint
     from modernbert_train.model import ModernBertForMaskedLM
 
-    run_name = f"{name.replace('+', '_')}-seed{seed}"  # run names hold letters, digits, '.', '_', '-'
+    # Named by its length too: a run folder of another length would be resumed (checkpoint.autoresume).
+    run_name = f"{name.replace('+', '_')}-seed{seed}-{tokens}tok"  # letters, digits, '.', '_', '-' only
     run_dir = work / "runs" / run_name
     if any("hf_init" in o for o in overrides):
         hf_init_folder(work, seed)
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the recipe the ours* rows start from (default yamls/tiny/phase1.yaml; give the "
                              "recipe before a change to measure what the change fixed)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    parser.add_argument("--table", action="store_true", help="print the table of the runs already done, run nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # NAME/SEED: one run, in this process
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
@@ -341,11 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run_one(work, name, int(seed), args.tokens, args.ablate_recipe.resolve())
         (results_dir / f"{name}-seed{seed}-{args.tokens}.json").write_text(json.dumps(result, indent=1))
         return 0
-    prepare(work)
+    if not args.table:
+        prepare(work)
     (work / "runs").mkdir(exist_ok=True)
     results_dir.mkdir(exist_ok=True)
-    todo = [(n, s) for s in seeds for n in names
-            if not (results_dir / f"{n}-seed{s}-{args.tokens}.json").exists()]
+    todo = [] if args.table else [(n, s) for s in seeds for n in names
+                                  if not (results_dir / f"{n}-seed{s}-{args.tokens}.json").exists()]
 
     def launch(item):
         name, seed = item
