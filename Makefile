@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test test-scale install clean-demo
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -37,8 +37,20 @@ test: $(VENV)/.installed $(CURRENT_VENV)/.installed
 	  tests/train/test_exact_resume.py tests/train/test_composer_model.py tests/train/test_optim_fsdp2.py \
 	  tests/train/test_metrics_sync_free.py
 	@echo "== full suite on the pinned stack (torch 2.7, composer 0.32.1, transformers 4.x) =="
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q --ignore=tests/scale $(ARGS)
 
-# Deletes demo_out/ only if it holds nothing but what the demo writes (modernbert_train/safety.py).
+# The cluster rehearsal (tests/scale, ~5 min on 2 cores): launch/slurm_phase.sbatch under a real SLURM that the
+# tests start on 127.0.0.1 (slurmctld, two slurmd, munged), jobs of 1 and 2 nodes requeued mid-run. Installs
+# Debian's slurm-wlm and munge first (as root, as in CI's container); without them the tests skip, saying why.
+test-scale: $(VENV)/.installed
+	bash tests/scale/install_slurm.sh
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/scale $(ARGS)
+
+# The cluster rehearsal (tests/scale/): faults injected into 4-rank jobs under the real launcher, minutes each;
+# skipped by `make test`. SCALE_RESULTS=file.jsonl collects the fault table's figures.
+test-scale: $(VENV)/.installed
+	SCALE_TESTS=1 $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/scale $(ARGS)
+
+# Deletes demo_out/ only if it holds nothing but what the demo writes (modernbert_train/common/safety.py).
 clean-demo: $(VENV)/.installed
 	$(VENV)/bin/modernbert-train demo --clean --out demo_out

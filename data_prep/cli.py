@@ -10,8 +10,8 @@ import os
 import sys
 import time
 
-from modernbert_train.errors import UserError, did_you_mean, run_command
-from modernbert_train.progress import add_progress_argument, configure_console, progress_mode
+from modernbert_train.common.errors import UserError, did_you_mean, run_command
+from modernbert_train.common.progress import add_progress_argument, configure_console, progress_mode
 
 EPILOG = """examples:
   modernbert-data build-local-corpus --out demo_out/corpus --max-mb 4

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from modernbert_train.data import shards as shard_reader
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 
 class Histogram:

@@ -1,35 +1,23 @@
 """Tokenizers: load any `tokenizer.json`, find its special tokens, train a lossless code-friendly BPE.
 
-`load_tokenizer` and `special_token_ids` are the one way the rest of the project takes a tokenizer (contract 1).
+Loading, special ids and saving live in `modernbert_train.data.tokenizer` (contract 1); they are re-exported here.
 A trained tokenizer is byte-level BPE whose pre-tokenizer keeps whitespace runs and indentation as their own
 pieces and never adds a prefix space, so `decode(encode(text)) == text` for every string (except a literal
 mask token, which takes the space before it, as ModernBERT's own tokenizer does).
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from modernbert_train.errors import UserError
-
-TOKENIZER_FILE = "tokenizer.json"
-
-# Our trained tokenizers put the specials first, in this order (contract 1: [UNK]=0 ... [MASK]=4).
-SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
-
-# Accepted spellings per role, first match wins: the BERT family, then the RoBERTa/GPT family.
-_ROLE_SPELLINGS = {
-    "cls_id": ("[CLS]", "<s>", "<cls>"),
-    "sep_id": ("[SEP]", "</s>", "<sep>"),
-    "pad_id": ("[PAD]", "<pad>"),
-    "mask_id": ("[MASK]", "<mask>"),
-    "unk_id": ("[UNK]", "<unk>"),
-}
+from modernbert_train.common.errors import UserError
+from modernbert_train.data.tokenizer import (SPECIAL_TOKENS, TOKENIZER_FILE, SpecialTokenIds, load_tokenizer,  # noqa: F401
+                                            make_mask_absorb_preceding_space, mask_absorbs_preceding_space,
+                                            resolve_tokenizer_file, save_tokenizer, special_token_ids,
+                                            tokenizer_sha256, verify_saved_tokenizer, vocab_size)
 
 # A GPT-4-like split, lossless and code-friendly: words take at most one leading non-letter, numbers split
 # in groups of three, punctuation runs stop at the line end, and whitespace runs (indentation, blank lines)
@@ -43,67 +31,6 @@ CODE_FRIENDLY_SPLIT = (
     r"|\s+(?!\S)"
     r"|\s+"
 )
-
-
-@dataclass(frozen=True)
-class SpecialTokenIds:
-    cls_id: int
-    sep_id: int
-    pad_id: int
-    mask_id: int
-    unk_id: int | None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
-    """`path` itself if it is a file, else `path/tokenizer.json`; UserError naming the path if neither exists."""
-    path = Path(path)
-    if path.is_dir():
-        candidate = path / TOKENIZER_FILE
-        if not candidate.is_file():
-            raise UserError(f"tokenizer folder {path} has no {TOKENIZER_FILE}")
-        return candidate
-    if not path.is_file():
-        raise UserError(f"tokenizer file {path} does not exist (give a tokenizer.json or a folder holding one)")
-    return path
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a `tokenizers` tokenizer.json (or a folder with one, e.g. a Hugging Face model folder)."""
-    file = resolve_tokenizer_file(path)
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as err:  # tokenizers raises a bare Exception with the serde message
-        raise UserError(f"{file} is not a valid tokenizer.json: {err}") from err
-
-
-def tokenizer_sha256(path: str | os.PathLike) -> str:
-    """Hash of the tokenizer.json bytes: shards record it so a mismatched tokenizer is caught later."""
-    return hashlib.sha256(resolve_tokenizer_file(path).read_bytes()).hexdigest()
-
-
-def special_token_ids(tok: Tokenizer, source: str | os.PathLike | None = None) -> SpecialTokenIds:
-    """Ids of [CLS] [SEP] [PAD] [MASK] [UNK] (or <s> </s> <pad> <mask> <unk>), found by token string.
-
-    `source` only names the file in the error message. [UNK] may be absent (byte-level BPE never needs it).
-    """
-    found: dict[str, int | None] = {}
-    for role, spellings in _ROLE_SPELLINGS.items():
-        found[role] = next((tid for tid in map(tok.token_to_id, spellings) if tid is not None), None)
-    missing = [_ROLE_SPELLINGS[role][0] for role, tid in found.items() if tid is None and role != "unk_id"]
-    if missing:
-        where = f"tokenizer {source}" if source is not None else "the tokenizer"
-        raise UserError(
-            f"{where} lacks the special token(s) {', '.join(missing)} "
-            f"(accepted spellings: {'; '.join('/'.join(s) for s in _ROLE_SPELLINGS.values())})")
-    return SpecialTokenIds(**found)
-
-
-def vocab_size(tok: Tokenizer) -> int:
-    """Number of ids the tokenizer can emit, added tokens included."""
-    return tok.get_vocab_size(with_added_tokens=True)
 
 
 def build_untrained_tokenizer() -> Tokenizer:
@@ -127,25 +54,6 @@ def _wrap_with_cls_sep(tok: Tokenizer) -> None:
     )
 
 
-def mask_absorbs_preceding_space(tok: Tokenizer) -> bool:
-    """Whether the mask token is an added token with lstrip=true."""
-    mask = tok.get_added_tokens_decoder().get(special_token_ids(tok).mask_id)
-    return mask is not None and mask.lstrip
-
-
-def make_mask_absorb_preceding_space(tok: Tokenizer) -> bool:
-    """Give the mask token lstrip=true (in place); True if it did not have it.
-
-    Masking happens on ids, so in training the mask replaces a whole token, leading space included; a user's
-    "the [MASK] is" must therefore tokenize as `the`, `[MASK]`, `is`, not with a stray space token (`Ġ`) the
-    model never saw before a mask. ModernBERT's tokenizer sets the same flag."""
-    if mask_absorbs_preceding_space(tok):
-        return False
-    content = tok.id_to_token(special_token_ids(tok).mask_id)
-    tok.add_special_tokens([AddedToken(content, lstrip=True, rstrip=False, normalized=False, special=True)])
-    return True
-
-
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
                     show_progress: bool = True, length: int | None = None,
                     total_chars: int | None = None) -> Tokenizer:
@@ -154,7 +62,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     Progress: the tokenizers library's bars on a terminal; in a log file, lines of characters read (out of
     `total_chars`, for the ETA, when known) and one line when the merges are done.
     """
-    from modernbert_train.progress import Progress, resolve_mode
+    from modernbert_train.common.progress import Progress, resolve_mode
 
     mode = resolve_mode(None if show_progress else "none")
     if vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -185,45 +93,6 @@ def _counted(texts: Iterable[str], progress) -> Iterator[str]:
         yield text
     progress.close()
     progress.note("computing merges (no lines until done)")
-
-
-def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, model_max_length: int = 8192) -> Path:
-    """Write tokenizer.json plus the files `transformers.AutoTokenizer` needs; return the tokenizer.json path."""
-    from transformers import PreTrainedTokenizerFast
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    specials = special_token_ids(tok)
-    id_to_token = tok.id_to_token
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        cls_token=id_to_token(specials.cls_id),
-        sep_token=id_to_token(specials.sep_id),
-        pad_token=id_to_token(specials.pad_id),
-        mask_token=id_to_token(specials.mask_id),
-        unk_token=id_to_token(specials.unk_id) if specials.unk_id is not None else None,
-        model_max_length=model_max_length,
-        # Cleaning would glue " ." back to "." on decode and break the lossless round trip.
-        clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    hf_tok.save_pretrained(str(out_dir))
-    # save_pretrained writes tokenizer.json itself; re-save ours so the bytes are the tokenizers-native form.
-    tok.save(str(out_dir / TOKENIZER_FILE))
-    return out_dir / TOKENIZER_FILE
-
-
-def verify_saved_tokenizer(folder: str | os.PathLike, samples: list[str]) -> None:
-    """Check that `transformers.AutoTokenizer` loads `folder` offline and gives the same ids as `tokenizers`."""
-    from transformers import AutoTokenizer
-
-    hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    tok = load_tokenizer(folder)
-    for text in samples:
-        ours = tok.encode(text).ids
-        theirs = hf_tok(text)["input_ids"]
-        if ours != theirs:
-            raise RuntimeError(f"transformers and tokenizers disagree on {text[:60]!r}: {theirs[:12]} vs {ours[:12]}")
 
 
 def iter_training_texts(files: Iterable[str], fmt: str = "auto", text_field: str = "text",

@@ -16,12 +16,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="averaged checkpoint file to write (.pt)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="fully unpickle sources outside our own run folders (sharded folders' .metadata is a "
-                             "pickle and can run code): only for checkpoints you trust")
+                        help="fully unpickle sources the safe reader refuses (it can run code): only for "
+                             "checkpoints you trust")
 
 
 def run(args) -> int:
-    from modernbert_train.averaging import average_checkpoints
+    from modernbert_train.checkpoint.averaging import average_checkpoints
 
     out = average_checkpoints(args.sources, args.out, overwrite=args.overwrite, trust=args.trust_checkpoint)
     print(f"averaged {len(args.sources)} checkpoints -> {out}")

@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from modernbert_train.demo import clean_demo, run_demo
+    from modernbert_train.run.demo import clean_demo, run_demo
 
     if args.clean:
         print(f"removed {args.out}" if clean_demo(args.out) else f"{args.out} does not exist")

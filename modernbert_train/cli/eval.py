@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from modernbert_train.errors import UserError
+    from modernbert_train.common.errors import UserError
     from modernbert_train.eval.runner import run_suite
     from modernbert_train.eval.suite import load_suite, select_tasks
 

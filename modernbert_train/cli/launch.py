@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from modernbert_train.launch import exec_launcher, format_command, launcher_command
+    from modernbert_train.run.launch import exec_launcher, format_command, launcher_command
 
     command = launcher_command(args.recipe, args.overrides, nproc=args.nproc, nnodes=args.nnodes,
                                node_rank=args.node_rank, master_addr=args.master_addr,

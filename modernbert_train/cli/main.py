@@ -11,8 +11,8 @@ import argparse
 import importlib
 import sys
 
-from modernbert_train.errors import run_command
-from modernbert_train.progress import add_progress_argument, configure_console, progress_mode
+from modernbert_train.common.errors import run_command
+from modernbert_train.common.progress import add_progress_argument, configure_console, progress_mode
 
 COMMANDS = {
     "demo": ("modernbert_train.cli.demo", "run the whole job on built-in local data (corpus to HF model), on CPU"),
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser = build_parser()
         if argv and not argv[0].startswith("-"):
-            from modernbert_train.errors import did_you_mean
+            from modernbert_train.common.errors import did_you_mean
             parser.error(f"unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}")
         parser.parse_args(argv)  # prints --help / usage and exits
         parser.print_help()

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from modernbert_train.report import write_report
+    from modernbert_train.run.report import write_report
 
     out_dir = args.out if args.out is not None else Path(args.run_dirs[-1]) / "report"
     markdown_path = write_report(args.run_dirs, out_dir, eval_dirs=args.eval_dirs)

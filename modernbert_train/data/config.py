@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modernbert_train.data.manifest import Manifest
-from modernbert_train.errors import UserError, did_you_mean
+from modernbert_train.common.errors import UserError, did_you_mean
 
 
 @dataclass
@@ -63,6 +63,7 @@ class MLMLoaderConfig:
     predownload: int | None = None
     cache_limit: int | str | None = None
     download_timeout: float = 60.0
+    download_retry: int = 6  # streaming's attempts per shard (dataset.DOWNLOAD_RETRY): the retry budget
     check_tokenizer_hash: bool = True
     return_provenance: bool = False
     world_invariant: bool = False

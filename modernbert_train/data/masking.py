@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 IGNORE_INDEX = -100
 _MASK64 = (1 << 64) - 1

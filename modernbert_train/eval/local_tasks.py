@@ -19,7 +19,7 @@ formats users bring (jsonl splits, BEIR folders), so the same suite code reads b
   or with its lines shuffled; both classes have the same bag of words, so only order and structure tell.
 - `heldout.jsonl`: prose for the fixed-mask MLM evaluation.
 Every text a task scores comes from the stdlib files reserved for evaluation
-(`data_prep.local_corpus.reserved_for_eval`), which the local pretraining corpus leaves out. Deterministic:
+(`modernbert_train.eval.heldout.reserved_for_eval`), which the local pretraining corpus leaves out. Deterministic:
 the same interpreter gives the same files.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import re
 import textwrap
 from pathlib import Path
 
-from data_prep.local_corpus import (EVAL_RESERVATION, EVAL_TOPIC_PACKAGES, python_doc_pages, stdlib_dir,
+from modernbert_train.eval.heldout import (EVAL_RESERVATION, EVAL_TOPIC_PACKAGES, python_doc_pages, stdlib_dir,
                                    stdlib_python_files)
 
 # package -> label; the packages are reserved for evaluation whole, so none of their text is pretrained on

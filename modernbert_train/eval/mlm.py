@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from modernbert_train.data.masking import Masker, MaskingConfig, document_key
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.eval.data import load_split, select_columns
 from modernbert_train.eval.encoder import PackedBatch, TextEncoder
 from modernbert_train.eval.models import EvalModel
@@ -50,7 +50,7 @@ def fixed_masks(sequences: list[list[int]], tokenizer_file, probability: float, 
 def manifest_sequences(manifest_file: str, tokenizer_file, limit: int, max_length: int, where: str) -> list[list[int]]:
     """Token ids of the first `limit` samples of a manifest's sources (an even share each, in shard order),
     cut to `max_length` keeping the closing [SEP]; the shards must come from the model's tokenizer."""
-    from data_prep.tokenizer import tokenizer_sha256
+    from modernbert_train.data.tokenizer import tokenizer_sha256
     from modernbert_train.data.manifest import load_manifest
     from modernbert_train.data.shards import iter_samples
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 
 RANDOM_PREFIX = "random:"
@@ -56,8 +56,8 @@ def load_eval_model(source: str) -> EvalModel:
         model = ModernBertForMaskedLM.from_hf(path)
         return EvalModel(name=path.name, source=source, config=model.config, tokenizer_file=tokenizer,
                          weights=model.state_dict())
-    from modernbert_train.checkpoints import find_checkpoint, load_model_weights_from_checkpoint
-    from modernbert_train.export import MODEL_CONFIG_FILE
+    from modernbert_train.checkpoint import find_checkpoint, load_model_weights_from_checkpoint
+    from modernbert_train.run.export import MODEL_CONFIG_FILE
 
     checkpoint, run_dir = find_checkpoint(path)
     config_file = run_dir / MODEL_CONFIG_FILE

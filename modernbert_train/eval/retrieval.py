@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.eval.data import BeirData, load_beir
 from modernbert_train.eval.encoder import MeanPoolingEmbedder, PackedBatch, TextEncoder
 from modernbert_train.eval.metrics import retrieval_metric

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from modernbert_train.errors import UserError, did_you_mean
+from modernbert_train.common.errors import UserError, did_you_mean
 from modernbert_train.eval.metrics import CLASSIFICATION_METRICS, RETRIEVAL_METRICS
 
 

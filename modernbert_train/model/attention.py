@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 log = logging.getLogger("modernbert_train")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from modernbert_train.errors import UserError, did_you_mean
+from modernbert_train.common.errors import UserError, did_you_mean
 
 ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "sdpa")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.model.config import ModernBertConfig
 
 TIED_DECODER_KEY = "decoder.weight"
@@ -73,7 +73,7 @@ def config_from_hf_dict(values: dict, **overrides) -> ModernBertConfig:
     return ModernBertConfig(**fields)
 
 
-# Our config field -> the tokenizer role that defines it (data_prep.tokenizer.SpecialTokenIds).
+# Our config field -> the tokenizer role that defines it (data.tokenizer.SpecialTokenIds).
 _TOKENIZER_ROLES = {"pad_token_id": "pad_id", "cls_token_id": "cls_id", "sep_token_id": "sep_id",
                     "mask_token_id": "mask_id", "bos_token_id": "cls_id", "eos_token_id": "sep_id"}
 
@@ -84,7 +84,7 @@ def special_ids_from_tokenizer(folder: Path) -> dict[str, int]:
     A ModernBERT with its own vocabulary often keeps transformers' default ids (50281-50284) in config.json."""
     if not (folder / "tokenizer.json").is_file():
         return {}
-    from data_prep.tokenizer import load_tokenizer, special_token_ids
+    from modernbert_train.data.tokenizer import load_tokenizer, special_token_ids
 
     ids = special_token_ids(load_tokenizer(folder), folder / "tokenizer.json")
     return {field: getattr(ids, role) for field, role in _TOKENIZER_ROLES.items()}

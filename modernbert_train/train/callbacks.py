@@ -6,11 +6,7 @@ Composer checkpoints hold each callback's `state_dict()` (keyed by class name) a
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +16,9 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from modernbert_train.errors import UserError
+from modernbert_train.checkpoint.files import prune_checkpoints
 from modernbert_train.train.composer_model import micro_batches_of
+from modernbert_train.train.metrics_file import MetricsFile
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -31,7 +28,8 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 class ExactResumeState(Callback):
-    """Makes a resumed run continue bit-identically: loader position in the checkpoint, step-seeded RNG.
+    """Makes a resumed run continue bit-identically (on the same number of processes; on another, with the
+    same data order and no sample lost or repeated): loader position in the checkpoint, step-seeded RNG.
 
     The loader's state (position, packer buffer, tokens seen, for every rank) goes into composer's
     checkpoint through this callback's state_dict. The torch RNG (dropout) is re-seeded from (seed, rank,
@@ -51,13 +49,8 @@ class ExactResumeState(Callback):
         return {"world_size": dist.get_world_size(), "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved_world = int(state["world_size"])
-        # A world-invariant data stream (data.loader_options.world_invariant) continues on any number of
-        # processes; the loader checks that both runs use it.
-        if saved_world != dist.get_world_size() and not state["loader"].get("world_invariant", False):
-            raise UserError(f"the checkpoint was written by {saved_world} processes but this run has "
-                            f"{dist.get_world_size()}; resume with the same number of processes, or train with "
-                            f"data.loader_options.world_invariant=true to be able to change it")
+        # On another number of processes the loader re-partitions the saved positions and packer buffers
+        # (data/elastic.py); it names what cannot continue (e.g. a node count that breaks the sample order).
         self.loader.load_state_dict(state["loader"])
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
@@ -78,9 +71,9 @@ class MetricsJsonl(Callback):
     checkpoint's step, so no step appears twice.
     """
 
-    def __init__(self, path: str | os.PathLike, phase: str, micro_batch_size: int, lr_source,
+    def __init__(self, metrics: MetricsFile, phase: str, micro_batch_size: int, lr_source,
                  peak_flops_per_device: float | None):
-        self.path = Path(path)
+        self.metrics = metrics
         self.phase = phase
         self.micro_batch_size = micro_batch_size
         self.lr_source = lr_source
@@ -109,8 +102,7 @@ class MetricsJsonl(Callback):
             self.peak_flops_per_device = get_gpu_flops_available(state) or None
         if dist.get_global_rank() != 0:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.path, int(state.timestamp.batch))
+        self.metrics.truncate_after(int(state.timestamp.batch))
 
     def eval_end(self, state: State, logger: Logger) -> None:
         self._eval_ran = True
@@ -160,64 +152,20 @@ class MetricsJsonl(Callback):
         # Composer's loggers (wandb, console) already get losses and metrics; add what only we compute.
         logger.log_metrics({k: v for k, v in record.items() if k.startswith(("throughput/", "lr", "batch_size"))})
         if dist.get_global_rank() == 0:
-            record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop lines whose step is past `last_step` (work done after the checkpoint we resume from)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            step = int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a kill mid-write
-        if step <= last_step:
-            kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-# Full checkpoints are files ep<E>-ba<B>-rank<R>.pt; FSDP sharded ones are folders ep<E>-ba<B>.
-_CHECKPOINT_FILE = re.compile(r"^ep\d+-ba(\d+)(-rank\d+\.pt)?$")
+            self.metrics.append(record)
 
 
 class PruneCheckpoints(Callback):
-    """Keeps the newest `keep_last` checkpoint files of the run directory, across restarts.
+    """Keeps the newest `keep_last` checkpoints of the run directory across restarts (rank 0, after a save: at
+    the next step's start and at the end of training); see checkpoint.files.prune_checkpoints."""
 
-    Composer's own save_num_checkpoints_to_keep only counts what the current process saved, so a run
-    killed and relaunched would keep the older process's checkpoints forever. Runs on rank 0 after a
-    save (at the next step's start and at the end of training); never removes the `latest` target.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int, latest_name: str):
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int):
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
-        self.latest = self.run_dir / latest_name
 
     def prune(self) -> None:
-        if self.keep_last < 0 or dist.get_global_rank() != 0 or not self.run_dir.is_dir():
-            return
-        by_step: dict[int, list[Path]] = {}
-        for path in self.run_dir.iterdir():
-            match = _CHECKPOINT_FILE.match(path.name)
-            if match and (path.is_file() or path.is_dir()) and not path.is_symlink():
-                by_step.setdefault(int(match.group(1)), []).append(path)
-        keep = set(sorted(by_step)[-self.keep_last:])
-        latest_target = self.latest.resolve() if self.latest.exists() else None
-        for step, paths in by_step.items():
-            for path in paths:
-                if step not in keep and path.resolve() != latest_target:
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
+        if dist.get_global_rank() == 0:
+            prune_checkpoints(self.run_dir, self.keep_last)
 
     def batch_start(self, state: State, logger: Logger) -> None:
         self.prune()
@@ -226,4 +174,4 @@ class PruneCheckpoints(Callback):
         self.prune()
 
 
-__all__ = ["ExactResumeState", "MetricsJsonl", "PruneCheckpoints", "truncate_metrics"]
+__all__ = ["ExactResumeState", "MetricsJsonl", "PruneCheckpoints"]

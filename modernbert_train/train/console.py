@@ -15,7 +15,7 @@ from typing import Any, Optional
 from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 
-from modernbert_train.progress import emit, format_duration, human, resolve_mode
+from modernbert_train.common.progress import emit, format_duration, human, resolve_mode
 from modernbert_train.train.recipe import Recipe, parse_duration
 
 # logging.progress_bar -> progress mode ('auto': a bar only on a terminal)

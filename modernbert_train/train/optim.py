@@ -18,7 +18,7 @@ from optimi import StableAdamW
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.train.recipe import OptimizerConfig
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from modernbert_train.errors import UserError, did_you_mean
+from modernbert_train.common.errors import UserError, did_you_mean
 
 FSDP_VERSIONS = (1, 2)
 # FSDP2 has no sharding_strategy field: it is reshard_after_forward plus the shape of the device mesh.

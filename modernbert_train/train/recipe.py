@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from modernbert_train.errors import UserError, did_you_mean
+from modernbert_train.common.errors import UserError, did_you_mean
 from modernbert_train.train.recipe_schema import (BatchWarmupConfig, CheckpointConfig, DataConfig, EvalConfig,
                                                   LoggingConfig, LrStep, MaskScheduleConfig, ModelConfig,
                                                   OptimizerConfig, ParallelismConfig, Recipe, SchedulerConfig,

@@ -12,7 +12,7 @@ import pytest
 from .conftest import write_manifest
 from modernbert_train.data import MLMLoaderConfig, build_eval_loader, build_mlm_loader, split_sample
 from modernbert_train.data.packing import pieces_count
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 SPECIALS = {0, 1, 2, 3, 4}  # [UNK] [CLS] [SEP] [PAD] [MASK] of the test tokenizer
 MASK_ID, PAD_ID, CLS_ID, SEP_ID = 4, 3, 1, 2

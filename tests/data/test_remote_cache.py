@@ -79,7 +79,7 @@ def test_a_remote_shard_that_no_longer_matches_its_hash_is_named_not_read(corpus
     import pytest
     from streaming.base.compression import compress, decompress
 
-    from modernbert_train.errors import UserError
+    from modernbert_train.common.errors import UserError
 
     shards, tmp = corpus_copy["shards"], corpus_copy["tmp"]
     remote = tmp / "shared_fs" / "code"

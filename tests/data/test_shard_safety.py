@@ -12,7 +12,7 @@ import pytest
 from .conftest import write_manifest
 from modernbert_train.data import build_streaming_dataset, load_manifest
 from modernbert_train.data.shards import check_token_ranges, scan_token_range
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +110,7 @@ def test_training_set_up_refuses_a_foreign_tokenizers_source(corpus_copy):
     from streaming import MDSWriter
 
     from modernbert_train.train.recipe import load_recipe
-    from modernbert_train.train.trainer import read_data_facts
+    from modernbert_train.train.builders import read_data_facts
 
     shards = corpus_copy["shards"]
     foreign = shards / "prose"

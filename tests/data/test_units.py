@@ -8,7 +8,7 @@ from .conftest import write_manifest
 from modernbert_train.data import (BestFitPacker, Masker, MaskingConfig, Piece, assemble, document_key,
                                    load_manifest, parse_manifest, split_sample)
 from modernbert_train.data.dataset import clean_stale_streaming_shm
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 
 # --- manifest -------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from .conftest import decoded_documents, read_jsonl_texts, run_prepare
 from data_prep.local_corpus import stdlib_dir
 from data_prep.tokenizer import load_tokenizer
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 
 

@@ -10,7 +10,7 @@ from .conftest import run_prepare
 from data_prep.cli import COMMANDS, main
 from data_prep.local_corpus import build_local_corpus, stdlib_dir
 from data_prep.stats import Histogram, folder_stats, format_stats, iter_samples
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@ of the local corpus (code, docstrings, pages of the Python docs)."""
 import json
 from pathlib import Path
 
-from data_prep import local_corpus
+from modernbert_train.eval import heldout as local_corpus
 from data_prep.local_corpus import (EVAL_TOPIC_PACKAGES, build_prose, documents_reserved_module, reserved_for_eval,
                                     stdlib_dir, stdlib_python_files)
 

@@ -1,9 +1,9 @@
-"""Issue 17, finding 1 for `prepare --overwrite`: the shared deletion guard (modernbert_train/safety.py)."""
+"""Issue 17, finding 1 for `prepare --overwrite`: the shared deletion guard (modernbert_train/common/safety.py)."""
 import json
 
 import pytest
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from tests.data_prep.conftest import run_prepare
 
 

@@ -12,7 +12,7 @@ from .conftest import build_official_layout_tokenizer, decoded_documents, read_j
 from data_prep.sources import expand_inputs
 from data_prep.stats import iter_samples
 from data_prep.tokenizer import load_tokenizer, tokenizer_sha256
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 MAX_SEQ_LEN = 256  # small, so real stdlib modules and long pydoc topics are split into many chunks
 

@@ -212,7 +212,7 @@ def test_prepare_out_on_a_scheme_without_delete_starts_resumes_and_refuses_a_nee
         scheme, can_list, local_corpus, trained_tokenizer_dir, tmp_path, monkeypatch):
     from data_prep.prepare import PrepareConfig
     from data_prep.remote import prepare_remote
-    from modernbert_train.errors import UserError
+    from modernbert_train.common.errors import UserError
 
     store = _FolderStore(tmp_path / "store", can_list)
     store.install(monkeypatch)

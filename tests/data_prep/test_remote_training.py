@@ -108,7 +108,7 @@ def test_store_gone_past_the_retry_budget_stops_with_one_clear_line(s3_server, l
 
     from modernbert_train.data.dataset import build_streaming_dataset
     from modernbert_train.data.manifest import load_manifest
-    from modernbert_train.errors import UserError
+    from modernbert_train.common.errors import UserError
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # streaming's file locks
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: streaming's budget alone

@@ -17,7 +17,7 @@ from .conftest import read_jsonl_texts, run_prepare
 from data_prep.cli import main
 from data_prep.stats import folder_stats, iter_samples
 from modernbert_train.data.shards import SHARD_HASH
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 
 class _Planted:

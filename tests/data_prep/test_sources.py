@@ -12,7 +12,7 @@ import zstandard
 
 from .conftest import read_jsonl_texts, run_prepare
 from data_prep.sources import Document, Problem, WorkUnit, expand_inputs, plan_units, read_jsonl, read_unit
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 
 def _records(local_corpus: Path, n: int) -> list[str]:

@@ -10,7 +10,7 @@ from .conftest import build_official_layout_tokenizer, read_jsonl_texts
 from data_prep.local_corpus import stdlib_dir, stdlib_python_files
 from data_prep.tokenizer import (SpecialTokenIds, load_tokenizer, special_token_ids, train_tokenizer,
                                  verify_saved_tokenizer, vocab_size)
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 
 
 def test_trained_tokenizer_has_specials_first_and_wraps_cls_sep(trained_tokenizer_dir):

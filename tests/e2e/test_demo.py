@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from modernbert_train.demo import SIZES, run_demo
+from modernbert_train.run.demo import SIZES, run_demo
 
 pytestmark = pytest.mark.slow
 

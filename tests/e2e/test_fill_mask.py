@@ -15,7 +15,7 @@ from data_prep.prepare import PrepareConfig, prepare
 from data_prep.tokenizer import save_tokenizer, train_tokenizer
 from modernbert_train.train.recipe import load_recipe
 from modernbert_train.train.trainer import train
-from modernbert_train.export import export_to_hf
+from modernbert_train.run.export import export_to_hf
 
 pytestmark = pytest.mark.slow
 REPO_RECIPE = "yamls/tiny/phase1.yaml"

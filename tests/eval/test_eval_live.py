@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from modernbert_train.errors import UserError
-from modernbert_train.report import write_report
+from modernbert_train.common.errors import UserError
+from modernbert_train.run.report import write_report
 from modernbert_train.train.recipe import load_recipe
 from modernbert_train.train.trainer import train
 
@@ -44,7 +44,7 @@ def test_live_evaluation_logs_scores_and_leaves_training_unchanged(tmp_path, toy
     assert [r["train/loss"] for r in live if "train/loss" in r] == [r["train/loss"] for r in plain]
 
     # --model accepts the run directory (newest checkpoint) and a checkpoint file alike.
-    from modernbert_train.checkpoints import latest_checkpoint
+    from modernbert_train.checkpoint import latest_checkpoint
     from modernbert_train.eval.models import load_eval_model
 
     by_dir = load_eval_model(str(tmp_path / "live"))
@@ -73,8 +73,8 @@ def test_report_plots_a_real_eval_run_as_grouped_bars(tmp_path, toy_tasks, hf_fo
     import matplotlib.pyplot as plt
 
     from modernbert_train.cli.main import main
-    from modernbert_train.report_plots import eval_figure, eval_tick_label
-    from tests.test_report import EXPECTED_PNG_SHAPE, drawn_eval_bars
+    from modernbert_train.run.plots import eval_figure, eval_tick_label
+    from tests.run.test_report import EXPECTED_PNG_SHAPE, drawn_eval_bars
 
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"name": "plot", "tasks": [

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.eval.mlm import eval_sequences, evaluate_mlm, fixed_masks
 from modernbert_train.eval.models import load_eval_model
 from modernbert_train.eval.suite import load_suite

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from modernbert_train.cli.main import main
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.eval.data import load_split
 from modernbert_train.eval.mlm import fixed_masks
 from modernbert_train.eval.suite import load_suite
@@ -176,7 +176,7 @@ def test_tasks_flag_runs_the_named_tasks_and_what_they_start_from(tmp_path, toy_
 @pytest.mark.parametrize("flag,lines", [("lines", 3), ("none", 0)])
 def test_eval_progress_follows_the_progress_flag(flag, lines, capsys, monkeypatch):
     """`--progress` (MODERNBERT_PROGRESS, set by the CLI for every command) decides for eval as for the others."""
-    from modernbert_train import progress
+    from modernbert_train.common import progress
     from modernbert_train.eval.runner import Progress
 
     monkeypatch.setenv(progress.MODE_ENV, flag)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.model.attention import resolve_backend
 from modernbert_train.model.hf import config_from_hf_dict, config_to_hf_dict

@@ -8,7 +8,8 @@ import pytest
 
 from modernbert_train.data import BatchSizeWarmup
 from modernbert_train.train.recipe import load_recipe
-from modernbert_train.train.trainer import build_trainer, loader_config
+from modernbert_train.train.trainer import build_trainer
+from modernbert_train.train.builders import loader_config
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = [f"yamls/phase{i}.yaml" for i in (1, 2, 3)] + [f"yamls/large/phase{i}.yaml" for i in (1, 2, 3)]

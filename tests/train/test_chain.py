@@ -16,8 +16,9 @@ import torch
 
 from modernbert_train.train.recipe import load_recipe
 from modernbert_train.train.schedule import WarmupStableDecay
-from modernbert_train.checkpoints import latest_checkpoint
-from modernbert_train.train.trainer import build_model, read_data_facts, train
+from modernbert_train.checkpoint import latest_checkpoint
+from modernbert_train.train.trainer import train
+from modernbert_train.train.builders import build_model, read_data_facts
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from modernbert_train.checkpoints import is_complete_checkpoint
+from modernbert_train.checkpoint import is_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import transformers
 from data_prep.tokenizer import load_tokenizer, save_tokenizer, special_token_ids, train_tokenizer
 from modernbert_train.model import ModernBertForMaskedLM
 from modernbert_train.train.recipe import load_recipe
-from modernbert_train.train.trainer import DataFacts, build_model
+from modernbert_train.train.builders import DataFacts, build_model
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 448

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from modernbert_train.cli.main import main
-from modernbert_train.errors import UserError
+from modernbert_train.common.errors import UserError
 from modernbert_train.train.recipe import load_recipe, parse_duration
 
 REPO = Path(__file__).resolve().parents[2]

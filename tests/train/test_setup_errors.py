@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from modernbert_train.cli.main import main
-from modernbert_train.train.callbacks import truncate_metrics
+from modernbert_train.train.metrics_file import MetricsFile
 from modernbert_train.train.recipe import load_recipe
-from modernbert_train.train.trainer import build_model, read_data_facts
+from modernbert_train.train.builders import build_model, read_data_facts
 
 REPO = Path(__file__).resolve().parents[2]
 TINY1 = str(REPO / "yamls/tiny/phase1.yaml")
@@ -72,9 +72,14 @@ def test_init_from_hugging_face_folder_takes_rope_from_the_recipe(tiny_data, dat
 
 def test_metrics_are_cut_back_to_the_checkpoint_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "tokens": 10 * s}) + "\n" for s in range(1, 8)) + '{"step": 8, "tok')
-    truncate_metrics(path, 4)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    lines = [json.dumps({"step": s, "tokens": 10 * s}) for s in range(1, 8)]
+    lines.insert(6, json.dumps({"step": 6, "tokens": 60, "event": "rollback", "to_step": 2}))
+    path.write_text("".join(line + "\n" for line in lines) + '{"step": 8, "tok')
+    MetricsFile(path).truncate_after(4)
+    # Step records past the checkpoint go; the event record stays (rollbacks are never forgotten).
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r.get("event")) for r in records] == [(1, None), (2, None), (3, None), (4, None),
+                                                              (6, "rollback")]
 
 
 def test_previous_phase_with_another_architecture(tiny_data, data_overrides, tmp_path, capsys):
