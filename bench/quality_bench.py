@@ -11,18 +11,19 @@ Rows of the table:
   plain       the plain loop, written here for comparison only: transformers' ModernBertForMaskedLM and its
               init, torch AdamW, grad clip 1.0, constant LR after linear warm-up, independent random 128-token
               windows of the concatenated corpus (natural mixture), DataCollatorForLanguageModeling at 30%
-  ours        `modernbert-train train yamls/tiny/phase1.yaml` as shipped, with the demo's overrides
+  shipped     `modernbert-train train yamls/tiny/phase1.yaml` as it is, with the demo's data overrides
+  ours        the recipe given by --ablate-recipe (default the same file): the base of the rows below
   ours+X      ours with one choice X switched to the plain loop's (see VARIANTS)
   ours+all    every choice switched at once (must equal plain within noise)
-  base        yamls/tiny/phase1.yaml as it shipped before 2026-12-02 (`--base-recipe`), when given
 
 Our runs are subprocesses of the real CLI (`python -m modernbert_train.cli.main train ...`), so they take the
 library's whole train path. Everything lands in --work (corpus, tokenizer, shards, runs, results.json) and is
 reused when present: a rerun only trains what is missing.
 
 examples:
-  python bench/quality_bench.py --work /tmp/qb --tokens 500000 --seeds 0,1,2
-  python bench/quality_bench.py --work /tmp/qb --tokens 200000 --seeds 0 --variants plain,ours,ours+all
+  python bench/quality_bench.py --work /tmp/qb --tokens 3000000 --seeds 0,1,2 --jobs 2
+  python bench/quality_bench.py --work /tmp/qb --tokens 200000 --seeds 0 --variants plain,shipped,ours+all
+  python bench/quality_bench.py --work /tmp/qb --tokens 200000 --seeds 0,1 --table   # what is done so far
 """
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def heldout_pieces(tokenizer_file: Path) -> dict[str, list[list[int]]]:
 
     from tokenizers import Tokenizer
 
-    from data_prep.local_corpus import _docstrings_of, stdlib_dir, stdlib_python_files
+    from data_prep.local_corpus import _docstrings_of
+    from modernbert_train.eval.heldout import stdlib_dir, stdlib_python_files
 
     tok = Tokenizer.from_file(str(tokenizer_file))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -250,10 +252,11 @@ def train_plain(work: Path, seed: int, tokens: int) -> dict:
 
 # -- our trainer ------------------------------------------------------------------------------------------
 def train_ours(work: Path, name: str, overrides: list[str], seed: int, tokens: int, recipe: Path) -> dict:
-    from modernbert_train.checkpoints import latest_checkpoint, load_model_weights_from_checkpoint
+    from modernbert_train.checkpoint import latest_checkpoint, load_model_weights_from_checkpoint
     from modernbert_train.model import ModernBertForMaskedLM
 
-    run_name = f"{name.replace('+', '_')}-seed{seed}"  # run names hold letters, digits, '.', '_', '-'
+    # Named by its length too: a run folder of another length would be resumed (checkpoint.autoresume).
+    run_name = f"{name.replace('+', '_')}-seed{seed}-{tokens}tok"  # letters, digits, '.', '_', '-' only
     run_dir = work / "runs" / run_name
     if any("hf_init" in o for o in overrides):
         hf_init_folder(work, seed)
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="examples:" + __doc__.split("examples:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="folder for corpus, tokenizer, shards, runs (reused)")
-    parser.add_argument("--tokens", type=int, default=160_000, help="real training tokens per run (default 160000)")
+    parser.add_argument("--tokens", type=int, default=200_000, help="real training tokens per run (default 200000)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--variants", default=",".join(["plain", "shipped", *VARIANTS]),
                         help=f"comma-separated rows (default all: plain,shipped,{','.join(VARIANTS)})")
@@ -327,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the recipe the ours* rows start from (default yamls/tiny/phase1.yaml; give the "
                              "recipe before a change to measure what the change fixed)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    parser.add_argument("--table", action="store_true", help="print the table of the runs already done, run nothing")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # NAME/SEED: one run, in this process
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
@@ -341,11 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run_one(work, name, int(seed), args.tokens, args.ablate_recipe.resolve())
         (results_dir / f"{name}-seed{seed}-{args.tokens}.json").write_text(json.dumps(result, indent=1))
         return 0
-    prepare(work)
+    if not args.table:
+        prepare(work)
     (work / "runs").mkdir(exist_ok=True)
     results_dir.mkdir(exist_ok=True)
-    todo = [(n, s) for s in seeds for n in names
-            if not (results_dir / f"{n}-seed{s}-{args.tokens}.json").exists()]
+    todo = [] if args.table else [(n, s) for s in seeds for n in names
+                                  if not (results_dir / f"{n}-seed{s}-{args.tokens}.json").exists()]
 
     def launch(item):
         name, seed = item
