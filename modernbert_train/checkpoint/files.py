@@ -198,3 +198,20 @@ def checkpoint_step(composer_state: dict) -> int:
         timestamp = timestamp.get("Timestamp", timestamp)  # composer nests it under the class name
         return int(timestamp.get("batch", -1))
     return int(timestamp.batch) if hasattr(timestamp, "batch") else -1
+
+
+def resume_checkpoint(run_dir: Path) -> str | None:
+    """On every rank: the newest complete checkpoint of `run_dir` (file or sharded folder), or None to start fresh.
+    Passed to composer as `load_path`, with composer's own autoresume off.
+
+    composer 0.32.1's autoresume cannot resume a multi-node run whose nodes share one save_folder: it writes a
+    per-node signal file whose name is broadcast from rank 0, so every node deletes "._signal_file_node0_..." and
+    the second delete raises FileNotFoundError (llm-foundry#1736). Here rank 0 alone makes the folder resumable
+    (`recover_interrupted_save`) and names the checkpoint; its answer, or its error, reaches every rank."""
+    from modernbert_train.common.ranks import load_on_one_rank
+
+    def choose() -> str | None:
+        newest = recover_interrupted_save(run_dir)
+        return str(newest.resolve()) if newest is not None else None
+
+    return load_on_one_rank("choosing the checkpoint to resume from", choose)

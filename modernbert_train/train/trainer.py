@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.checkpoint.files import CHECKPOINT_NAME, LATEST_NAME, has_checkpoints
+from modernbert_train.checkpoint.files import CHECKPOINT_NAME, LATEST_NAME, has_checkpoints, resume_checkpoint
 from modernbert_train.checkpoint.trust import check_resume_is_safe
 from modernbert_train.common.errors import UserError
 from modernbert_train.common.ranks import all_ranks_agree
@@ -57,12 +57,9 @@ def _add_file_log(run_dir: Path) -> None:
 def prepare_run_folder(recipe: Recipe, dist_info) -> tuple[Path, str | None]:
     """(run folder, checkpoint to resume from or None). Rank 0 repairs an interrupted save and picks the checkpoint
     for every rank; every rank refuses a folder that holds another run's checkpoints."""
-    from modernbert_train.train.resume_point import resume_checkpoint
-
     run_dir = Path(recipe.save_folder)
-    # Not composer's autoresume, which fails on several nodes sharing save_folder (see train/resume_point.py).
-    # Rank 0's choice, or its error, reaches every rank.
-    resume_from = resume_checkpoint(run_dir, dist_info.rank) if recipe.checkpoint.autoresume else None
+    # Not composer's autoresume, which fails on several nodes sharing save_folder (checkpoint.files).
+    resume_from = resume_checkpoint(run_dir) if recipe.checkpoint.autoresume else None
     # The agreement is the barrier: a failure on one rank ends every rank, named (common/ranks.py).
     with all_ranks_agree("preparing the run folder"):
         if resume_from is not None:
