@@ -190,23 +190,14 @@ def _tokens_at(metrics: MetricsFile, step: int) -> int:
 
 
 def roll_back(run_dir: Path, spikes: SpikeRollback, cfg: SpikeGuardConfig) -> None:
-    """On every rank after the attempt's trainer was released: rank 0 prepares the run directory and
-    broadcasts the outcome, so a failure there (no checkpoint, too many rollbacks) stops every rank at once
-    instead of leaving the others in a barrier until its timeout."""
-    outcome: list[Any] = [None]
-    error: BaseException | None = None
-    if dist.get_global_rank() == 0:
-        try:
+    """On every rank after the attempt's trainer was released: rank 0 prepares the run directory, and a failure
+    there (no checkpoint, too many rollbacks) stops every rank at once, named, instead of leaving the others in a
+    barrier until its timeout (common.ranks.all_ranks_agree)."""
+    from modernbert_train.common.ranks import all_ranks_agree
+
+    with all_ranks_agree("rolling back to an earlier checkpoint"):
+        if dist.get_global_rank() == 0:
             prepare_rollback(Path(run_dir), spikes, cfg)
-        except BaseException as err:  # noqa: BLE001 - every failure must reach the other ranks
-            error = err
-            outcome[0] = f"{type(err).__name__}: {err}"
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    if error is not None:
-        raise error
-    if outcome[0] is not None:
-        raise UserError(f"spike guard: the rollback failed on rank 0: {outcome[0]}")
 
 
 def _loader_step_at(offsets: list[list[int]], step: int) -> int:
