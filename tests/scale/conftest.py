@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.conftest import tiny_data  # noqa: F401 - shared fixture (real shards)
+
 from .slurm_cluster import SlurmCluster, missing_reason
 
 
@@ -24,23 +26,7 @@ def slurm_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def scale_data(tmp_path_factory) -> dict[str, Path]:
-    """Shards of the local corpus (stdlib code, Python prose) and a small BPE, as tests/train/conftest.py builds."""
-    from data_prep.local_corpus import build_local_corpus
-    from data_prep.prepare import PrepareConfig, prepare
-    from data_prep.tokenizer import save_tokenizer, train_tokenizer
+def scale_data(tiny_data) -> dict[str, Path]:
+    """The training tests' shards of the local corpus (stdlib code, Python prose) and their small BPE."""
+    return {"root": tiny_data["root"], "manifest": tiny_data["mix"], "tokenizer": tiny_data["tokenizer"]}
 
-    root = tmp_path_factory.mktemp("scale_data")
-    build_local_corpus(root / "corpus", max_bytes=200_000)
-    files = sorted(p for p in (root / "corpus").rglob("*") if p.is_file() and p.suffix in (".py", ".jsonl", ".txt"))
-    tokenizer = save_tokenizer(train_tokenizer((p.read_text(errors="ignore") for p in files), vocab_size=700,
-                                               show_progress=False), root / "tokenizer")
-    prose = sorted((root / "corpus" / "prose").glob("*.jsonl"))
-    for name, inputs in {"code": [root / "corpus" / "code"], "prose": prose}.items():
-        prepare(PrepareConfig(inputs=[str(p) for p in inputs], out=str(root / "shards" / name),
-                              tokenizer=str(tokenizer), source=name, format="code" if name == "code" else "auto",
-                              max_seq_len=512, progress=False))
-    manifest = root / "mix.yaml"
-    manifest.write_text("name: mix\nsources:\n" + "".join(
-        f"  - name: {s}\n    local: {root / 'shards' / s}\n    proportion: 0.5\n" for s in ("code", "prose")))
-    return {"root": root, "manifest": manifest, "tokenizer": tokenizer.parent}

@@ -178,14 +178,6 @@ def wait_for_step(job: Job, run_dir: Path, step: int, bound: float = 600) -> Non
         time.sleep(0.05)
 
 
-def copy_data(tiny_data: dict, dest: Path) -> list[str]:
-    """Own shard folders per job: two live streaming datasets may not share a local directory."""
-    for source in ("code", "prose"):
-        shutil.copytree(tiny_data["root"] / "shards" / source, dest / source)
-    manifest = dest / "mix.yaml"
-    manifest.write_text("name: mix\nsources:\n" + "".join(
-        f"  - name: {s}\n    local: {dest / s}\n    proportion: 0.5\n" for s in ("code", "prose")))
-    return [f"data.manifest={manifest}", f"data.tokenizer={tiny_data['tokenizer']}"]
 
 
 @dataclass

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import tiny_data  # noqa: F401 - the shared real shards
-from tests.scale.harness import (DIST_TIMEOUT_S, FaultResult, copy_data, launch, losses, relaunch_and_compare,
+from tests.train.test_fsdp import _copy_data as copy_data
+from tests.scale.harness import (DIST_TIMEOUT_S, FaultResult, launch, losses, relaunch_and_compare,
                                  wait_for_step)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600),
