@@ -25,7 +25,6 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -90,9 +89,11 @@ def _cpu_seconds() -> float:
 
 
 def time_prepare(tokenizer_path: str, inputs: list[str], out: Path, workers: int, args) -> tuple[float, dict]:
+    from data_prep.bookkeeping import recognise_output
     from data_prep.prepare import PrepareConfig, prepare
+    from modernbert_train.common.safety import remove_tree
 
-    shutil.rmtree(out, ignore_errors=True)
+    remove_tree(out, label="bench output", recognise=recognise_output)  # a prepare output of an earlier run
     cfg = PrepareConfig(inputs=inputs, out=str(out), tokenizer=tokenizer_path, source="bench",
                         max_seq_len=args.max_seq_len, workers=workers, progress=False,
                         unit_bytes=int(args.unit_mb * (1 << 20)))
@@ -118,7 +119,10 @@ def interleaved_core(tokenizer_path: str, inputs: list[str], scratch: Path, args
                 "text_field": "text", "shard_size_limit": 1 << 26,
                 "policies": {"on_error": "fail", "on_binary": "skip"}}
     out = scratch / "interleaved"
-    shutil.rmtree(out, ignore_errors=True)
+    from data_prep.bookkeeping import is_own_entry
+    from modernbert_train.common.safety import only_these_entries, remove_tree
+
+    remove_tree(out, label="bench output", recognise=only_these_entries(is_own_entry, (), "prepare_bench"))
     out.mkdir(parents=True)
     writer = UnitWriter(tok, special_token_ids(tok), settings, out, report=lambda nbytes, ntokens: None)
     raw_cpu = unit_cpu = 0.0
@@ -198,8 +202,10 @@ def main(argv=None) -> int:
                   "max_seq_len": args.max_seq_len, "unit_mb": args.unit_mb,
                   "date": time.strftime("%Y-%m-%d"), "load_average_after": os.getloadavg()}
     finally:
-        if args.workdir is None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if args.workdir is None:  # its own mkdtemp folder
+            from modernbert_train.common.safety import remove_tree
+
+            remove_tree(scratch, label="scratch folder", recognise=None)
 
     print(f"{result['documents']:,} documents, {result['input_mb']:.1f} MB, {raw1['tokens']:,} tokens; "
           f"{result['cpu_count']} CPUs; tokenizers {result['tokenizers']}; load average after: "

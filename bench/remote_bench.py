@@ -21,7 +21,6 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -39,7 +38,10 @@ def _prepare(cfg, engine: str):
     from data_prep.distributed import SparkEngine
     from data_prep.prepare import prepare
 
-    shutil.rmtree(cfg.out, ignore_errors=True)
+    from data_prep.bookkeeping import recognise_output
+    from modernbert_train.common.safety import remove_tree
+
+    remove_tree(cfg.out, label="bench output", recognise=recognise_output)
     start, cpu = time.perf_counter(), _cpu()
     hooks = SparkEngine(None, cfg.tokenizer) if engine == "spark" else None  # None: the running session
     summary = prepare(cfg, hooks=hooks)
@@ -176,7 +178,9 @@ def main() -> int:
             print(f"| {label:<20} | {units} | {tokens:,} | {rate:,.0f} | {per_worker:,.0f} | {'n/a' if per_cpu is None else f'{per_cpu:,.0f}'} | "
                   f"{ratio:.2f}x | {note} |")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        from modernbert_train.common.safety import remove_tree
+
+        remove_tree(work, label="scratch folder", recognise=None)  # its own mkdtemp folder
     return 0
 
 

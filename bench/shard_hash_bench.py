@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 
@@ -47,12 +46,22 @@ def build_source(folder: Path, mb: float, shard_mb: float) -> None:
     (folder / "prep_meta.json").write_text(json.dumps({"vocab_size": 50_368}))
 
 
+def _only_cache_folders(folder: Path) -> str | None:
+    """The deletion guard's test: a shard cache root holds only <source>-<16 hex digits> folders."""
+    import re
+
+    foreign = [p.name for p in folder.iterdir() if not re.fullmatch(r".+-[0-9a-f]{16}", p.name)]
+    return f"holds {', '.join(sorted(foreign)[:3])}, which a shard cache does not" if foreign else None
+
+
 def cold_read_seconds(folder: Path, cache_root: Path, verify: bool) -> tuple[float, float]:
     """(seconds to copy + check + decompress every shard into a fresh cache, seconds for a pass over samples)."""
     import modernbert_train.data.dataset as dataset_module
     from modernbert_train.data.manifest import parse_manifest
 
-    shutil.rmtree(cache_root, ignore_errors=True)
+    from modernbert_train.common.safety import remove_tree
+
+    remove_tree(cache_root, label="bench cache", recognise=_only_cache_folders)
     logging.getLogger(dataset_module.__name__).setLevel(logging.ERROR)  # "no shard hashes" is the point here
     os.environ[dataset_module.SHARD_CACHE_ENV] = str(cache_root)
     real = dataset_module.has_shard_hashes
@@ -116,7 +125,9 @@ def main() -> None:
     for verify, cold, passed, scan in rows:
         print(f"{'on' if verify else 'off':<11} {cold:>12.3f} {raw / 2**20 / cold:>8.0f} {cold / base[1]:>6.2f}x "
               f"{scan:>13.3f} {scan / base[3]:>6.2f}x {passed:>14.3f}")
-    shutil.rmtree(workdir / "cache", ignore_errors=True)
+    from modernbert_train.common.safety import remove_tree
+
+    remove_tree(workdir / "cache", label="bench cache", recognise=_only_cache_folders)
 
 
 if __name__ == "__main__":

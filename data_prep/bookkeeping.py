@@ -5,14 +5,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modernbert_train.data.shards import read_json_file
+from modernbert_train.data.shards import confined_path, read_json_file
 from modernbert_train.common.errors import UserError
 
 if TYPE_CHECKING:
@@ -76,10 +75,37 @@ class OutputLock:
 
 # ------------------------------------------------------------------------------------- output folder state
 
-def _our_entry(name: str) -> bool:
+def is_own_entry(name: str) -> bool:
     bookkeeping = (PLAN_FILE, INDEX_FILE, META_FILE, SUMMARY_FILE)
     return (name in bookkeeping or name == LOCK_FILE or name.removesuffix(".tmp") in bookkeeping
             or name.startswith(PART_PREFIX) or name.startswith(TMP_PREFIX))
+
+
+def recognise_output(folder: Path) -> str | None:
+    """The deletion guard's test (common/safety.py) for a prepare --out or --staging folder: empty, or only
+    prepare's own entries with its plan.json; None when it is, else why not."""
+    names = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
+    foreign = [n for n in names if not is_own_entry(n)]
+    if foreign:
+        return f"holds {', '.join(foreign[:3])}, which prepare does not write"
+    if names and PLAN_FILE not in names:
+        return "has no plan.json from `modernbert-data prepare`"
+    return None
+
+
+def recognise_part(folder: Path) -> str | None:
+    """A part folder holds its index.json, unit_summary.json, MDS shards and their temporary files only."""
+    foreign = [p.name for p in folder.iterdir()
+               if p.name not in (INDEX_FILE, UNIT_SUMMARY_FILE) and not p.name.startswith("shard.")
+               and not p.name.endswith(".tmp")]
+    return f"holds {', '.join(sorted(foreign)[:3])}, which prepare does not write in a part" if foreign else None
+
+
+def remove_own_entry(path: Path, label: str) -> None:
+    """A part or temporary part of an output this prepare holds: through the guard, as a part folder."""
+    from modernbert_train.common.safety import remove_tree
+
+    remove_tree(path, label=label, recognise=recognise_part)
 
 
 def _normalized(obj):
@@ -116,16 +142,17 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
                 f"another --out (nothing was changed)")
         from modernbert_train.common.safety import check_safe_to_replace
 
-        check_safe_to_replace(out, label="--out")  # never the current directory, a home directory or /
+        # never the current directory, a home directory, / or a folder holding anything prepare did not write
+        check_safe_to_replace(out, label="--out", recognise=recognise_output)
         for name in names:
             path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove_own_entry(path, "--out entry") if name.startswith((PART_PREFIX, TMP_PREFIX)) else path.unlink()
         return {}
     kept: dict[int, dict] = {}
     for name in names:
         path = out / name
         if name.startswith(TMP_PREFIX):
-            shutil.rmtree(path, ignore_errors=True)  # a unit interrupted mid-write
+            remove_own_entry(path, "--out's temporary part")  # an attempt interrupted mid-write
         elif name.startswith(PART_PREFIX):
             try:
                 summary = json.loads((path / UNIT_SUMMARY_FILE).read_text())
@@ -136,7 +163,7 @@ def reconcile_output(out: Path, settings: dict, units: list[WorkUnit], overwrite
                     and name == f"{PART_PREFIX}{index:05d}":
                 kept[index] = summary
             else:
-                shutil.rmtree(path)  # its inputs changed or it no longer exists in the plan
+                remove_own_entry(path, "--out part")  # its inputs changed or it no longer exists in the plan
     return kept
 
 
@@ -149,7 +176,7 @@ def refuse_foreign_output(out: Path) -> None:
     names = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
     if not names:
         return
-    foreign = [n for n in names if not _our_entry(n)]
+    foreign = [n for n in names if not is_own_entry(n)]
     if not (out / PLAN_FILE).is_file() or foreign:
         what = f"holds files prepare did not write ({', '.join(sorted(foreign)[:3])})" if foreign \
             else "has no plan.json from `modernbert-data prepare`"
@@ -161,10 +188,11 @@ def merged_index(out: Path, n_units: int) -> dict:
     shards = []
     for index in range(n_units):
         part = f"{PART_PREFIX}{index:05d}"
-        part_index = read_json_file(out / part / INDEX_FILE)
+        part_index = read_json_file(out / part / INDEX_FILE)  # synced from a remote on a resume: data
         for shard in part_index["shards"]:
             for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                 if shard.get(key):
+                    confined_path(out / part, shard[key]["basename"], out / part / INDEX_FILE)
                     shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
             shards.append(shard)
     return {"version": 2, "shards": shards}

@@ -20,6 +20,8 @@ EPILOG = """examples:
       --tokenizer demo_out/tokenizer --out demo_out/shards/code
   modernbert-data prepare demo_out/corpus/prose --tokenizer demo_out/tokenizer --out demo_out/shards/prose
   modernbert-data stats yamls/data/demo.yaml
+  modernbert-data propose-tokens my_code/ --tokenizer ModernBERT-base --out candidates.jsonl
+  modernbert-data extend-vocab --model ModernBERT-base --tokens candidates.jsonl --top 83 --mode unused --out mb-ext
 progress: a bar on a terminal; in a log file one plain line every few seconds with an ETA
 (--progress auto|bar|lines|none after the command forces a mode).
 exit codes: 0 ok, 1 failure, 2 bad input"""
@@ -230,6 +232,74 @@ def run_corpus(args) -> int:
           f"{args.out}/prose ({prose_bytes / 1e6:.1f} MB); details in {args.out}/corpus_info.json")
     return 0
 
+PROPOSE_EPILOG = """example:
+  modernbert-data propose-tokens ~/src/myrepo --format code --language python --tokenizer ModernBERT-base \\
+      --top 200 --out candidates.jsonl
+A candidate is a whole word piece of the tokenizer's pre-tokenizer (' numpy', 'Exception') that it splits into
+several ids; gain = count x (pieces - 1), the tokens saved on the sample. Writes one JSON record per line
+(token, count, pieces, gain_tokens, gain_share) for extend-vocab --tokens."""
+
+EXTEND_EPILOG = """examples:
+  modernbert-data extend-vocab --model ModernBERT-base --tokens candidates.jsonl --top 83 --mode unused --out mb-ext
+  modernbert-data extend-vocab --model ModernBERT-base --tokens candidates.jsonl --top 500 --mode append --out mb-ext
+unused: the tokens take the tokenizer's [unused*] slots (ModernBERT-base has 83), the embedding keeps its shape.
+append: the tokens get new ids; embeddings and the tied decoder grow to a multiple of 64.
+Either way each new row starts as the mean of the rows of the pieces the old tokenizer split it into, and the
+old tokens' logits are checked to be unchanged. --out is a Hugging Face folder: prepare shards with its
+tokenizer.json and start training from it with model.init_from: hf:OUT (docs/continued-pretraining.md)."""
+
+
+def add_propose_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_input_selection(parser)
+    parser.add_argument("--tokenizer", required=True, help="the model's tokenizer.json or a folder holding one")
+    parser.add_argument("--out", default=None, help="write the candidates here as JSON lines (default: print only)")
+    parser.add_argument("--top", type=int, default=100, help="how many candidates to keep (100)")
+    parser.add_argument("--min-count", type=int, default=5, help="occurrences a candidate needs (5)")
+    parser.add_argument("--min-pieces", type=int, default=2, help="ids the tokenizer must spend on it now (2)")
+    parser.add_argument("--max-mb", type=float, default=50, help="read at most this many MB of text (50)")
+
+
+def run_propose(args) -> int:
+    from data_prep.tokenizer import iter_training_texts, load_tokenizer
+    from modernbert_train.data.vocab_extension import propose_tokens
+
+    tok = load_tokenizer(args.tokenizer)
+    texts = iter_training_texts(_expand(args), args.format, args.text_field, int(args.max_mb * 1e6))
+    found, tokens, chars = propose_tokens(texts, tok, args.top, args.min_count, args.min_pieces)
+    print(f"{chars:,} characters, {tokens:,} tokens ({tokens / max(1, chars):.4f} per character)")
+    print(f"{'token':<24} {'count':>8} {'pieces':>6} {'gain':>8} {'gain %':>7}")
+    for c in found[:40]:
+        print(f"{json.dumps(c.token):<24} {c.count:>8,} {c.pieces:>6} {c.gain_tokens:>8,} {100 * c.gain_share:>6.2f}%")
+    total = sum(c.gain_tokens for c in found)
+    print(f"all {len(found)} together save at most {total:,} tokens ({100 * total / max(1, tokens):.1f}%; overlaps "
+          f"make the real gain a little smaller)")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(c.as_dict()) + "\n" for c in found)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_extend_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face ModernBERT folder (config.json, weights, "
+                                                       "tokenizer.json)")
+    parser.add_argument("--tokens", required=True, help="propose-tokens output (.jsonl) or one JSON string per line")
+    parser.add_argument("--top", type=int, default=None, help="use only the first N tokens of --tokens")
+    parser.add_argument("--mode", required=True, choices=("unused", "append"), help="where the new ids come from")
+    parser.add_argument("--out", required=True, help="new Hugging Face folder (must not exist or be empty)")
+
+
+def run_extend(args) -> int:
+    from modernbert_train.checkpoint.vocab import extend_hf_folder
+    from modernbert_train.data.vocab_extension import read_token_list
+
+    tokens = read_token_list(args.tokens)[:args.top]
+    record = extend_hf_folder(args.model, tokens, args.mode, args.out, sample_text=" ".join(tokens[:50]))
+    print(f"wrote {args.out}: {len(tokens)} tokens ({args.mode}), ids {record['tokens'][0]['id']}.."
+          f"{record['tokens'][-1]['id']}, embedding {record['old_vocab_rows']} -> {record['new_vocab_rows']} rows; "
+          f"old tokens' logits unchanged (max difference {record['old_logits_max_abs_diff']:g})")
+    return 0
+
 
 COMMANDS = {
     "train-tokenizer": (add_train_tokenizer_arguments, run_train_tokenizer, TRAIN_TOKENIZER_EPILOG,
@@ -240,6 +310,10 @@ COMMANDS = {
               "documents, tokens, chunks and length histograms of prepared sources"),
     "build-local-corpus": (add_corpus_arguments, run_corpus, CORPUS_EPILOG,
                            "write the offline demo corpus (stdlib code + Python prose)"),
+    "propose-tokens": (add_propose_arguments, run_propose, PROPOSE_EPILOG,
+                       "propose domain tokens the tokenizer splits into many pieces, with their compression gain"),
+    "extend-vocab": (add_extend_arguments, run_extend, EXTEND_EPILOG,
+                     "add tokens to a model's tokenizer (unused slots or appended) and initialise their rows"),
 }
 
 

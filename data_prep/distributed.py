@@ -1,9 +1,10 @@
 """`prepare --engine spark`: Apache Spark schedules prepare's own deterministic work units.
 
 The driver plans the units exactly as a single-machine `prepare` does (same plan.json, same doc ids); each
-unit becomes one Spark task that runs the same `UnitWriter` and writes one part folder (as .tmp-part-N,
-renamed when complete). Spark retries a failed or killed task (spark.task.maxFailures, or local[N,F]);
-a retried unit rewrites its temporary folder from scratch, so no document is written twice or lost. The driver
+unit becomes one Spark task that runs the same `UnitWriter` and writes one part folder (as
+.tmp-part-N.<attempt>, renamed when complete). Spark retries a failed or killed task (spark.task.maxFailures, or
+local[N,F]) and may run a second attempt beside a slow one (speculation): every attempt writes its own temporary
+folder and publishes it only if no attempt has, so no document is written twice or lost and no part is mixed. The driver
 then merges the parts exactly as `prepare` does: output, prep_meta.json and stats equal the single-machine run.
 
 --out must be visible to every executor (a shared filesystem); with an object-store --out, --staging must be.
@@ -61,7 +62,7 @@ def _run_unit(unit_json: dict, tokenizer_path: str, settings: dict, out: str,
     writer = UnitWriter(tok, specials, settings, Path(out), report=report or (lambda nbytes, ntokens: None))
     try:
         summary = writer.run(WorkUnit(**unit_json))
-        if remote is not None:
+        if remote is not None and writer.published:  # the attempt that published the part uploads it
             _upload_part(remote, out, Path(out) / f"{PART_PREFIX}{summary['index']:05d}")
         return summary
     except UserError as err:
@@ -91,6 +92,8 @@ class SparkEngine:
 
     def on_finish(self) -> None:
         if self.inner is not None:
+            if self.remote is not None:  # a part whose publishing attempt died before its upload finished
+                self.inner.output.upload_unuploaded_parts()
             self.inner.on_finish()
 
     def _session(self):

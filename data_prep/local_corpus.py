@@ -138,9 +138,14 @@ def build_local_corpus(out_dir: str | os.PathLike, max_bytes: int | None = None,
     if existing:
         if not overwrite:
             raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to rebuild it")
+        from modernbert_train.common.safety import remove_tree
+
+        # corpus_info.json is written last: without it, code/ and prose/ may be anyone's folders of that name.
+        marker = None if (out / "corpus_info.json").is_file() else (
+            "has no corpus_info.json beside it (not built by build-local-corpus, or a build that was interrupted: "
+            "delete it yourself)")
         for name in existing:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            remove_tree(out / name, label=f"--out's {name}", recognise=lambda folder: marker)
     out.mkdir(parents=True, exist_ok=True)
     info = {"code": build_code(out / "code", max_bytes), "prose": build_prose(out / "prose", max_bytes),
             "max_bytes_per_kind": max_bytes, "reserved_for_eval": EVAL_RESERVATION}

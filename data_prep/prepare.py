@@ -3,7 +3,8 @@
 Layout of an output folder (one per source):
     plan.json               settings + work units of the run (what a resume is checked against)
     part-00000/ ...         one folder per work unit: its own MDS index.json, shards, unit_summary.json;
-                            written as .tmp-part-00000 and renamed when complete, so a part is all or nothing
+                            each attempt writes its own .tmp-part-00000.<attempt> and renames it when complete,
+                            only if no attempt did before, so a part is all or nothing and never mixed
     prep_meta.json          tokenizer hash, vocab, max_seq_len, special ids, documents, chunks, tokens, histograms
     prep_summary.json       every input record accounted: read = written + chunked + skipped (per reason, per file)
     index.json              merged MDS index over all parts, with each shard's hash (written last: its presence
@@ -13,11 +14,14 @@ Every bookkeeping file is written to a temporary name and renamed, so none is ev
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import socket
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +32,7 @@ from data_prep.sources import (DEFAULT_MAX_DOC_BYTES, REASON_POLICY, Document, P
                                plan_units, read_unit)
 from data_prep.bookkeeping import (INDEX_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE, TMP_PREFIX,
                                    UNIT_SUMMARY_FILE, OutputLock, merged_index, reconcile_output,
-                                   refuse_foreign_output, write_json_atomic)
+                                   refuse_foreign_output, remove_own_entry, write_json_atomic)
 from data_prep.stats import Histogram
 from data_prep.tokenizer import load_tokenizer, special_token_ids, tokenizer_sha256, vocab_size
 from modernbert_train.data.shards import SHARD_HASH
@@ -112,6 +116,11 @@ class UnitResult:
     doc_hist: dict = field(default_factory=dict)
 
 
+def attempt_id() -> str:
+    """Unique among every attempt of every unit on every machine writing one --out."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 class _Stopped(Exception):
     """Another worker failed; this one abandons its unit."""
 
@@ -139,9 +148,11 @@ class UnitWriter:
         start = time.perf_counter()
         result = UnitResult(index=unit.index, identity=unit.identity)
         chunk_hist, doc_hist = Histogram(), Histogram()
-        tmp = self.out / f"{TMP_PREFIX}{unit.index:05d}"
+        # Two attempts of one unit can run at once (Spark speculation, a retry while a lost executor still
+        # runs): each writes its own folder, so neither deletes or mixes into the other's files.
+        tmp = self.out / f"{TMP_PREFIX}{unit.index:05d}.{attempt_id()}"
         final = self.out / f"{PART_PREFIX}{unit.index:05d}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        self.published = False
         batch: list[Document] = []
         batch_bytes = 0
         pending_progress = 0
@@ -173,9 +184,21 @@ class UnitWriter:
             result.files = {f: e for f, e in result.files.items() if e["skipped"]}
         summary = asdict(result)
         write_json_atomic(tmp / UNIT_SUMMARY_FILE, summary)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        return summary
+        return self._publish(tmp, final, summary)
+
+    def _publish(self, tmp: Path, final: Path, summary: dict) -> dict:
+        """Rename this attempt's folder to the part, unless another attempt's complete part is there already
+        (a rename onto a non-empty folder fails atomically): then this attempt's copy goes, theirs stays."""
+        try:
+            os.rename(tmp, final)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (final / UNIT_SUMMARY_FILE).is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # this attempt's own folder (attempt-unique name)
+            return json.loads((final / UNIT_SUMMARY_FILE).read_text())
+        self.published = True
+        return json.loads(json.dumps(summary))  # as a reader of unit_summary.json (or the losing attempt) sees it
 
     def _handle_problem(self, problem: Problem, result: UnitResult, entry: dict) -> None:
         policy = REASON_POLICY[problem.reason]
@@ -258,7 +281,7 @@ def _units_in_progress(out: Path, units_by_index: dict[int, WorkUnit]) -> list[W
     """
     found = []
     for path in out.glob(f"{TMP_PREFIX}*"):
-        index = int(path.name[len(TMP_PREFIX):])
+        index = int(path.name[len(TMP_PREFIX):].split(".")[0])
         if index in units_by_index:
             found.append(units_by_index[index])
     return sorted(found, key=lambda u: u.index)
@@ -405,6 +428,17 @@ def prepare(cfg: PrepareConfig, hooks=None) -> dict:
         return _prepare_locked(cfg, hooks)
 
 
+def _remove_abandoned_attempts(out: Path) -> None:
+    """Every unit is published: what is left of attempts that died (a killed worker, a lost executor) goes,
+    through the guard. One still writing (a lost executor that lives on) may race the removal: it then finds
+    its part published, or its folder gone, and ends; either way the published part is whole."""
+    for path in out.glob(f"{TMP_PREFIX}*"):
+        try:
+            remove_own_entry(path, "--out's temporary part")
+        except OSError:
+            continue
+
+
 def _completed_summary(out: Path) -> dict | None:
     """prep_summary.json of a complete output (index.json present), or None if incomplete or unreadable."""
     if not (out / INDEX_FILE).is_file():
@@ -465,6 +499,7 @@ def _prepare_locked(cfg: PrepareConfig, hooks=None) -> dict:
     finally:
         progress.close()
     elapsed = time.perf_counter() - start
+    _remove_abandoned_attempts(out)
 
     summaries = sorted(list(kept.values()) + new, key=lambda s: s["index"])
     totals = _sum_counts(summaries)

@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import urllib.parse
 from pathlib import Path
 
-from data_prep.bookkeeping import INDEX_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE, UNIT_SUMMARY_FILE
+from data_prep.bookkeeping import (INDEX_FILE, LOCK_FILE, META_FILE, PART_PREFIX, PLAN_FILE, SUMMARY_FILE,
+                                   UNIT_SUMMARY_FILE, is_own_entry, recognise_output, remove_own_entry)
 from modernbert_train.common.errors import UserError
+from modernbert_train.common.safety import check_safe_to_replace, remove_tree
+from modernbert_train.data.shards import confined_path, read_json_file
 
 # streaming's uploader retries each file this many times with exponential backoff (1, 2, 4, 8 s ...).
 UPLOAD_RETRY = 5
@@ -95,7 +97,7 @@ def fetch_metadata(remote: str, dest: Path, with_shards: bool = False) -> Path:
     if with_shards:
         for shard in json.loads((dest / INDEX_FILE).read_text())["shards"]:
             name = (shard.get("zip_data") or shard["raw_data"])["basename"]
-            if not download(join(remote, name), dest / name):
+            if not download(join(remote, name), confined_path(dest, name, join(remote, INDEX_FILE))):
                 raise UserError(f"{remote}: shard {name} listed in index.json is missing")
     return dest
 
@@ -174,9 +176,9 @@ class RemoteOutput:
             download(join(self.remote, PLAN_FILE), self.staging / PLAN_FILE)
         fetched = uploaded = dropped = 0
         for part in sorted(done):
-            local = self.staging / part
+            local = confined_path(self.staging, part, f"the listing of {self.remote}")
             if not (local / UNIT_SUMMARY_FILE).is_file() or not (local / INDEX_FILE).is_file():
-                shutil.rmtree(local, ignore_errors=True)
+                remove_own_entry(local, "--staging part")
                 download(join(self.remote, part, INDEX_FILE), local / INDEX_FILE)
                 download(join(self.remote, part, UNIT_SUMMARY_FILE), local / UNIT_SUMMARY_FILE)
                 fetched += 1
@@ -187,7 +189,7 @@ class RemoteOutput:
                 self.upload_part(local)
                 uploaded += 1
             else:
-                shutil.rmtree(local)
+                remove_own_entry(local, "--staging part")
                 dropped += 1
         if INDEX_FILE in names:
             for name in (INDEX_FILE, META_FILE, SUMMARY_FILE):
@@ -195,12 +197,21 @@ class RemoteOutput:
         return {"remote_parts": len(done), "fetched": fetched, "uploaded": uploaded, "redone": dropped}
 
     @staticmethod
-    def _has_all_shards(part: Path) -> bool:
+    def _shard_names(part: Path) -> list[str]:
+        """The shard files a part's index.json lists (each confined to the part folder)."""
         index = part / INDEX_FILE
         if not index.is_file():
+            return []
+        names = [(s.get("zip_data") or s["raw_data"])["basename"] for s in read_json_file(index)["shards"]]
+        for name in names:
+            confined_path(part, name, index)
+        return names
+
+    @classmethod
+    def _has_all_shards(cls, part: Path) -> bool:
+        if not (part / INDEX_FILE).is_file():
             return False
-        shards = json.loads(index.read_text())["shards"]
-        return all((part / (s.get("zip_data") or s["raw_data"])["basename"]).is_file() for s in shards)
+        return all(confined_path(part, name, part / INDEX_FILE).is_file() for name in cls._shard_names(part))
 
     # ------------------------------------------------------------------------------------------ uploading
 
@@ -214,11 +225,22 @@ class RemoteOutput:
         """Shards, then the part's index.json, then unit_summary.json (the completion marker); then free disk."""
         shards = [p for p in sorted(part.iterdir()) if p.is_file() and p.name not in (INDEX_FILE, UNIT_SUMMARY_FILE)]
         for shard in shards:
+            if not shard.is_file():  # freed by another uploader of this part, which frees shards only when done
+                return
             self._upload(f"{part.name}/{shard.name}")
         self._upload(f"{part.name}/{INDEX_FILE}")
         self._upload(f"{part.name}/{UNIT_SUMMARY_FILE}")
         for shard in shards:
-            shard.unlink()
+            shard.unlink(missing_ok=True)
+
+    def upload_unuploaded_parts(self) -> int:
+        """Upload every complete part of the staging folder whose shards are still there (not uploaded yet)."""
+        count = 0
+        for part in sorted(self.staging.glob(PART_PREFIX + "*")):
+            if (part / UNIT_SUMMARY_FILE).is_file() and self._has_all_shards(part) and self._shard_names(part):
+                self.upload_part(part)
+                count += 1
+        return count
 
     def start(self) -> None:
         """A run with work to do: the remote stops looking complete, and records the plan."""
@@ -262,8 +284,18 @@ class RemoteOutput:
                 raise _explain(err, target, "delete") from err
 
     def clear(self) -> None:
-        """--overwrite: delete every object under the prefix (old parts must not pass for new ones)."""
-        self.delete(sorted(self.list_names()))
+        """--overwrite: delete every object under the prefix (old parts must not pass for new ones), only when
+        every one of them is prepare's own (the guard's rule, for a bucket prefix): nothing is deleted else."""
+        names = sorted(self.list_names())
+        foreign = [n for n in names if not is_own_entry(n.split("/")[0]) or n.split("/")[0] == LOCK_FILE]
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise UserError(f"--out {self.remote} holds {', '.join(foreign[:3])}{more}, which prepare does not "
+                            f"write; refusing --overwrite there (nothing was deleted) — choose a new prefix")
+        if names and PLAN_FILE not in names:
+            raise UserError(f"--out {self.remote} holds objects but no plan.json from `modernbert-data prepare`; "
+                            f"refusing --overwrite there (nothing was deleted) — choose a new prefix")
+        self.delete(names)
 
 
 class RemoteHooks:
@@ -290,10 +322,12 @@ def prepare_remote(cfg, staging: str | os.PathLike | None = None, engine=None) -
 
     remote = cfg.out.rstrip("/")
     staging = Path(staging) if staging else default_staging(remote)
+    if cfg.overwrite:  # both places checked by the guard before anything is deleted in either
+        check_safe_to_replace(staging, label="--staging", recognise=recognise_output)
     output = RemoteOutput(remote, staging)
     if cfg.overwrite:
         output.clear()
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging, label="--staging", recognise=recognise_output)
         staging.mkdir(parents=True)
         output = RemoteOutput(remote, staging)
     synced = output.sync_down()

@@ -47,7 +47,7 @@ source "$repo_dir/launch/common.sh"
 user=$(id -un)
 host=$(hostname -s 2>/dev/null || hostname)
 scratch_base=${NODE_TMPDIR:-${TMPDIR:-/tmp}}
-job_tag=${SLURM_JOB_ID:-manual-$host-$$}  # $$ stays the launcher's pid: the script ends with exec
+job_tag=${SLURM_JOB_ID:-manual-$host-$$}  # $$: this shell, alive as long as the launch
 node_tmpdir=$scratch_base/modernbert-$user-$job_tag-node$node_rank
 [[ ! -L $node_tmpdir ]] || die "$node_tmpdir is a symbolic link; refusing to use it as scratch"
 # Provably stale scratch only: this name (an earlier incarnation of this SLURM job, which SLURM ended before
@@ -80,5 +80,23 @@ if [[ -n ${MASTER_PORT:-} ]]; then launch_args+=(--master-port "$MASTER_PORT"); 
 if [[ -n ${NPROC_PER_NODE:-} ]]; then launch_args+=(--nproc "$NPROC_PER_NODE"); fi
 if [[ $dry_run == 1 ]]; then launch_args+=(--dry-run); fi
 echo "# node $node_rank of $nnodes, TMPDIR=$node_tmpdir" >&2
-# exec: the launcher becomes this process, so SIGTERM from SLURM or Ctrl-C reaches it directly.
-exec "$PYTHON" -m modernbert_train.cli.main "${launch_args[@]}"
+if [[ $dry_run == 1 ]]; then exec "$PYTHON" -m modernbert_train.cli.main "${launch_args[@]}"; fi
+
+# The launcher runs as a child so that this launch's scratch folder is removed when it ends: normally, by an
+# error, or stopped by SIGTERM/SIGINT/SIGHUP (SLURM's requeue, scancel, preemption, Ctrl-C), which are passed on
+# to it. Only a SIGKILL of this shell leaves the folder; the next run of the same SLURM job removes it.
+remove_scratch() {
+  "$PYTHON" -m modernbert_train.common.safety --remove "$node_tmpdir" >/dev/null 2>&1 \
+    || echo "multinode.sh: could not remove the scratch folder $node_tmpdir" >&2
+}
+"$PYTHON" -m modernbert_train.cli.main "${launch_args[@]}" &
+launcher_pid=$!
+trap remove_scratch EXIT
+for sig in TERM INT HUP; do trap "kill -$sig $launcher_pid 2>/dev/null || true" "$sig"; done
+# `wait` returns when a trapped signal arrives: keep waiting until the launcher has really ended.
+status=0
+while true; do
+  wait "$launcher_pid" && status=0 || status=$?
+  kill -0 "$launcher_pid" 2>/dev/null || break
+done
+exit "$status"

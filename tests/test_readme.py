@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-README_FILES = [REPO / "README.md", REPO / "launch" / "README.md"]
+README_FILES = [REPO / "README.md", REPO / "launch" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PROGRAMS = ("modernbert-train", "modernbert-data", "composer", "make")
 
 

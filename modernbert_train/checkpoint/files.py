@@ -82,7 +82,14 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 def set_aside_checkpoints_after(run_dir: Path, step: int, aside: Path) -> None:
     """Move every checkpoint newer than `step` into `aside` (kept for inspection, never read again) and point
-    every rank's `latest` link at `step`'s checkpoint: autoresume then restarts from there."""
+    every rank's `latest` link at `step`'s checkpoint: autoresume then restarts from there. Step 0 (no
+    checkpoint) removes the links: the next start begins from the initial weights."""
+    from modernbert_train.common.safety import check_safe_to_replace, only_these_entries
+
+    # `aside` may already hold an earlier rollback's checkpoints, which a same-named one replaces: only when it
+    # is a real folder holding nothing but checkpoints (a synced run folder could bring a link to elsewhere).
+    check_safe_to_replace(aside, label="rollback folder", recognise=only_these_entries(
+        lambda name: bool(_CHECKPOINT_ENTRY.match(name)), (), "a rollback"))
     for newer, paths in checkpoints_by_step(run_dir).items():
         if newer > step:
             aside.mkdir(exist_ok=True)
@@ -95,7 +102,8 @@ def set_aside_checkpoints_after(run_dir: Path, step: int, aside: Path) -> None:
         if latest.is_symlink():
             name = re.sub(r"ba\d+", f"ba{step}", os.readlink(latest))
             latest.unlink()
-            latest.symlink_to(name)
+            if step > 0:
+                latest.symlink_to(name)
 
 
 def _newest_complete(run_dir: Path) -> Path | None:
@@ -190,3 +198,20 @@ def checkpoint_step(composer_state: dict) -> int:
         timestamp = timestamp.get("Timestamp", timestamp)  # composer nests it under the class name
         return int(timestamp.get("batch", -1))
     return int(timestamp.batch) if hasattr(timestamp, "batch") else -1
+
+
+def resume_checkpoint(run_dir: Path) -> str | None:
+    """On every rank: the newest complete checkpoint of `run_dir` (file or sharded folder), or None to start fresh.
+    Passed to composer as `load_path`, with composer's own autoresume off.
+
+    composer 0.32.1's autoresume cannot resume a multi-node run whose nodes share one save_folder: it writes a
+    per-node signal file whose name is broadcast from rank 0, so every node deletes "._signal_file_node0_..." and
+    the second delete raises FileNotFoundError (llm-foundry#1736). Here rank 0 alone makes the folder resumable
+    (`recover_interrupted_save`) and names the checkpoint; its answer, or its error, reaches every rank."""
+    from modernbert_train.common.ranks import load_on_one_rank
+
+    def choose() -> str | None:
+        newest = recover_interrupted_save(run_dir)
+        return str(newest.resolve()) if newest is not None else None
+
+    return load_on_one_rank("choosing the checkpoint to resume from", choose)

@@ -4,7 +4,11 @@ ModernBERT-large started from ModernBERT-base this way rather than from random w
 "tile_weights_from_middle"): along every dimension the source is placed in the centre of the target and
 repeated with wraparound to fill the rest, so target index i takes source index (i - offset) mod source_size
 with offset = (target_size - source_size) // 2. A target dimension smaller than the source keeps the centre.
-Layers are tiled the same way: target layer j copies source layer (j - offset) mod source_layers.
+
+Layers are not wrapped around: target layer i copies source layer round(i * source_layers / target_layers)
+(the authors' depth mapping), so the stack keeps its order from the first layer to the last and a repeated
+layer sits next to its copy (6 -> 8 layers: 0, 1, 2, 2, 3, 4, 4, 5). A wraparound order (5, 0, 1, ..., 5, 0)
+puts the source's last layer first; measured on the tiny runs it starts above a random init (issue 28).
 
 Fused matrices are tiled per part, so each part keeps its role: Wqkv holds q, k and v stacked on dim 0 and
 the GeGLU Wi holds input and gate. Tiling into the same shape is the identity.
@@ -25,6 +29,12 @@ def centre_indices(target: int, source: int) -> torch.Tensor:
     """Source index for every target index: the source centred in the target, wrapping around."""
     offset = (target - source) // 2
     return (torch.arange(target) - offset) % source
+
+
+def layer_indices(target: int, source: int) -> list[int]:
+    """Source layer for every target layer: round(i * source / target), in order (Python's round, as the
+    authors' code)."""
+    return [min(source - 1, round(i * source / target)) for i in range(target)]
 
 
 def tile_tensor(source: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
@@ -50,12 +60,12 @@ def tile_parameter(name: str, source: torch.Tensor, shape: tuple[int, ...] | tor
 def tile_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every tensor of `target` (names and shapes) filled from `source` by centre tiling.
 
-    Layer tensors come from the source layer the layer tiling maps to; a tensor the mapped source layer
+    Layer tensors come from the source layer `layer_indices` maps to; a tensor the mapped source layer
     lacks (layer 0 has no attention norm) keeps the target's own value (a freshly initialised norm).
     """
     source_layers = 1 + max((int(m.group(1)) for k in source if (m := _LAYER.match(k))), default=-1)
     target_layers = 1 + max((int(m.group(1)) for k in target if (m := _LAYER.match(k))), default=-1)
-    layer_map = centre_indices(target_layers, source_layers).tolist() if source_layers else []
+    layer_map = layer_indices(target_layers, source_layers) if source_layers else []
     tiled = {}
     for name, own in target.items():
         match = _LAYER.match(name)
@@ -76,4 +86,4 @@ def tile_into(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
         model.load_state_dict(tile_state_dict(source, model.state_dict()), strict=True)
 
 
-__all__ = ["centre_indices", "tile_tensor", "tile_parameter", "tile_state_dict", "tile_into"]
+__all__ = ["centre_indices", "layer_indices", "tile_tensor", "tile_parameter", "tile_state_dict", "tile_into"]

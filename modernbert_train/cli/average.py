@@ -16,8 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="averaged checkpoint file to write (.pt)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="fully unpickle sources outside our own run folders (sharded folders' .metadata is a "
-                             "pickle and can run code): only for checkpoints you trust")
+                        help="fully unpickle sources the safe reader refuses (it can run code): only for "
+                             "checkpoints you trust")
 
 
 def run(args) -> int:

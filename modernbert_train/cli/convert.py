@@ -6,8 +6,9 @@ EPILOG = """examples:
   modernbert-train convert-checkpoint runs/phase1/latest-rank0.pt --out phase1-latest.pt --overwrite
 The file holds model, optimizer, schedule and data position with unsharded tensors, like a checkpoint saved with
 parallelism.fsdp.state_dict_type=full; `export` and `model.init_from` read either form.
-A sharded folder's .metadata is a pickle (unpickling can run code): it is read only inside a run folder of ours
-(config.yaml + model_config.json beside it) or with --trust-checkpoint, for folders you trust."""
+A sharded folder's .metadata is a pickle: it is read with a reader that builds only checkpoint metadata (no code
+runs), wherever the folder lies; one naming anything else is refused unless --trust-checkpoint (full
+unpickling: it can run code), for folders you trust."""
 
 
 def add_arguments(parser) -> None:
@@ -15,7 +16,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="destination .pt file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="unpickle the .metadata even outside our run folders (it can run code)")
+                        help="fully unpickle a .metadata the safe reader refuses (it can run code)")
 
 
 def run(args) -> int:

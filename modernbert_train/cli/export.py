@@ -10,9 +10,10 @@ The folder loads with transformers.AutoModelForMaskedLM / AutoTokenizer (4.48+ a
 against our model before it is written, and a mismatch fails the export (exit 1 or 2).
 --overwrite replaces only a previous export (config.json + model.safetensors and the files an export writes);
 it never deletes the current directory, a home directory, the source run or a folder holding it.
-Checkpoints are pickles. A .pt file is read with torch's weights-only loader, which runs no code; a checkpoint
-that needs full unpickling (any sharded folder: its .metadata is a pickle) is loaded only from a run folder of
-ours or with --trust-checkpoint. Never pass --trust-checkpoint for a file from someone you do not trust."""
+Checkpoints are pickles. Every checkpoint (our own run folders' included) is read without running code: a .pt
+file with torch's weights-only loader, a sharded folder's .metadata with a reader that builds only checkpoint
+metadata. One holding anything else is refused unless --trust-checkpoint (full unpickling: it can run code).
+Checkpoints this trainer writes never need it. Never pass it for a file from someone you do not trust."""
 
 
 def add_arguments(parser) -> None:
@@ -27,7 +28,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model-config", help="model_config.json (default: the run directory's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --out (nothing else)")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="fully unpickle the checkpoint even outside our run folders (it can run code)")
+                        help="fully unpickle a checkpoint the safe reader refuses (it can run code)")
     parser.add_argument("--sentence-transformers", action="store_true",
                         help="also write the files that make SentenceTransformer(OUT) an embedding model (mean pooling)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| accepted (fp32)")

@@ -11,8 +11,9 @@ EPILOG = """examples:
 Overrides use dotted keys of the recipe (omegaconf): data.micro_batch_size=16, model.config.attn_backend=sdpa.
 Relaunching the same command continues from the newest checkpoint in the run's save_folder; a second process on
 the same save_folder is refused (run.lock names the holder), and a resume may not change the architecture.
-model.init_from checkpoints are pickles: read with torch's weights-only loader (no code runs); one that needs full
-unpickling (a sharded folder) loads only from a run folder of ours or with model.trust_checkpoint=true."""
+Checkpoints are pickles: model.init_from's and the one a resume starts from are read with weights-only loaders
+first (no code runs); one holding anything else is refused unless model.trust_checkpoint=true (full unpickling,
+for this run only). Checkpoints this trainer writes never need it."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,9 @@
 """The one guard every deleting command passes before it removes a folder it is asked to replace.
 
 A folder may be replaced only when it is recognisably what the command itself wrote before (the caller says
-what that looks like), and never when it is the filesystem root, a home directory, the current directory,
-anything that contains one of those, or something the command still needs (its source; any parent of it).
+what that looks like: its own file names and markers), and never when it is the filesystem root, a home
+directory, the current directory, anything that contains one of those, a symbolic link, or something the
+command still needs (its source; any parent of it). `remove_tree` is the guard and the deletion in one call.
 """
 from __future__ import annotations
 
@@ -81,10 +82,28 @@ def only_these_entries(allowed: Callable[[str], bool], required: Iterable[str], 
     return recognise
 
 
+def remove_tree(path: str | os.PathLike, *, label: str, recognise: Callable[[Path], str | None] | None,
+                keep: Iterable[str | os.PathLike] = ()) -> bool:
+    """check_safe_to_replace, then delete `path` (a folder and everything in it, or a file); False if absent.
+
+    recognise is required in spirit: pass None only where the folder's name alone is the command's own
+    (a scratch folder it created under a name no one else uses)."""
+    import shutil
+
+    check_safe_to_replace(path, label=label, recognise=recognise, keep=keep)
+    target = Path(path)
+    if target.is_dir():
+        shutil.rmtree(target)
+        return True
+    if target.exists():
+        target.unlink()
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m modernbert_train.common.safety --remove PATH ...`: the same guard for the launch scripts' deletions."""
     import argparse
-    import shutil
 
     from modernbert_train.common.errors import run_command
 
@@ -99,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def remove(args) -> int:
         for path in args.remove:
-            check_safe_to_replace(path, label="scratch folder")
-            if Path(path).exists():
-                shutil.rmtree(path)
+            remove_tree(path, label="scratch folder", recognise=None)  # names the launch scripts gave them
         return 0
 
     return run_command(remove, args, args.debug)

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from modernbert_train.data.manifest import Manifest, SourceSpec
-from modernbert_train.data.shards import INDEX_FILE, SHARD_HASH, check_column_safety, has_shard_hashes, load_index
+from modernbert_train.data.shards import (INDEX_FILE, SHARD_HASH, check_column_safety, check_stream_shard_names,
+                                          confined_path, has_shard_hashes, load_index, remove_shard_cache)
 from modernbert_train.common.errors import UserError
 from modernbert_train.common.ranks import die_with_launcher, dist_timeout_s, new_gloo_group
 
@@ -172,34 +173,30 @@ def clean_stale_streaming_shm(shm_dir: Path = SHM_DIR) -> list[str]:
 
 
 @contextmanager
-def host_shm_lock(is_local_leader: bool = True, barrier=None):
-    """Held by this job's local leader while streaming registers shared memory on this host.
+def host_shm_lock():
+    """Held by a node's leader while it registers or cleans streaming's shared memory on this host.
 
     streaming's leader finds the first free shm prefix, then creates it: two jobs starting together on one host
     (two single-GPU runs, a train and an eval job) can both pick the same prefix, and the second dies with
-    FileExistsError '/000523_locals'. Every job of ours takes this host-wide lock first, and `barrier` (called
-    on all ranks) makes the other ranks look only once their leader holds it. After SHM_LOCK_WAIT_S it goes on
-    without the lock, with a warning, rather than wait forever on a job that shares two nodes with this one.
+    FileExistsError '/000523_locals'. Every job of ours takes this host-wide lock first. It is never held across
+    a collective (see data/shm_prefix.py): another node of the same job may need it to reach that collective.
+    After SHM_LOCK_WAIT_S it goes on without the lock, with a warning, rather than wait forever.
     """
-    fd = None
-    if is_local_leader:
-        fd, path = _open_registration_lock()
-        deadline = time.monotonic() + SHM_LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd, path = _open_registration_lock()
+    deadline = time.monotonic() + SHM_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                log.warning("another job on this host held %s for %.0f s; registering streaming's shared "
+                            "memory without it", path, SHM_LOCK_WAIT_S)
+                os.close(fd)
+                fd = None
                 break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    log.warning("another job on this host held %s for %.0f s; registering streaming's shared "
-                                "memory without it", path, SHM_LOCK_WAIT_S)
-                    os.close(fd)
-                    fd = None
-                    break
-                time.sleep(0.05)
+            time.sleep(0.05)
     try:
-        if barrier is not None:
-            barrier()
         yield
     finally:
         if fd is not None:
@@ -219,13 +216,6 @@ def _open_registration_lock() -> tuple[int, str]:
             break
     private = os.path.join(tempfile.gettempdir(), f"{SHM_LOCK_NAME}-{os.getuid()}")
     return os.open(private, os.O_RDONLY | os.O_CREAT, 0o644), private
-
-
-def _default_group_barrier() -> None:
-    import torch.distributed as torch_dist
-
-    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.barrier()  # the group streaming's own barriers use
 
 
 def prepare_streaming_environment(dist_info: DistInfo, group=None) -> None:
@@ -330,7 +320,8 @@ def _make_dataset_class():
             for raw_info, zip_info in self.shards[shard_id].file_pairs:
                 for info in (raw_info, zip_info):
                     if info is not None:
-                        Path(stream.local, stream.split or "", info.basename).unlink(missing_ok=True)
+                        folder = Path(stream.local, stream.split or "")
+                        confined_path(folder, info.basename, folder / INDEX_FILE).unlink(missing_ok=True)
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             if self._shard_failure is not None:
@@ -414,7 +405,7 @@ _datasets_built = 0
 @atexit.register
 def _remove_own_caches() -> None:
     for folder in _CACHES_TO_REMOVE_AT_EXIT:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_shard_cache(folder)
 
 
 def release_shard_caches(dataset) -> list[str]:
@@ -425,7 +416,7 @@ def release_shard_caches(dataset) -> list[str]:
     for stream in getattr(dataset, "streams", []):
         folder = str(stream.local)
         if folder in _CACHES_TO_REMOVE_AT_EXIT:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_shard_cache(folder)
             _CACHES_TO_REMOVE_AT_EXIT.discard(folder)
             removed.append(folder)
     return removed
@@ -446,7 +437,7 @@ def _remove_caches_of_dead_processes(source_root: Path) -> None:
     for folder in source_root.iterdir():
         match = re.fullmatch(r"pid-(\d+)-\d+", folder.name)
         if match and not Path(f"/proc/{match.group(1)}").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_shard_cache(folder)
 
 
 def _stream_for(source: SourceSpec, download_timeout: float, download_retry: int, dataset_ordinal: int = 0):
@@ -502,7 +493,9 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
         cache_limit = default_cache_limit(manifest)
     streams = [_stream_for(source, download_timeout, download_retry, ordinal) for source in manifest.sources]
     try:
-        with host_shm_lock(_env_int("LOCAL_RANK", 0) == 0, _default_group_barrier):
+        from modernbert_train.data.shm_prefix import shm_prefix_registration
+
+        with shm_prefix_registration(host_shm_lock):  # the host-wide lock, never across streaming's barriers
             dataset = dataset_class()(
                 streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
                 shuffle_algo=shuffle_algo, num_canonical_nodes=num_canonical_nodes,
@@ -521,6 +514,7 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
         if "contains no samples" in str(err):
             raise UserError(f"manifest {manifest.path}: {err}") from err
         raise
+    check_stream_shard_names(dataset)  # names from (remote) index.json files stay inside their folders
     _verify_remote_shard_hashes(dataset, manifest)
     dataset.source_names = manifest.source_names()
     vocabularies = [meta["vocab_size"] for meta in map(SourceSpec.prep_meta, manifest.sources)

@@ -8,7 +8,8 @@ warmup allows; masks them. The state is (epoch, samples consumed, buffer referen
 gathered to every rank by `state_dict()` so the rank-0 checkpoint holds all of them.
 
 Resume: streaming restarts at the largest whole raw batch every rank had consumed (its resume unit is a
-global batch), each rank then skips its few extra samples, and the buffer is re-read by sample id.
+global batch), each rank then skips the samples of its stripe already read, and the buffer is re-read by sample
+id. On another number of ranks the same holds with the ranks' positions re-partitioned (see elastic.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from modernbert_train.data import elastic
 from modernbert_train.data.config import BatchSizeWarmup, MLMLoaderConfig
 from modernbert_train.data.dataset import (DistInfo, build_raw_dataloader, build_streaming_dataset,
                                            cpu_process_group, initialize_distributed,
@@ -33,6 +35,9 @@ log = logging.getLogger("modernbert_train")
 
 STATE_FORMAT = "modernbert_train.data.loader/1"
 # Settings that fix the sample sequence: a resume with any of them changed cannot continue exactly.
+# Default lookahead floor in max_seq_len rows (bench/quality_bench.py, 2026-12-02: with 4 micro-batches of
+# 4 rows the buffer held ~6 samples and a step's 8 rows came from ~2 of them).
+MIN_LOOKAHEAD_ROWS = 64
 RESUME_KEYS = ("seed", "max_seq_len", "micro_batch_size", "raw_batch_size", "shuffle", "shuffle_algo")
 
 
@@ -74,8 +79,12 @@ class _LoaderBase:
         self.world_invariant = world_invariant
         # A world-invariant stream is the one a single process on one node would read.
         num_nodes = 1 if world_invariant else max(1, self.dist.world_size // max(1, self.dist.local_world_size))
+        self.num_nodes = num_nodes
         self._num_canonical_nodes = config.num_canonical_nodes or (
             64 * num_nodes if config.shuffle_algo in ("py1s", "py2s") else num_nodes)
+        if self._num_canonical_nodes % num_nodes and num_nodes % self._num_canonical_nodes:
+            raise UserError(f"data num_canonical_nodes={self._num_canonical_nodes} and this run's {num_nodes} nodes: "
+                            f"one must divide the other (streaming's partition); set it to a multiple of the node count")
         # Manifest proportions are token shares; streaming draws samples, so weigh by tokens per sample.
         streaming_manifest, self.token_shares = sampling_manifest(self.manifest, config.max_seq_len)
         self.dataset = build_streaming_dataset(
@@ -89,7 +98,9 @@ class _LoaderBase:
                                                 prefetch_factor=config.prefetch_factor)
         self.tokens_per_micro_batch = config.tokens_per_micro_batch
         lookahead = config.packing_lookahead_tokens
-        self._lookahead_tokens = (4 * self.tokens_per_micro_batch if lookahead is None else lookahead)
+        # At least MIN_LOOKAHEAD_ROWS pieces to choose from, so that a small step's rows come from many samples.
+        self._lookahead_tokens = (max(4 * self.tokens_per_micro_batch, MIN_LOOKAHEAD_ROWS * config.max_seq_len)
+                                  if lookahead is None else lookahead)
         self._target_tokens = lookahead_steps * self.tokens_per_micro_batch + self._lookahead_tokens
         # By default a piece waits at most about two buffer turnovers.
         max_wait = config.packing_max_wait or 2 * -(-self._target_tokens // self.tokens_per_micro_batch)
@@ -98,6 +109,11 @@ class _LoaderBase:
         self._pending: deque = deque()
         self.epoch = 0
         self.raw_consumed = 0
+        # Where this rank's reads lie in the epoch's global order (elastic.py): read i is at position
+        # origin + i * stride + offset; positions in _skip_positions were read before a resume and are dropped.
+        self._origin = 0
+        self._reads = 0
+        self._skip_positions: deque = deque()
         self.source_tokens = np.zeros(len(self.manifest.sources), dtype=np.int64)  # real tokens emitted
 
     @property
@@ -126,6 +142,14 @@ class _LoaderBase:
         return self.dist.rank
 
     @property
+    def _stride(self) -> int:
+        return 1 if self.world_invariant else self.world_size
+
+    @property
+    def _offset(self) -> int:
+        return 0 if self.world_invariant else elastic.rank_offset(self.rank, self.world_size, self.num_nodes)
+
+    @property
     def world_size(self) -> int:
         return self.dist.world_size
 
@@ -151,16 +175,23 @@ class _LoaderBase:
     # --- raw samples -------------------------------------------------------------------------------
     def _read_raw(self) -> tuple[int, np.ndarray] | None:
         """Next raw sample of this rank in this epoch, or None when the epoch's partition is used up."""
-        while not self._pending:
-            if self._raw_iter is None:
-                return None
-            try:
-                sample_ids, arrays = next(self._raw_iter)
-            except StopIteration:
-                return None
-            self._pending.extend(zip(sample_ids.tolist(), arrays))
-        self.raw_consumed += 1
-        return self._pending.popleft()
+        while True:
+            while not self._pending:
+                if self._raw_iter is None:
+                    return None
+                try:
+                    sample_ids, arrays = next(self._raw_iter)
+                except StopIteration:
+                    return None
+                self._pending.extend(zip(sample_ids.tolist(), arrays))
+            self.raw_consumed += 1
+            item = self._pending.popleft()
+            position = self._origin + self._reads * self._stride + self._offset
+            self._reads += 1
+            if self._skip_positions and self._skip_positions[0] == position:
+                self._skip_positions.popleft()  # read before the checkpoint (by this or another rank)
+                continue
+            return item
 
     def _start_raw(self) -> None:
         """Begin this rank's pass over the current streaming epoch, fetching its first raw batch now.
@@ -178,6 +209,8 @@ class _LoaderBase:
 
     def _restart_raw(self) -> None:
         self.raw_consumed = 0
+        self._origin = self._reads = 0
+        self._skip_positions.clear()
         self._start_raw()
 
     def _pieces_of(self, sample_id: int, tokens: np.ndarray, epoch: int) -> list[Piece]:
@@ -279,7 +312,8 @@ class MLMLoader(_LoaderBase):
         self._tokens_seen = 0        # real tokens of all ranks in all steps whose counts were reduced
         self._pending_tokens = 0     # this rank's real tokens of the last step, reduced at the next step
         self.steps = 0
-        self._skip = 0
+        # (first, last) loader steps, 1-based since the phase began, that __next__ drops (set by the spike guard).
+        self.skip_windows: list[tuple[int, int]] = []
         self._prefetcher: StepPrefetcher | None = None
         self._yielded_state: dict[str, Any] | None = None  # producer state right after the last yielded step
         # A MaskRateSchedule (set by the trainer) gives each step's mask rate from the tokens seen.
@@ -300,6 +334,13 @@ class MLMLoader(_LoaderBase):
         return self
 
     def __next__(self) -> dict[str, Any]:
+        while True:
+            step = self._take_step()
+            # The spike guard's windows: loader steps whose data a rollback discarded are never trained on.
+            if not any(first <= step["loader_step"] <= last for first, last in self.skip_windows):
+                return step
+
+    def _take_step(self) -> dict[str, Any]:
         if not self.config.prefetch_steps:
             return self._next_step()
         if self._prefetcher is None:
@@ -324,11 +365,6 @@ class MLMLoader(_LoaderBase):
     def _next_step(self) -> dict[str, Any]:
         if self._raw_iter is None:
             self._start_raw()
-        while self._skip > 0:
-            self._skip -= 1
-            if self._read_raw() is None:
-                raise RuntimeError("resume position lies beyond the end of the epoch: the shards changed since "
-                                   "the checkpoint was written")
         exhausted = self._top_up(self._target_tokens, self.epoch)
         reduced = self._all_reduce_sum([int(exhausted), self._pending_tokens, 0])
         self._tokens_seen += reduced[1]
@@ -362,6 +398,7 @@ class MLMLoader(_LoaderBase):
             "num_sequences": sum(rows),
             "tokens_seen_before": self._tokens_seen,
             "epoch": self.epoch,
+            "loader_step": self.steps,  # this step's position in the stream, dropped steps included
         }
 
     # --- state ---------------------------------------------------------------------------------------
@@ -370,6 +407,11 @@ class MLMLoader(_LoaderBase):
             "rank": self.rank,
             "epoch": self.epoch,
             "raw_consumed": self.raw_consumed,
+            "origin": self._origin,
+            "stride": self._stride,
+            "offset": self._offset,
+            "reads": self._reads,
+            "skip": np.asarray(self._skip_positions, dtype=np.int64),
             "tokens_seen": self._tokens_seen,
             "pending_tokens": self._pending_tokens,
             "steps": self.steps,
@@ -391,15 +433,19 @@ class MLMLoader(_LoaderBase):
         return {
             "format": STATE_FORMAT,
             "world_size": self.world_size,
+            "num_nodes": self.num_nodes,
             "world_invariant": self.world_invariant,
             "num_canonical_nodes": self._num_canonical_nodes,
             "config": {key: getattr(self.config, key) for key in RESUME_KEYS},
             "sources": self.source_names,
-            "ranks": gathered,
+            # A tuple is one opaque item to torch.distributed.checkpoint (FSDP sharded checkpoints): a list of
+            # dicts would be saved entry by entry and loaded only as far as this world's own list reaches.
+            "ranks": tuple(gathered),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state` was saved (same world size, seed, lengths and sources)."""
+        """Continue where `state` was saved: exactly on the same number of ranks; on another number, with the
+        same global sample order, no sample read twice or skipped, and the packer buffers handed over."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise UserError(f"data loader state is not a {STATE_FORMAT} state (got keys "
                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
@@ -407,10 +453,6 @@ class MLMLoader(_LoaderBase):
         if saved_invariant != self.world_invariant:
             raise UserError(f"data config world_invariant was {saved_invariant} in the checkpoint and is "
                             f"{self.world_invariant} now; exact data resume needs it unchanged")
-        if state["world_size"] != self.world_size and not self.world_invariant:
-            raise UserError(f"the checkpoint's data state was written by {state['world_size']} ranks, this run has "
-                            f"{self.world_size}; exact data resume needs the same number of ranks (or "
-                            f"world_invariant: true in the data loader options of both runs)")
         for key in RESUME_KEYS:
             if state["config"][key] != getattr(self.config, key):
                 raise UserError(f"data config {key} was {state['config'][key]!r} in the checkpoint and is "
@@ -418,41 +460,68 @@ class MLMLoader(_LoaderBase):
         if state["sources"] != self.source_names:
             raise UserError(f"the checkpoint's manifest sources {state['sources']} differ from this run's "
                             f"{self.source_names}")
+        saved_world = int(state["world_size"])
+        ranks = [self._with_layout(r, state) for r in state["ranks"]]
+        num_canonical_nodes = int(state["num_canonical_nodes"])
+        if not self.world_invariant:
+            elastic.check_node_count(num_canonical_nodes, self.num_nodes)
         self.close()
         self._yielded_state = None
-        ranks = state["ranks"]
-        pending_tokens = None
         if self.world_invariant:
             # Every saved rank read and packed the same stream; only the last step's token counts differ.
             # They are reduced at the next step, so whichever rank carries their sum gives the same total.
-            mine = ranks[0]
-            pending_tokens = sum(int(r["pending_tokens"]) for r in ranks) if self.rank == 0 else 0
+            readers, owners = ranks[:1], ranks[:1]
         else:
-            mine = ranks[self.rank]
-        batch = self.config.raw_batch_size
-        common_batches = min(int(r["raw_consumed"]) // batch for r in ranks)
-        readers = 1 if self.world_invariant else self.world_size
+            readers = ranks
+            owners = [ranks[g] for g in elastic.inherited_ranks(saved_world, self.world_size, self.rank)]
+        if saved_world == self.world_size and not self.world_invariant:
+            pending_tokens = int(ranks[self.rank]["pending_tokens"])
+        else:
+            pending_tokens = sum(int(r["pending_tokens"]) for r in ranks) if self.rank == 0 else 0
+        first = ranks[0]
+        frontier, extras = elastic.consumed(readers)
+        start, _, skip = elastic.restart_plan(frontier, extras, rank=0 if self.world_invariant else self.rank,
+                                              world_size=self._stride, num_nodes=1 if self.world_invariant
+                                              else self.num_nodes, align=self._stride * self.config.raw_batch_size)
+        self._num_canonical_nodes = num_canonical_nodes
         self.dataset.load_state_dict({
-            "epoch": int(mine["epoch"]),
-            "sample_in_epoch": common_batches * batch * readers,
-            "num_canonical_nodes": int(state["num_canonical_nodes"]),
+            "epoch": int(first["epoch"]),
+            "sample_in_epoch": start,
+            "num_canonical_nodes": num_canonical_nodes,
             "shuffle_seed": self.config.seed,
-            "initial_physical_nodes": 1 if self.world_invariant else max(1, self.world_size // max(1, self.dist.local_world_size)),
+            "initial_physical_nodes": self.num_nodes,
         })
         # A loader that already iterated holds a newer epoch counter in shared memory; rewind it so streaming
         # takes the resume state above instead of calling it stale.
-        self.dataset.next_epoch = int(mine["epoch"])
+        self.dataset.next_epoch = int(first["epoch"])
         self._pending.clear()
         self._raw_iter = None
-        self.epoch = int(mine["epoch"])
-        self.raw_consumed = common_batches * batch
-        self._skip = int(mine["raw_consumed"]) - self.raw_consumed
-        self._tokens_seen = int(mine["tokens_seen"])
-        self._pending_tokens = int(mine["pending_tokens"]) if pending_tokens is None else pending_tokens
-        self.steps = int(mine["steps"])
-        self.source_tokens = np.asarray(mine.get("source_tokens", [0] * len(self.source_names)), dtype=np.int64)
-        self.packer.restore(self._reread_buffer(np.asarray(mine["buffer"], dtype=np.int64).reshape(-1, 5)),
-                            mine["packer"])
+        self.epoch = int(first["epoch"])
+        self._origin, self._reads = start, 0
+        self._skip_positions = deque(int(q) for q in skip)
+        self.raw_consumed = start // self._stride
+        self._tokens_seen = int(first["tokens_seen"])
+        self._pending_tokens = pending_tokens
+        self.steps = int(first["steps"])
+        counts = [r.get("source_tokens", [0] * len(self.source_names)) for r in owners]
+        self.source_tokens = np.sum(np.asarray(counts, dtype=np.int64).reshape(-1, len(self.source_names)), axis=0)
+        buffer, counters = elastic.merge_buffers(owners)
+        if not owners:  # a rank added by the resize: an empty buffer, packing in step with the others
+            counters = {"next_seq": 0, "budgets_packed": int(first["packer"]["budgets_packed"])}
+        self.packer.restore(self._reread_buffer(buffer), counters)
+
+    def _with_layout(self, rank_state: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        """A saved rank's state with its read positions; states written before elastic resume existed give
+        them only for the world they were written on."""
+        if "origin" in rank_state:
+            return rank_state
+        if int(state["world_size"]) != self.world_size and not self.world_invariant:
+            raise UserError(f"the checkpoint's data state was written by {state['world_size']} ranks by a version "
+                            f"without elastic resume; resume it once on {state['world_size']} ranks, then change")
+        return {**rank_state, "origin": 0, "stride": self._stride, "reads": int(rank_state["raw_consumed"]),
+                "skip": np.zeros(0, np.int64),
+                "offset": 0 if self.world_invariant else elastic.rank_offset(int(rank_state["rank"]),
+                                                                             self.world_size, self.num_nodes)}
 
     def _reread_buffer(self, references: np.ndarray) -> list[Piece]:
         pieces: list[Piece] = []

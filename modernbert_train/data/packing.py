@@ -4,8 +4,11 @@ A *piece* is what the model sees as one document: [CLS] tokens [SEP], at most `m
 chunks of up to 8192 ids; when training at a shorter length a chunk is re-split into consecutive pieces (each
 wrapped again, no token lost). The packer keeps a lookahead buffer of pieces and fills each budget
 (micro_batch_size x max_seq_len tokens) by repeatedly taking the largest piece that still fits, so padding only
-ever appears as one tail segment. Ties go to the oldest piece, and a piece that has waited longer than
-`max_wait` budgets goes first, so nothing starves. The buffer is described by small references
+ever appears as one tail segment. Among pieces of that length (most pieces: a long sample re-splits into
+full-length pieces) one is drawn pseudo-randomly, from the packer's counters alone (so a resume redraws it):
+taking the oldest, the pieces of one sample, which arrive together, filled a budget together, and a step's
+rows came from a few documents instead of many (bench/quality_bench.py: a worse encoder at equal tokens).
+A piece that has waited longer than `max_wait` budgets goes first, so nothing starves. The buffer is described by small references
 (sample id, piece index, ...) for checkpoints; the tokens are re-read on restore.
 """
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+
+from modernbert_train.data.masking import _splitmix64_int
 
 
 @dataclass
@@ -133,6 +138,10 @@ class BestFitPacker:
             index = bisect.bisect_right(self._keys, (room, 1)) - 1
             if index < 0:
                 break
+            first = bisect.bisect_left(self._keys, (self._keys[index][0], -self.next_seq))  # same length from here
+            if index > first:
+                draw = _splitmix64_int((self.budgets_packed << 20) + len(chosen))
+                index = first + draw % (index - first + 1)
             piece = self._take(index)
             chosen.append(piece)
             room -= piece.length

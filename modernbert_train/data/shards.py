@@ -24,6 +24,67 @@ SHARD_HASH = "xxh3_64"
 INDEX_FILE = "index.json"
 
 
+def confined_path(folder: str | os.PathLike, name, source: str | os.PathLike) -> Path:
+    """folder / name, for a name read from a data file (`source`: an index, manifest or summary).
+
+    The one check for every such join: the name must be a relative path of plain names ("shard.00000.mds",
+    "part-00000/shard.00000.mds.zstd"). Anything that could point elsewhere ("../x", "/etc/x", "a/./b", "",
+    a backslash or NUL) is a UserError naming the file and the name, before anything is read, written or
+    deleted there."""
+    parts = name.split("/") if isinstance(name, str) else None
+    if (not parts or any(p in ("", ".", "..") for p in parts) or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise UserError(f"{source}: {name!r} is not a plain file name inside {folder} (a name with '..', '/' at "
+                        f"the start or empty parts could point outside it); refusing to use it — the file is "
+                        f"corrupt or was crafted")
+    return Path(folder, *parts)
+
+
+def shard_file_names(index: dict) -> list[str]:
+    """Every file name an MDS index lists (raw and compressed data and meta files), in index order."""
+    names = []
+    for shard in index.get("shards", []):
+        for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+            info = shard.get(key) if isinstance(shard, dict) else None
+            if isinstance(info, dict) and "basename" in info:
+                names.append(info["basename"])
+    return names
+
+
+def recognise_shard_cache(folder: Path) -> str | None:
+    """The deletion guard's test for a shard cache folder: only its index.json and the files that index lists
+    (with streaming's temporary variants of them: a listed name plus a suffix). None when it is, else why not."""
+    try:
+        listed = set(shard_file_names(json.loads((folder / INDEX_FILE).read_text())))
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    listed_dirs = {str(Path(name).parent) for name in listed}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            return f"holds the symbolic link {relative}, which a shard cache never holds"
+        if path.is_dir():
+            if relative not in listed_dirs:
+                return f"holds the folder {relative}, which its index.json does not list"
+        elif relative != INDEX_FILE and not any(relative.startswith(name) for name in listed):
+            return f"holds {relative}, which its index.json does not list"
+    return None
+
+
+def remove_shard_cache(folder: str | os.PathLike) -> bool:
+    """Delete one shard cache folder of ours through the deletion guard; a folder that holds anything else is
+    kept, with a warning naming it (this runs at exit and between attempts: it never raises)."""
+    import logging
+
+    from modernbert_train.common.safety import remove_tree
+
+    try:
+        return remove_tree(folder, label="shard cache folder", recognise=recognise_shard_cache)
+    except (UserError, OSError) as err:
+        logging.getLogger("modernbert_train").warning("kept %s: %s", folder, err)
+        return False
+
+
 def read_json_file(path: str | os.PathLike, what: str = "") -> dict:
     """json.loads of a bookkeeping file; a truncated or corrupt one is a UserError naming it."""
     path = Path(path)
@@ -45,6 +106,8 @@ def load_index(folder: str | os.PathLike) -> dict:
     index = read_json_file(index_file, " (re-run `modernbert-data prepare` on the same --out to rewrite it)")
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         raise UserError(f"{index_file}: not an MDS index (no 'shards' list)")
+    for name in shard_file_names(index):
+        confined_path(folder, name, index_file)
     return index
 
 
@@ -83,7 +146,7 @@ def _verify(path: Path, data: bytes, info: dict) -> None:
 def shard_bytes(folder: Path, shard: dict, verify: bool = True) -> bytes:
     """Uncompressed bytes of one shard, verified against index.json: the raw file if present, else unzipped."""
     raw_info = shard["raw_data"]
-    raw = folder / raw_info["basename"]
+    raw = confined_path(folder, raw_info["basename"], folder / INDEX_FILE)
     if raw.is_file():
         data = raw.read_bytes()
         if verify:
@@ -92,7 +155,7 @@ def shard_bytes(folder: Path, shard: dict, verify: bool = True) -> bytes:
     zip_info = shard.get("zip_data")
     if not zip_info:
         raise UserError(f"shard {raw} is missing")
-    zipped = folder / zip_info["basename"]
+    zipped = confined_path(folder, zip_info["basename"], folder / INDEX_FILE)
     if not zipped.is_file():
         raise UserError(f"shard {zipped} is missing")
     packed = zipped.read_bytes()
@@ -115,12 +178,25 @@ def shard_bytes(folder: Path, shard: dict, verify: bool = True) -> bytes:
     return data
 
 
+def check_stream_shard_names(dataset) -> None:
+    """Every shard name a built StreamingDataset read from its sources' index.json (a remote one's included,
+    which streaming fetched itself) confined to the stream's local folder, before streaming downloads,
+    decompresses or deletes anything by those names."""
+    for shard_id, shard in enumerate(dataset.shards):
+        stream = dataset.streams[int(dataset.stream_per_shard[shard_id])]
+        folder = Path(stream.local, stream.split or "")
+        for pair in shard.file_pairs:
+            for info in pair:
+                if info is not None:
+                    confined_path(folder, info.basename, f"{stream.remote or stream.local}/{INDEX_FILE}")
+
+
 def iter_shard_samples(folder: Path, shard: dict, limit: int | None = None) -> Iterator[dict]:
     """Decoded samples of one shard (column safety must have been checked on the whole index)."""
     from streaming.base.format import reader_from_json
 
     data = shard_bytes(folder, shard)
-    name = folder / (shard.get("zip_data") or shard["raw_data"])["basename"]
+    name = confined_path(folder, (shard.get("zip_data") or shard["raw_data"])["basename"], folder / INDEX_FILE)
     try:
         reader = reader_from_json(str(folder), None, shard)
         n = shard["samples"]

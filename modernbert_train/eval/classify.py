@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from modernbert_train.common.errors import UserError
 from modernbert_train.eval.data import load_split, select_columns
 from modernbert_train.eval.encoder import PackedBatch, SequenceClassifier, TextEncoder
-from modernbert_train.eval.metrics import classification_metric
+from modernbert_train.eval.metrics import beats, classification_metric
 from modernbert_train.eval.models import EvalModel
 from modernbert_train.eval.suite import TaskSpec
 
@@ -134,7 +134,7 @@ def finetune_classifier(task: TaskSpec, data: ClassificationData, model: EvalMod
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
         dev = score(task, predict(classifier, data.dev, sweep.batch_size * 2, device), data.dev.labels)
-        if best is None or dev[task.main_metric] > best[task.main_metric]:
+        if best is None or beats(dev[task.main_metric], best[task.main_metric]):
             best, best_epoch, stale = dev, epoch, 0
             best_state = copy.deepcopy(classifier.state_dict()) if (data.test is not None or keep_model) else None
         else:

@@ -16,6 +16,17 @@ CLASSIFICATION_METRICS = ("accuracy", "f1", "f1_macro", "matthews", "pearson", "
 RETRIEVAL_METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
 
+def rank_key(score: float | None) -> float:
+    """A score as a sort key in which NaN (a diverged fine-tuning run, an undefined correlation) ranks below
+    every number: max() and > never replace a NaN once it is held, so it could otherwise stay the best."""
+    return -math.inf if score is None or math.isnan(score) else float(score)
+
+
+def beats(score: float, best: float | None) -> bool:
+    """Whether `score` replaces `best` (None: nothing held yet); a number always beats NaN, NaN never wins."""
+    return best is None or rank_key(score) > rank_key(best)
+
+
 def classification_metric(name: str, labels, predictions) -> float:
     """`predictions`: predicted classes for accuracy/F1/Matthews, real values for Pearson/Spearman."""
     from scipy import stats

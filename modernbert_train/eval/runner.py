@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from modernbert_train.common import progress
+from modernbert_train.eval.metrics import beats, rank_key
 from modernbert_train.eval.models import EvalModel, load_eval_model
 from modernbert_train.eval.suite import Suite, TaskSpec
 
@@ -124,7 +125,7 @@ class _ChosenModels:
         if not self.enabled:
             return
         mean = float(np.mean(self.point_scores))
-        if self.best is None or mean > self.best:
+        if beats(mean, self.best):
             self.best, self.models = mean, self.point_models
         self.point_scores, self.point_models = [], {}
 
@@ -194,7 +195,7 @@ def _summarise(task: TaskSpec, model: EvalModel, records: list[dict]) -> TaskSum
         lower_better = task.type == "mlm" and task.main_metric == "loss"
         select = lambda rs: (-1 if lower_better else 1) * np.mean([r["eval"][task.main_metric] for r in rs])  # noqa: E731
         report_split = "eval" if task.type == "mlm" else task.data.eval_split
-    point, chosen = max(groups.items(), key=lambda kv: select(kv[1]))
+    point, chosen = max(groups.items(), key=lambda kv: rank_key(select(kv[1])))  # a NaN point never wins
     field_name = report_split if task.type == "classification" else "eval"
     per_seed = {m: [r[field_name][m] for r in chosen] for m in task.metrics}
     return TaskSummary(

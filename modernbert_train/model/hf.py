@@ -73,7 +73,7 @@ def config_from_hf_dict(values: dict, **overrides) -> ModernBertConfig:
     return ModernBertConfig(**fields)
 
 
-# Our config field -> the tokenizer role that defines it (data_prep.tokenizer.SpecialTokenIds).
+# Our config field -> the tokenizer role that defines it (data.tokenizer.SpecialTokenIds).
 _TOKENIZER_ROLES = {"pad_token_id": "pad_id", "cls_token_id": "cls_id", "sep_token_id": "sep_id",
                     "mask_token_id": "mask_id", "bos_token_id": "cls_id", "eos_token_id": "sep_id"}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from modernbert_train.common.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PHASES = ("phase1", "phase2", "phase3")
 FILL_MASK_PROMPTS = (
     "The [MASK] statement is used to leave a loop early.",
@@ -115,17 +115,10 @@ def _demo_entry(name: str) -> bool:
 
 def clean_demo(out_dir: str | Path = "demo_out") -> bool:
     """Delete a demo's output folder, only if it holds nothing but what the demo writes; False if absent."""
-    import shutil
+    from modernbert_train.common.safety import only_these_entries, remove_tree
 
-    from modernbert_train.common.safety import check_safe_to_replace, only_these_entries
-
-    out = Path(out_dir)
-    if not out.exists():
-        return False
-    check_safe_to_replace(out, label="demo folder", recognise=only_these_entries(_demo_entry, (), "the demo"),
-                          keep=(REPO,))
-    shutil.rmtree(out)
-    return True
+    return remove_tree(out_dir, label="demo folder", recognise=only_these_entries(_demo_entry, (), "the demo"),
+                       keep=(REPO,))
 
 
 def run_demo(out_dir: str | Path = "demo_out", size: str = "default", workers: int | None = None) -> Path:

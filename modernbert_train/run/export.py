@@ -23,7 +23,7 @@ from modernbert_train.checkpoint import find_checkpoint, load_model_weights_from
 from modernbert_train.common.errors import UserError
 from modernbert_train.model import ModernBertConfig, ModernBertForMaskedLM
 from modernbert_train.run.folder import MODEL_CONFIG_FILE, TOKENIZER_FILE, read_model_config_values
-from modernbert_train.common.safety import check_safe_to_replace, only_these_entries
+from modernbert_train.common.safety import check_safe_to_replace, only_these_entries, remove_tree
 
 log = logging.getLogger("modernbert_train")
 
@@ -156,15 +156,14 @@ def export_to_hf(source: str | Path, out_dir: str | Path, *, dtype: str = "float
             reference = ModernBertForMaskedLM.from_hf(staging)
         diff = validate_folder(reference, staging, validation_rows(tokenizer_file, config), tolerance)
     except UserError as err:
-        shutil.rmtree(rejected, ignore_errors=True)
+        remove_tree(rejected, label="--out's .rejected folder", recognise=_previous_export,
+                    keep=(source, checkpoint, run_dir))
         staging.rename(rejected)
         raise UserError(f"{err} (kept for inspection in {rejected})") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out_dir.exists():
-        check_safe_to_replace(out_dir, label="--out", recognise=_previous_export, keep=(source, checkpoint, run_dir))
-        shutil.rmtree(out_dir)
+    remove_tree(out_dir, label="--out", recognise=_previous_export, keep=(source, checkpoint, run_dir))
     staging.rename(out_dir)
     log.info("exported step %d of %s to %s (max |logit diff| vs transformers %.2e)", step, checkpoint, out_dir, diff)
     return ExportResult(out_dir, checkpoint, step, diff)

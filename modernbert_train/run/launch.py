@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -100,6 +101,9 @@ def resolve_launcher() -> str:
 def exec_launcher(command: Sequence[str]) -> None:
     """Replace this process with the launcher, so signals (SLURM preemption, Ctrl-C) reach it directly."""
     executable = resolve_launcher()
+    # multinode.sh runs this as a background job, which a shell starts with SIGINT ignored, and an ignored signal
+    # stays ignored across exec: composer's launcher would never stop its ranks on Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(executable, list(command))

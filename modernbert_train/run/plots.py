@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from modernbert_train.run.report import Phase
+# Phases are report.Phase objects; only their attributes are used here, so this module imports nothing of
+# report.py (which imports it).
+Phase = Any
 
 # Every PNG has this exact size (no bbox_inches="tight", which would crop it to the content).
 FIGURE_SIZE_INCHES = (11.0, 5.5)

@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -118,7 +119,8 @@ def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
 
     Two things are tolerated because they happen to healthy runs: an unfinished last line (the trainer is
     writing it right now), and steps going back (a run resumed from a checkpoint older than its last log
-    line): the later records win and the superseded ones are dropped, so tokens never go backwards.
+    line): the later records win and the superseded ones are dropped, so tokens never go backwards. Event
+    records (spike-guard skips and rollbacks) are never dropped: every rollback stays in the report.
     """
     path = Path(path)
     if not path.is_file():
@@ -140,9 +142,11 @@ def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
                 notes.append(f"{path}:{line_no}: unfinished last line skipped (still being written?)")
                 continue
             raise
-        if records and record["step"] < records[-1]["step"]:
-            resumes += 1
-            records = [r for r in records if r["step"] < record["step"]]
+        if "event" not in record:
+            last = next((r["step"] for r in reversed(records) if "event" not in r), None)
+            if last is not None and record["step"] < last:
+                resumes += 1
+                records = [r for r in records if r["step"] < record["step"] or "event" in r]
         records.append(record)
     if resumes:
         notes.append(f"{path}: {resumes} resume(s) replayed steps already logged; the later lines were kept")
@@ -336,14 +340,21 @@ def spike_guard_rows(phases: Sequence[Phase]) -> list[list[str]]:
             event = record.get("event")
             if event == "spike_skipped":
                 loss, norm = record.get("spike/loss"), record.get("spike/grad_norm")
-                details = (f"loss {_number(loss)} (limit {_number(record.get('spike/loss_limit'))}), grad norm "
+                rule = f"{record['rule']} rule: " if record.get("rule") else ""
+                details = (f"{rule}loss {_number(loss)} (limit {_number(record.get('spike/loss_limit'))}), grad norm "
                            f"{_number(norm)} (limit {_number(record.get('spike/grad_norm_limit'))})")
                 rows.append([phase.name, f"{record['step']:,}", "update skipped", details])
             elif event == "rollback":
+                number = f" {record['rollback']}" if "rollback" in record else ""
+                start = f"step {record['step']:,}" if record["step"] else "the initial weights"
+                window = record.get("skipped_loader_steps")
+                skipped = (f"loader steps {window[0]:,}-{window[1]:,}" if window
+                           else f"the data of {record.get('skipped_steps')} steps")
                 details = (f"after spikes at steps {', '.join(map(str, record.get('spike_steps', [])))}: restarted "
-                           f"from step {record['step']:,}, skipped the data of {record.get('skipped_steps')} steps, "
-                           f"lr x {record.get('lr_scale')}")
-                rows.append([phase.name, f"{record['step']:,}", "rollback", details])
+                           f"from {start}, skipped {skipped}, lr x {record.get('lr_scale')}")
+                if record.get("reason"):
+                    details += f" ({record['reason']})"
+                rows.append([phase.name, f"{record['step']:,}", f"rollback{number}", details])
     return rows
 
 
@@ -414,6 +425,29 @@ def build_summary(phases: Sequence[Phase], plots: Sequence[tuple[PlotSpec, Path]
         doc.heading("Notes")
         doc.bullets(notes)
     return doc
+
+
+def _add_heldout_sets(doc: _Doc, phases: Sequence[Phase], out_dir: Path) -> None:
+    """Several held-out sets (eval.manifests, e.g. domain and general): their MLM losses on one plot and the
+    change of each from its first to its last evaluation, so forgetting shows next to adaptation."""
+    keys = sorted({k for p in phases for r in p.records for k in r if re.fullmatch(r"eval_[\w-]+/loss", k)})
+    if not keys:
+        return
+    doc.heading("Held-out sets")
+    # eval.manifest's set (eval/loss) joins as "eval"; eval_NAME/loss is labelled NAME.
+    series = tuple((k, k.split("/")[0].removeprefix("eval_")) for k in (["eval/loss"] if any(
+        p.final("eval/loss") for p in phases) else []) + keys)
+    spec = PlotSpec("heldout.png", "Held-out MLM loss per set", (("cross-entropy", series),))
+    path, _ = draw_plot(spec, phases, out_dir)
+    rows = []
+    for key, label in series:
+        values = [(p.name, r) for p in phases for r in p.records if key in r]
+        first, last = values[0][1], values[-1][1]
+        rows.append([label, f"{first[key]:.4f}", f"{last[key]:.4f}", f"{last[key] - first[key]:+.4f}",
+                     human_count(last["tokens"])])
+    doc.table(["held-out set", "first eval loss", "last eval loss", "change", "at tokens"], rows)
+    if path is not None:
+        doc.image(path.name, spec.title)
 
 
 LIVE_EVAL_PREFIX = "live_eval/"  # written by modernbert_train.eval.live.LiveEvaluation
@@ -492,6 +526,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                 plots.append((spec, path))
             bar.update()
         doc = build_summary(phases, plots, notes)
+        _add_heldout_sets(doc, phases, out_dir)
         _add_evaluation(doc, phases, eval_dirs, out_dir)
         markdown_path = out_dir / "report.md"
         markdown_path.write_text(doc.markdown(), encoding="utf-8")

@@ -104,7 +104,10 @@ def model_config_values(recipe: Recipe, facts: DataFacts) -> dict[str, Any]:
 def build_model(recipe: Recipe, facts: DataFacts):
     """ModernBertForMaskedLM from the recipe, with its starting weights (random, previous phase, HF or tiled)."""
     from modernbert_train.checkpoint.init import initial_model
+    from modernbert_train.checkpoint.vocab import check_source_vocabulary
 
+    check_source_vocabulary(recipe.model.init_from, facts, recipe.data.tokenizer, recipe.data.manifest,
+                            recipe.where("model.init_from"))
     return initial_model(model_config_values(recipe, facts), preset=recipe.model.preset,
                          init_from=recipe.model.init_from, save_folder=recipe.save_folder,
                          data_vocab_size=facts.vocab_size, trust=recipe.model.trust_checkpoint,
@@ -216,8 +219,8 @@ def build_callbacks(recipe: Recipe, run_dir: Path, loader, model_config, metrics
 
     Live evaluation first: its scores belong to the step that just ended, before the metrics line is written.
     The LR schedule before anything that reads the LR. ExactResumeState before MetricsJsonl: the loader state is
-    restored before the metrics file is cut back to the checkpoint's step. PruneCheckpoints after those; the
-    spike guard last: its rollback record follows the resume clean-up of the metrics file."""
+    restored before the metrics file is cut back to the checkpoint's step. PruneCheckpoints after those. (The
+    spike guard changes the state: it is an algorithm, see build_algorithms.)"""
     from modernbert_train.train.callbacks import ExactResumeState, MetricsJsonl, PruneCheckpoints
     from modernbert_train.train.schedule import LRSchedule, WarmupStableDecay, peak_steps_from_recipe
 
@@ -236,16 +239,11 @@ def build_callbacks(recipe: Recipe, run_dir: Path, loader, model_config, metrics
                     else recipe.eval.suite_interval)
         callbacks.append(LiveEvaluation(recipe.eval.suite, interval, metrics, recipe.run_name, model_config,
                                         resolve_tokenizer_file(recipe.data.tokenizer), where="eval.suite"))
-    if recipe.spike_guard.enabled:
-        from modernbert_train.train.spike_guard import SpikeGuard
-
-        callbacks.append(SpikeGuard(recipe.spike_guard, run_dir, metrics, loader, lr_schedule))
     return sorted(callbacks, key=_callback_rank)
 
 
 # The order composer calls callbacks in (see build_callbacks): class names, so that this module imports none.
-CALLBACK_ORDER = ("LiveEvaluation", "LRSchedule", "ExactResumeState", "MetricsJsonl", "PruneCheckpoints",
-                  "SpikeGuard")
+CALLBACK_ORDER = ("LiveEvaluation", "LRSchedule", "ExactResumeState", "MetricsJsonl", "PruneCheckpoints")
 
 
 def _callback_rank(callback) -> int:
@@ -256,15 +254,25 @@ def lr_schedule_of(callbacks: list):
     return next(c for c in callbacks if type(c).__name__ == "LRSchedule")
 
 
-def build_algorithms(recipe: Recipe) -> list:
-    """Algorithms change the training state. Composer runs them in list order on "before" events and in reverse
-    on "after" events (AFTER_TRAIN_BATCH, where clipping acts); ALGORITHM_ORDER states the order that results."""
-    from composer.algorithms import GradientClipping
-
+def build_algorithms(recipe: Recipe, run_dir: Path, loader, metrics, callbacks: list) -> list:
+    """Algorithms change the training state. Composer runs them in list order on "before" events and in REVERSE
+    on "after" events (composer/core/passes.py set_filo_order). ALGORITHM_ORDER is the list order; on
+    AFTER_TRAIN_BATCH, where both act, the spike guard therefore runs first and judges the gradient norm before
+    GradientClipping scales it (a clipped norm never shows a gradient spike)."""
     algorithms = []
     if recipe.optimizer.grad_clip_norm is not None:
+        from composer.algorithms import GradientClipping
+
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=recipe.optimizer.grad_clip_norm))
-    return algorithms
+    if recipe.spike_guard.enabled:
+        from modernbert_train.train.spike_guard import SpikeGuard
+
+        algorithms.append(SpikeGuard(recipe.spike_guard, run_dir, metrics, loader, lr_schedule_of(callbacks)))
+    return sorted(algorithms, key=lambda algorithm: ALGORITHM_ORDER.index(type(algorithm).__name__))
+
+
+# List order of the algorithms (see build_algorithms): on AFTER_TRAIN_BATCH they run last to first.
+ALGORITHM_ORDER = ("GradientClipping", "SpikeGuard")
 
 
 def build_evaluators(recipe: Recipe, facts: DataFacts, dist_info, metric_names: list[str]) -> list:
@@ -272,16 +280,19 @@ def build_evaluators(recipe: Recipe, facts: DataFacts, dist_info, metric_names: 
 
     from modernbert_train.train.composer_model import make_data_spec
 
-    if recipe.eval.manifest is None:
-        return []
-    eval_manifest = load_manifest_at(recipe.eval.manifest, recipe, "eval.manifest")
-    eval_facts = read_data_facts(eval_manifest, recipe)
-    if eval_facts.tokenizer_sha256 != facts.tokenizer_sha256 or eval_facts.vocab_size != facts.vocab_size:
-        raise UserError(f"{recipe.where('eval.manifest')}eval.manifest: its shards use another tokenizer than "
-                        f"the training data")
-    eval_loader = build_loader(recipe, eval_manifest, dist_info, infinite=False)
-    return [Evaluator(label="eval", dataloader=make_data_spec(eval_loader), metric_names=metric_names,
-                      device_eval_microbatch_size=1)]
+    # eval.manifest logs eval/loss; each eval.manifests entry NAME logs eval_NAME/loss (MetricsJsonl).
+    sets = ([("eval", "eval.manifest", recipe.eval.manifest)] if recipe.eval.manifest is not None else []) + [
+        (f"eval_{name}", f"eval.manifests.{name}", path) for name, path in recipe.eval.manifests.items()]
+    evaluators = []
+    for label, key, path in sets:
+        eval_manifest = load_manifest_at(path, recipe, key)
+        eval_facts = read_data_facts(eval_manifest, recipe)
+        if eval_facts.tokenizer_sha256 != facts.tokenizer_sha256 or eval_facts.vocab_size != facts.vocab_size:
+            raise UserError(f"{recipe.where(key)}{key}: its shards use another tokenizer than the training data")
+        eval_loader = build_loader(recipe, eval_manifest, dist_info, infinite=False)
+        evaluators.append(Evaluator(label=label, dataloader=make_data_spec(eval_loader), metric_names=metric_names,
+                                    device_eval_microbatch_size=1))
+    return evaluators
 
 
 def build_loggers(recipe: Recipe, run_dir: Path) -> tuple[list, str]:

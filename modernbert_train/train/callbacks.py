@@ -17,7 +17,6 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from modernbert_train.checkpoint.files import prune_checkpoints
-from modernbert_train.common.errors import UserError
 from modernbert_train.train.composer_model import micro_batches_of
 from modernbert_train.train.metrics_file import MetricsFile
 
@@ -29,7 +28,8 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 class ExactResumeState(Callback):
-    """Makes a resumed run continue bit-identically: loader position in the checkpoint, step-seeded RNG.
+    """Makes a resumed run continue bit-identically (on the same number of processes; on another, with the
+    same data order and no sample lost or repeated): loader position in the checkpoint, step-seeded RNG.
 
     The loader's state (position, packer buffer, tokens seen, for every rank) goes into composer's
     checkpoint through this callback's state_dict. The torch RNG (dropout) is re-seeded from (seed, rank,
@@ -49,13 +49,8 @@ class ExactResumeState(Callback):
         return {"world_size": dist.get_world_size(), "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved_world = int(state["world_size"])
-        # A world-invariant data stream (data.loader_options.world_invariant) continues on any number of
-        # processes; the loader checks that both runs use it.
-        if saved_world != dist.get_world_size() and not state["loader"].get("world_invariant", False):
-            raise UserError(f"the checkpoint was written by {saved_world} processes but this run has "
-                            f"{dist.get_world_size()}; resume with the same number of processes, or train with "
-                            f"data.loader_options.world_invariant=true to be able to change it")
+        # On another number of processes the loader re-partitions the saved positions and packer buffers
+        # (data/elastic.py); it names what cannot continue (e.g. a node count that breaks the sample order).
         self.loader.load_state_dict(state["loader"])
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
@@ -72,8 +67,8 @@ class MetricsJsonl(Callback):
     Keys: step, tokens (cumulative real tokens), time_s (since the run's first start, across resumes),
     phase, train/loss, train/masked_accuracy, train/perplexity, lr, throughput/tokens_per_s,
     throughput/mfu (when the device's peak is known), batch_size (global rows this step), and after an
-    evaluation eval/loss, eval/masked_accuracy, eval/perplexity. On resume the file is cut back to the
-    checkpoint's step, so no step appears twice.
+    evaluation eval/loss, eval/masked_accuracy, eval/perplexity (eval_NAME/... for each eval.manifests set).
+    On resume the file is cut back to the checkpoint's step, so no step appears twice.
     """
 
     def __init__(self, metrics: MetricsFile, phase: str, micro_batch_size: int, lr_source,
@@ -85,7 +80,7 @@ class MetricsJsonl(Callback):
         self.peak_flops_per_device = peak_flops_per_device
         self.time_offset_s = 0.0
         self._started = time.monotonic()
-        self._eval_ran = False
+        self._eval_values: dict[str, dict[str, float]] = {}
         self._pending: dict[str, float] | None = None
 
     # time_s continues across resumes: the checkpoint carries the elapsed time at that step.
@@ -110,7 +105,8 @@ class MetricsJsonl(Callback):
         self.metrics.truncate_after(int(state.timestamp.batch))
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        self._eval_ran = True
+        # Called once per evaluator, while state.eval_metric_values holds that evaluator's values only.
+        self._eval_values[state.dataloader_label or "eval"] = dict(state.eval_metric_values or {})
 
     def batch_end(self, state: State, logger: Logger) -> None:
         rows = sum(int(mb.get("num_rows", self.micro_batch_size)) for mb in micro_batches_of(state.batch))
@@ -150,10 +146,10 @@ class MetricsJsonl(Callback):
             peak = self.peak_flops_per_device
             if peak:
                 record["throughput/mfu"] = pending["flops"] / (seconds * peak * dist.get_world_size())
-        if self._eval_ran:
-            self._eval_ran = False
-            for name, value in (state.eval_metric_values or {}).items():
-                record[f"eval/{_JSONL_NAMES.get(name, name)}"] = float(value)
+        for label, values in self._eval_values.items():
+            for name, value in values.items():
+                record[f"{label}/{_JSONL_NAMES.get(name, name)}"] = float(value)
+        self._eval_values = {}
         # Composer's loggers (wandb, console) already get losses and metrics; add what only we compute.
         logger.log_metrics({k: v for k, v in record.items() if k.startswith(("throughput/", "lr", "batch_size"))})
         if dist.get_global_rank() == 0:

@@ -336,8 +336,11 @@ def validate(recipe: Recipe) -> None:
     duration("checkpoint.interval", ckpt.interval)
     if ckpt.keep_last == 0 or ckpt.keep_last < -1:
         fail("checkpoint.keep_last", f"must be positive or -1 (keep all), got {ckpt.keep_last}")
-    if recipe.eval.manifest is not None:
+    if recipe.eval.manifest is not None or recipe.eval.manifests:
         duration("eval.interval", recipe.eval.interval)
+    for name in recipe.eval.manifests:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)):
+            fail(f"eval.manifests.{name}", "a held-out set's name must be letters, digits, _ or - (it names metrics)")
     choice("logging.wandb.mode", recipe.logging.wandb.mode, WANDB_MODES)
     recipe.logging.progress_bar = str(recipe.logging.progress_bar).lower()
     choice("logging.progress_bar", recipe.logging.progress_bar, PROGRESS_BAR_CHOICES)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from modernbert_train.checkpoint.files import (CHECKPOINT_NAME, LATEST_NAME, has_checkpoints,
-                                               recover_interrupted_save)
+from modernbert_train.checkpoint.files import CHECKPOINT_NAME, LATEST_NAME, has_checkpoints, resume_checkpoint
+from modernbert_train.checkpoint.trust import check_resume_is_safe
 from modernbert_train.common.errors import UserError
 from modernbert_train.common.ranks import all_ranks_agree
 from modernbert_train.run.folder import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
@@ -54,17 +54,23 @@ def _add_file_log(run_dir: Path) -> None:
         logger.setLevel(logging.INFO)
 
 
-def prepare_run_folder(recipe: Recipe, dist_info) -> Path:
-    """Rank 0 repairs an interrupted save; every rank refuses a folder that holds another run's checkpoints."""
+def prepare_run_folder(recipe: Recipe, dist_info) -> tuple[Path, str | None]:
+    """(run folder, checkpoint to resume from or None). Rank 0 repairs an interrupted save and picks the checkpoint
+    for every rank; every rank refuses a folder that holds another run's checkpoints."""
     run_dir = Path(recipe.save_folder)
-    # [i26-faults] the agreement is the barrier: a failure on one rank ends every rank, named (common/ranks.py)
+    # Not composer's autoresume, which fails on several nodes sharing save_folder (checkpoint.files).
+    resume_from = resume_checkpoint(run_dir) if recipe.checkpoint.autoresume else None
+    # The agreement is the barrier: a failure on one rank ends every rank, named (common/ranks.py).
     with all_ranks_agree("preparing the run folder"):
-        if recipe.checkpoint.autoresume and dist_info.rank == 0:
-            recover_interrupted_save(run_dir)  # a kill mid-save leaves a file composer would refuse to resume past
+        if resume_from is not None:
+            # Composer's loading fully unpickles the checkpoint: it must pass the safe readers first, unless the
+            # user trusts this run's checkpoints.
+            check_resume_is_safe(run_dir, checkpoint=resume_from, trust=recipe.model.trust_checkpoint,
+                                 where=f"save_folder {run_dir}: ")
         if not recipe.checkpoint.autoresume and has_checkpoints(run_dir):
             raise UserError(f"{recipe.where('save_folder')}save_folder {run_dir} already holds checkpoints; set "
                             f"checkpoint.autoresume=true to continue that run, or choose another run_name/save_folder")
-    return run_dir
+    return run_dir, resume_from
 
 
 def record_run(recipe: Recipe, run_dir: Path, model, loader) -> None:
@@ -92,8 +98,8 @@ def build_trainer(recipe: Recipe):
     device, precision = builders.resolve_device_and_precision(recipe)
     # Before any StreamingDataset exists: streaming otherwise builds (and destroys) its own process group.
     dist_info = initialize_distributed()
-    run_dir = prepare_run_folder(recipe, dist_info)
-    with all_ranks_agree("reading the data manifest and locking the run folder"):  # [i26-faults]
+    run_dir, resume_from = prepare_run_folder(recipe, dist_info)
+    with all_ranks_agree("reading the data manifest and locking the run folder"):
         manifest = builders.load_manifest_at(recipe.data.manifest, recipe, "data.manifest")
         facts = builders.read_data_facts(manifest, recipe)
         if facts.max_chunk_len > recipe.data.max_seq_len:
@@ -105,7 +111,7 @@ def build_trainer(recipe: Recipe):
 
     torch.manual_seed(recipe.seed)  # model init is reproducible from the recipe's seed
     model = builders.build_model(recipe, facts)  # a checkpoint to start from is read on rank 0 and broadcast
-    with all_ranks_agree("building the model and optimizer"):  # [i26-faults]
+    with all_ranks_agree("building the model and optimizer"):
         if has_checkpoints(run_dir) or (run_dir / LATEST_NAME.format(rank=0)).exists():
             check_resume_keeps_architecture(run_dir, model.config.to_dict(),
                                             lambda key: recipe.where(f"model.config.{key}"))
@@ -118,7 +124,7 @@ def build_trainer(recipe: Recipe):
 
     train_loader = builders.build_loader(recipe, manifest, dist_info, infinite=True)
     train_loader.mask_rate_schedule = builders.mask_rate_schedule(recipe)
-    with all_ranks_agree("starting the data loader and recording the run"):  # [i26-faults]
+    with all_ranks_agree("starting the data loader and recording the run"):
         if dist_info.rank == 0:
             record_run(recipe, run_dir, model, train_loader)
     metrics = MetricsFile(run_dir / METRICS_FILE)
@@ -133,7 +139,7 @@ def build_trainer(recipe: Recipe):
         max_duration=builders.composer_duration(recipe.max_duration, "max_duration"),
         optimizers=optimizer,
         schedulers=[],
-        algorithms=builders.build_algorithms(recipe),
+        algorithms=builders.build_algorithms(recipe, run_dir, train_loader, metrics, callbacks),
         eval_dataloader=evaluators or None,
         eval_interval=builders.composer_duration(recipe.eval.interval, "eval.interval") if evaluators else 1,
         eval_subset_num_batches=recipe.eval.max_batches if evaluators else -1,
@@ -148,9 +154,7 @@ def build_trainer(recipe: Recipe):
         save_interval=builders.composer_duration(recipe.checkpoint.interval, "checkpoint.interval"),
         save_num_checkpoints_to_keep=recipe.checkpoint.keep_last,
         save_overwrite=False,
-        # Only when there is something to resume: with no local checkpoint composer asks every logger to
-        # download one, and WandBLogger raises when asked before wandb.init().
-        autoresume=recipe.checkpoint.autoresume and (run_dir / LATEST_NAME.format(rank=0)).exists(),
+        load_path=resume_from,
         parallelism_config=parallelism,
         device=device,
         precision=precision,
@@ -173,13 +177,33 @@ def _loaders_of(trainer) -> list:
     return [loader for loader in loaders if loader is not None]
 
 
+def _clear_model_caches() -> None:
+    """torch.distributed.checkpoint's state-dict helpers memoise on the model (functools.lru_cache on
+    `_get_fqns(model, name)`), which keeps every model composer ever saved alive; the cache is rebuilt on use."""
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    for name in dir(dcp_state_dict):
+        cache_clear = getattr(getattr(dcp_state_dict, name), "cache_clear", None)
+        if callable(cache_clear):
+            cache_clear()
+
+
 def release_trainer(trainer, run_dir: Path) -> list[str]:
     """End an attempt: close the trainer, stop its loaders' threads and remove their shard caches, release the
     run folder's lock, and free what the trainer held (weights, gradients, optimizer state, CUDA memory).
     Returns the cache folders removed."""
+    import atexit
+
+    from composer.core.engine import Engine
+
     removed: list[str] = []
     try:
         trainer.close()
+        # composer registers Engine._close(state, logger) with atexit for every trainer and never unregisters it
+        # after close(): that registration would keep the closed trainer's state (model, optimizer) alive until
+        # the process exits. Only one trainer lives at a time here, and it is closed now.
+        atexit.unregister(Engine._close)
+        _clear_model_caches()
     finally:
         for loader in _loaders_of(trainer):
             release = getattr(loader, "release", None) or getattr(loader, "close", None)
@@ -203,7 +227,8 @@ def _fit_once(recipe: Recipe):
         else:
             trainer.fit()
     except SpikeRollback as spikes:
-        rollback = spikes
+        # Its traceback holds the frames of fit(), and so the trainer: keep only the exception's data.
+        rollback = spikes.with_traceback(None)
     finally:
         release_trainer(trainer, run_dir)
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
@@ -227,7 +252,7 @@ def train(recipe: Recipe) -> TrainResult:
             torch.cuda.empty_cache()
         if rollback is None:
             return TrainResult(result.run_dir, result.steps, result.tokens, result.final_loss, attempts)
-        roll_back(result.run_dir, rollback.spike_steps, recipe.spike_guard)
+        roll_back(result.run_dir, rollback, recipe.spike_guard)
 
 
 __all__ = ["train", "build_trainer", "release_trainer", "TrainResult"]

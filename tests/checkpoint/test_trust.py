@@ -1,5 +1,5 @@
 """Issue 17, findings 1 and 3: `export --overwrite` replaces only a previous export; checkpoints from elsewhere
-are read without running the code a pickle can hold."""
+are read without running the code a pickle can hold. Issue 24: nor from folders that look like our own runs."""
 import datetime
 import fractions
 import os
@@ -153,27 +153,117 @@ def test_composer_data_types_load_safely_from_anywhere(tmp_path, tokenizer_file)
     assert np.array_equal(loaded["state"]["rng"][0]["numpy"][1], np.random.get_state()[1])
 
 
-def test_full_unpickling_only_for_our_own_run_folder(tmp_path, tokenizer_file):  # noqa: F811
+def _looks_like_our_run(folder: Path, model, tokenizer_file) -> Path:
+    """What a run folder synced from a bucket looks like: config.yaml + model_config.json, owned by this user."""
+    write_run_artifacts(folder, model.config, tokenizer_file)
+    write_config(folder, "run_name: synced\n")
+    return folder
+
+
+def test_a_run_folder_that_looks_like_ours_gets_no_full_unpickling(tmp_path, tokenizer_file):  # noqa: F811
+    """Issue 24: a folder synced from a bucket passed the old 'own run folder' test, and a .pt that failed the
+    safe load on purpose was then fully unpickled. Now only the explicit per-command opt-in unpickles."""
     model = trained_like_model(tokenizer_file)
-    weights = {f"model.{key}": value for key, value in model.state_dict().items()}
-    for folder in ("ours", "elsewhere"):
-        (tmp_path / folder).mkdir()
-        torch.save({"state": {"model": weights, "extra": fractions.Fraction(1, 3)}}, tmp_path / folder / "c.pt")
-    write_run_artifacts(tmp_path / "ours", model.config, tokenizer_file)
-    write_config(tmp_path / "ours", "run_name: ours\n")
-    assert load_composer_state(tmp_path / "ours" / "c.pt")["state"]["extra"] == fractions.Fraction(1, 3)
-    with pytest.raises(UserError, match=r"fractions.Fraction"):
-        load_composer_state(tmp_path / "elsewhere" / "c.pt")
-
-
-def test_a_sharded_checkpoint_from_elsewhere_is_not_unpickled(tmp_path):
     marker = tmp_path / "payload-ran"
-    sharded = tmp_path / "downloads" / "ep0-ba7"
+    synced = _looks_like_our_run(tmp_path / "synced", model, tokenizer_file)
+    planted = _planted_checkpoint(model, synced / "ep0-ba7-rank0.pt", marker)
+    with pytest.raises(UserError, match=r"holds pickled objects \(io.open\).*our run folders included"):
+        load_composer_state(planted)
+    with pytest.raises(UserError, match="--trust-checkpoint"):
+        export_to_hf(synced, tmp_path / "hf")
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+    weights = {f"model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"state": {"model": weights, "extra": fractions.Fraction(1, 3)}}, synced / "c.pt")
+    with pytest.raises(UserError, match=r"fractions.Fraction"):
+        load_composer_state(synced / "c.pt")
+    assert load_composer_state(synced / "c.pt", trust=True)["state"]["extra"] == fractions.Fraction(1, 3)
+
+
+def test_a_sharded_checkpoint_with_a_payload_is_not_unpickled_even_in_a_run_folder(tmp_path, tokenizer_file):  # noqa: F811
+    marker = tmp_path / "payload-ran"
+    model = trained_like_model(tokenizer_file)
+    sharded = _looks_like_our_run(tmp_path / "synced", model, tokenizer_file) / "ep0-ba7"
     sharded.mkdir(parents=True)
     (sharded / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     (sharded / "__0_0.distcp").write_bytes(b"")
-    with pytest.raises(UserError, match=r"sharded checkpoint \(its .metadata is a pickle\)"):
+    with pytest.raises(UserError, match=r"sharded checkpoint whose .metadata names io.open"):
         load_composer_state(sharded)
     with pytest.raises(UserError, match="--trust-checkpoint"):
         convert_sharded_checkpoint(sharded, tmp_path / "merged.pt")
+    with pytest.raises(UserError, match="--trust-checkpoint"):
+        export_to_hf(sharded.parent, tmp_path / "hf")
+    assert not marker.exists() and not (tmp_path / "merged.pt").exists()
+
+
+def test_a_sharded_checkpoint_as_composer_writes_it_loads_safely_from_anywhere(tmp_path, tokenizer_file):  # noqa: F811
+    """What composer's sharded save holds (model, optimizer, timestamp with timedelta, numpy RNG state) is read
+    without the opt-in: .metadata by the restricted unpickler, the non-tensor entries by torch's weights-only."""
+    import torch.distributed.checkpoint as dcp
+
+    model = trained_like_model(tokenizer_file)
+    weights = {f"model.{key}": value for key, value in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.tensor([[1, 5, 7, 2]])).logits.sum().backward()
+    optimizer.step()
+    state = {"state": {"model": weights, "optimizers": {"AdamW": optimizer.state_dict()},
+                       "timestamp": {"Timestamp": {"batch": 7, "total_wct": datetime.timedelta(seconds=3)}},
+                       "callbacks": {"SpikeGuard": {"streak": [1.5, 2.0]}}},
+             "rng": [{"numpy": np.random.get_state(), "torch": torch.get_rng_state(), "version": torch.__version__}]}
+    sharded = tmp_path / "downloads" / "ep0-ba7"
+    dcp.save(state, checkpoint_id=str(sharded), no_dist=True)
+    loaded = load_composer_state(sharded)
+    assert loaded["state"]["timestamp"]["Timestamp"]["total_wct"] == datetime.timedelta(seconds=3)
+    assert all(torch.equal(loaded["state"]["model"][k], v) for k, v in weights.items())
+    assert np.array_equal(loaded["rng"][0]["numpy"][1], np.random.get_state()[1])
+    assert loaded["state"]["callbacks"]["SpikeGuard"]["streak"] == [1.5, 2.0]
+    merged = convert_sharded_checkpoint(sharded, tmp_path / "merged.pt")
+    assert torch.load(merged, weights_only=False)["state"]["timestamp"]["Timestamp"]["batch"] == 7
+
+
+def test_checkpoints_our_trainer_writes_load_safely(trained_tiny_run):
+    """Every checkpoint of a real run (model, optimizer, schedulers, loader and callback state, RNG) passes
+    the safe readers, so a resume of our own run never needs the opt-in."""
+    from modernbert_train.checkpoint.trust import check_loads_safely, check_resume_is_safe
+
+    for path in sorted(trained_tiny_run.glob("ep*-ba*-rank0.pt")):
+        check_loads_safely(path)
+        state = load_composer_state(path)
+        assert state["state"]["timestamp"]["Timestamp"]["batch"] > 0 and state["state"]["callbacks"]
+    check_resume_is_safe(trained_tiny_run)
+
+
+def test_a_resume_from_a_planted_checkpoint_stops_before_composer_unpickles_it(tmp_path, tokenizer_file, monkeypatch):  # noqa: F811
+    """composer loads the resume checkpoint with torch.load(weights_only=False): prepare_run_folder runs the safe
+    check first, so a synced run folder with a payload stops with one line and the payload never runs."""
+    from types import SimpleNamespace
+
+    from modernbert_train.train.trainer import prepare_run_folder
+
+    model = trained_like_model(tokenizer_file)
+    marker = tmp_path / "payload-ran"
+    run = _looks_like_our_run(tmp_path / "runs" / "phase1", model, tokenizer_file)
+    _planted_checkpoint(model, run / "ep0-ba7-rank0.pt", marker)
+    (run / "latest-rank0.pt").symlink_to("ep0-ba7-rank0.pt")
+    recipe = SimpleNamespace(save_folder=str(run), checkpoint=SimpleNamespace(autoresume=True),
+                             model=SimpleNamespace(trust_checkpoint=False))
+    with pytest.raises(UserError, match=r"save_folder .*ep0-ba7-rank0.pt holds pickled objects \(io.open\).*"
+                                        r"model.trust_checkpoint=true"):
+        prepare_run_folder(recipe, SimpleNamespace(rank=0))
     assert not marker.exists()
+    recipe.model.trust_checkpoint = True  # the user's explicit opt-in for this run
+    assert prepare_run_folder(recipe, SimpleNamespace(rank=0)) == (run, str(run / "ep0-ba7-rank0.pt"))
+
+
+def test_our_loader_state_with_an_empty_array_loads_safely(tmp_path):
+    """The elastic loader state holds arrays that are often empty (no positions to skip); pickle protocol 2
+    writes an empty array's data as a call of builtins.bytes, which the safe reader must accept."""
+    import numpy as np
+    import torch
+
+    from modernbert_train.checkpoint.trust import load_composer_state
+
+    path = tmp_path / "ep0-ba1-rank0.pt"
+    torch.save({"state": {"callbacks": {"ExactResumeState": {"loader": {"skip": np.asarray([], dtype=np.int64)}}},
+                          "model": {"model.w": torch.ones(2)}}}, path)
+    state = load_composer_state(path)
+    assert state["state"]["callbacks"]["ExactResumeState"]["loader"]["skip"].shape == (0,)

@@ -313,6 +313,30 @@ def test_sbatch_runs_node_task_requeues_on_usr1_and_forwards_term(tmp_path, fake
     assert "composer got TERM" in log.read_text()
     assert proc.returncode == 143, err
     assert "time limit near: requeueing job 4242" in err
+    assert not stale_tmp.exists()  # the launch removed its scratch folder when it ended
+
+
+def test_sbatch_on_a_cpu_cluster_never_asks_for_zero_processes(tmp_path, fake_bin):
+    """SBATCH_GPUS_PER_NODE=0 makes SLURM report 0 GPUs per node: that must not become `--nproc 0`; the CPUs
+    each launcher gets come from the allocation (the smallest node), not from a fixed --cpus-per-task."""
+    env = _slurm_env(tmp_path, 0, fake_bin)
+    env.update(DRY_RUN="1", SLURM_GPUS_PER_NODE="0", SLURM_JOB_CPUS_PER_NODE="4(x3),2")
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_CPUS_PER_TASK", "NPROC_PER_NODE", "CLEAN_SHM"):
+        env.pop(key, None)
+    (tmp_path / "r.yaml").write_text("run_name: r\n")
+    result = subprocess.run(["bash", str(SBATCH), "r.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=2 bash")
+    assert lines[-1].startswith("composer -n 1 --world_size 4 --node_rank 0 ")  # no GPU visible here: 1 each
+    assert "auto process(es) per node" in result.stderr
+
+    env["NPROC_PER_NODE"] = "0"
+    refused = subprocess.run(["bash", str(SBATCH), "r.yaml"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "NPROC_PER_NODE must be a positive integer, got '0'" in refused.stderr
 
 
 def _multinode_dry_run(tmp_path: Path, **env_values: str) -> list[str]:

@@ -363,3 +363,44 @@ def test_bad_eval_results_file_is_one_line_naming_it(tmp_path):
     results_file.write_text('{"suite": "s", "runs": []}\n')
     with pytest.raises(UserError, match="with 'suite' and a 'summary' list"):
         write_report([run_dir], tmp_path / "out", eval_dirs=[tmp_path / "eval"])
+
+
+def test_two_heldout_sets_are_drawn_side_by_side_with_their_change(tmp_path):
+    """eval.manifests writes eval_NAME/loss: one plot of every set, and each set's first -> last change."""
+    records = []
+    for step in range(1, 41):
+        record = {"step": step, "tokens": 1000 * step, "train/loss": 5.0 - step / 20}
+        if step % 10 == 0:
+            record.update({"eval_domain/loss": 4.0 - step / 20, "eval_general/loss": 3.0 + step / 100})
+        records.append(record)
+    out_dir = tmp_path / "report"
+    summary = write_report([_write_run(tmp_path / "continue", records)], out_dir).read_text()
+    pixels = matplotlib.image.imread(out_dir / "heldout.png")
+    assert pixels.shape[:2] == EXPECTED_PNG_SHAPE
+    assert "| domain | 3.5000 | 2.0000 | -1.5000 | 40k |" in summary
+    assert "| general | 3.1000 | 3.4000 | +0.3000 | 40k |" in summary
+    assert "](heldout.png)" in summary
+
+
+def test_rollback_records_survive_the_steps_going_back(tmp_path):
+    """Issue 28: rolling back to an earlier step dropped the earlier rollbacks' lines from the report."""
+    from modernbert_train.run.report import spike_guard_rows
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [{"step": s, "tokens": 10 * s, "train/loss": 5.0} for s in range(1, 13)]
+    for number, (to_step, spikes) in enumerate([(8, [11, 12, 13]), (6, [9, 10, 11]), (6, [9, 10, 11])], start=1):
+        lines += [{"step": s, "tokens": 10 * s, "event": "spike_skipped", "rule": "loss", "spike/loss": 9.0}
+                  for s in spikes]
+        lines.append({"step": to_step, "tokens": 10 * to_step, "event": "rollback", "rollback": number,
+                      "spike_steps": spikes, "skipped_loader_steps": [to_step + 1, spikes[-1] + 1],
+                      "lr_scale": 0.5 ** number})
+        lines += [{"step": s, "tokens": 10 * s, "train/loss": 4.0} for s in range(to_step + 1, 12)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records, notes = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, 12))
+    assert [r["rollback"] for r in records if r.get("event") == "rollback"] == [1, 2, 3]
+    rows = spike_guard_rows(load_phases([run_dir]))
+    assert [row[2] for row in rows if row[2].startswith("rollback")] == ["rollback 1", "rollback 2", "rollback 3"]
+    assert len([row for row in rows if row[2] == "update skipped"]) == 9
+    assert "restarted from step 6, skipped loader steps 7-12, lr x 0.125" in rows[-1][3]

@@ -185,18 +185,20 @@ def test_phase2_carries_the_optimizer_state_into_fsdp2_as_into_one_process(runs)
         assert "optimizer state carried over from" in (runs[name] / "train.log").read_text()
 
 
-def test_resuming_on_another_world_size_without_world_invariant_data_is_refused():
-    """Default per-rank packing: a data state written by 2 ranks is refused by 1 process, naming the fix."""
-    from modernbert_train.common.errors import UserError
+def test_resuming_on_another_world_size_hands_the_data_state_to_the_loader():
+    """Default per-rank packing resumes on another world size: the callback no longer refuses, the loader
+    re-partitions (tests/data/test_elastic_resume.py counts the samples across the break)."""
     from modernbert_train.train.callbacks import ExactResumeState
 
-    class NeverLoaded:
-        def load_state_dict(self, state):
-            raise AssertionError("the loader must not be touched after the world-size check failed")
+    class Recorder:
+        state = None
 
-    callback = ExactResumeState(NeverLoaded(), seed=17)
-    with pytest.raises(UserError, match="written by 2 processes but this run has 1.*world_invariant=true"):
-        callback.load_state_dict({"world_size": 2, "loader": {"world_invariant": False}})
+        def load_state_dict(self, state):
+            self.state = state
+
+    loader = Recorder()
+    ExactResumeState(loader, seed=17).load_state_dict({"world_size": 2, "loader": {"world_invariant": False}})
+    assert loader.state == {"world_invariant": False}
 
 
 def test_checkpoints_are_sharded_and_pruned(runs):

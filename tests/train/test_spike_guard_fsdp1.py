@@ -12,10 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 WORKER = """
 import json, sys
-from types import SimpleNamespace
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel
-from modernbert_train.train.spike_guard import SpikeGuard
+from modernbert_train.train.spike_guard import _has_fsdp1_shards, step_loss_and_grad_norm
 
 rank, store = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -27,8 +26,9 @@ sharded = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_ori
 x = torch.randn(4, 8)  # the same batch on both ranks: the sharded gradients are the reference's
 sharded(x).pow(2).sum().backward()
 reference(x).pow(2).sum().backward()
-guard = SimpleNamespace(_loss_sum=torch.tensor(2.0 + rank), _masked=4)
-loss, norm = SpikeGuard._step_loss_and_grad_norm(guard, SimpleNamespace(model=sharded))
+assert _has_fsdp1_shards(sharded)
+loss, norm = step_loss_and_grad_norm(sharded, torch.tensor(2.0 + rank), 4, fsdp1=True)
+loss, norm = float(loss), float(norm)
 local = torch.nn.utils.get_total_norm([p.grad for p in sharded.parameters() if p.grad is not None])
 print(json.dumps({"loss": loss, "norm": norm, "local": float(local),
                   "reference": float(torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]))}))
