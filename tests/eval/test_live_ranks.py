@@ -27,7 +27,7 @@ def test_live_evaluation_longer_than_the_collective_timeout(tmp_path, toy_tasks,
         {"name": "topic", "type": "classification", "max_length": 32,
          "data": {"train": f"{toy_tasks}/cls/train.jsonl", "dev": f"{toy_tasks}/cls/dev.jsonl",
                   "columns": {"text": "sentence", "label": "topic"}},
-         "sweep": {"lr": [3e-3], "epochs": [6], "batch_size": 8, "seeds": [0, 1]}}]}))
+         "sweep": {"lr": [3e-3], "epochs": [40], "batch_size": 8, "seeds": [0, 1]}}]}))
     out = tmp_path / "out.json"
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
