@@ -225,14 +225,11 @@ class SlurmCluster:
 
     @staticmethod
     def _alive(pid: int) -> bool:
+        """Alive and not a zombie (a daemon we started and did not reap yet)."""
+        from modernbert_train.run.folder import _pid_alive
+
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:
-            return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+            return _pid_alive(pid) and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
         except OSError:
             return False
 
