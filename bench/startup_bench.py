@@ -15,6 +15,7 @@ sample count (shard count kept) to fit a small machine; the table then gives the
 bytes/sample and s/sample that extrapolate them to scale 1.
 
 example:
+  python bench/startup_bench.py --workdir /tmp/startup_bench --shards 300000 --epoch-size 50000000
   python bench/startup_bench.py --workdir /tmp/startup_bench --shards 300000 --sample-scale 0.01
   python bench/startup_bench.py --workdir /tmp/startup_bench --sample-scale 0.01 --shuffle-algo py1s \\
       --num-canonical-nodes 128
@@ -42,7 +43,8 @@ SOURCES = [("web", 0.60, 1.2e12, 900), ("code", 0.20, 4.0e11, 1800), ("scientifi
 BUFFER_PIECES = 1200  # phase 1 on 8 ranks: 9 + 4 micro-batches of 64 x 1024 tokens, ~700-token pieces
 
 
-def synthesize(workdir: Path, shards: int, sample_scale: float) -> tuple[Path, int, int]:
+def synthesize(workdir: Path, shards: int, sample_scale: float, epoch_size: int | None = None
+               ) -> tuple[Path, int, int]:
     """Index + prep_meta per source and a manifest; returns (manifest, index bytes, samples)."""
     import yaml
 
@@ -76,7 +78,8 @@ def synthesize(workdir: Path, shards: int, sample_scale: float) -> tuple[Path, i
         all_samples += samples
         entries.append({"name": name, "local": str(folder), "proportion": share})
     manifest = workdir / "mix.yaml"
-    manifest.write_text(yaml.safe_dump({"name": "modernbert_2t_synthetic", "sources": entries}))
+    top = {"epoch_size": epoch_size} if epoch_size else {}
+    manifest.write_text(yaml.safe_dump({"name": "modernbert_2t_synthetic", **top, "sources": entries}))
     return manifest, index_bytes, all_samples
 
 
@@ -136,6 +139,7 @@ def child(args) -> dict:
     dataset = build_streaming_dataset(manifest, batch_size=args.raw_batch_size, shuffle=True, seed=17,
                                       shuffle_algo=args.shuffle_algo, num_canonical_nodes=ncn,
                                       shuffle_block_size=args.shuffle_block_size, cache_limit="100tb")
+    dataset.coverage_sampling = args.sampling == "coverage"  # as the training loader sets it
     times["index_s"] = time.perf_counter() - mark
     mark, before = time.perf_counter(), _rss()
     rank_world = World(num_nodes=nodes, ranks_per_node=min(per_node, world), workers_per_rank=args.workers,
@@ -172,6 +176,10 @@ def main() -> int:
     parser.add_argument("--shuffle-algo", default="py1e")
     parser.add_argument("--num-canonical-nodes", type=int, help="default: streaming's (nodes, 64 x for py1s/py2s)")
     parser.add_argument("--shuffle-block-size", type=int)
+    parser.add_argument("--epoch-size", type=int, help="samples per epoch (the manifest's epoch_size; default: "
+                        "the whole mixture in one epoch)")
+    parser.add_argument("--sampling", default="coverage", choices=("coverage", "balanced"),
+                        help="the loader's data.loader_options.sampling (default coverage)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
@@ -181,20 +189,23 @@ def main() -> int:
         return 0
     workdir = Path(args.workdir)
     mark = time.perf_counter()
-    manifest, index_bytes, samples = synthesize(workdir, args.shards, args.sample_scale)
+    manifest, index_bytes, samples = synthesize(workdir, args.shards, args.sample_scale, args.epoch_size)
     print(f"synthesised {args.shards:,} shards, {samples:,} samples (scale {args.sample_scale:g}), index.json "
           f"{index_bytes / 2**20:,.0f} MiB in {time.perf_counter() - mark:.0f} s", flush=True)
     rows = []
     env = dict(os.environ, TMPDIR=str(workdir), MODERNBERT_SHARD_CACHE=str(workdir / "cache"))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"):
         env.pop(key, None)
+    print(f"epoch: {args.epoch_size or samples:,} samples, {args.sampling} sampling: every sample read once per "
+          f"{samples / (args.epoch_size or samples):.1f} epochs" if args.sampling == "coverage" else
+          f"epoch: {args.epoch_size or samples:,} samples, balanced sampling (each epoch a fresh random choice)")
     print("| world | nodes | NCN | shuffle (block) | rank samples | import s | manifest s | index s | "
           "partition+shuffle s | state s | state MiB (all ranks) | RSS after index GiB | peak GiB | total s | "
           "CPU s | partition bytes/sample |", flush=True)
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for world in [int(w) for w in args.world_sizes.split(",")]:
         passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                  if v is not None and k not in ("json", "child", "manifest")]
+                  if v is not None and k not in ("json", "child", "manifest", "epoch_size")]
         done = subprocess.run([sys.executable, __file__, *passed, "--child", str(world), "--manifest",
                                str(manifest)], env=env, capture_output=True, text=True)
         if done.returncode:

@@ -53,6 +53,9 @@ class MLMLoaderConfig:
     seed: int = 17
     shuffle: bool = True
     shuffle_algo: str = "py1e"
+    # coverage: a source's epochs read every sample once per pass (data/coverage.py); balanced: streaming's
+    # fresh random choice each epoch (samples repeat and others are never read when an epoch is smaller).
+    sampling: str = "coverage"
     num_canonical_nodes: int | None = None
     shuffle_block_size: int | None = None
     num_workers: int = 0
@@ -116,6 +119,9 @@ class MLMLoaderConfig:
             raise UserError(f"{where}: packing_lookahead_tokens must be >= 0")
         if self.packing_max_wait is not None and self.packing_max_wait < 1:
             raise UserError(f"{where}: packing_max_wait must be >= 1 or null")
+        if self.sampling not in ("coverage", "balanced"):
+            raise UserError(f"{where}: sampling {self.sampling!r} is not one of coverage, balanced"
+                            f"{did_you_mean(str(self.sampling), ['coverage', 'balanced'])}")
         if self.shuffle_algo not in ("py1e", "py1br", "py1b", "py1s", "py2s", "naive"):
             raise UserError(f"{where}: shuffle_algo {self.shuffle_algo!r} is not one of streaming's "
                             f"py1e, py1br, py1b, py1s, py2s, naive{did_you_mean(self.shuffle_algo, ['py1e', 'py1br', 'py1b', 'py1s', 'py2s', 'naive'])}")

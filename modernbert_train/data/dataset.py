@@ -237,9 +237,35 @@ class _DropRaisedUserErrors(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
+class BoundsSpanner:
+    """Global sample index -> (shard, index in shard), by binary search over the shard bounds.
+
+    streaming's `Spanner` builds it from an int64 array of every sample's shard (8 bytes a sample) and a list of
+    one small array per 1,024 samples: at the 2T mixture (~2e9 samples) about 16 GB and minutes on every rank
+    before its first batch (bench/RESULTS.md 2026-12-02). This one holds the shard bounds only (O(shards)) and
+    answers every index the same (tests/data/test_coverage.py)."""
+
+    def __init__(self, shard_sizes, span_size: int = 1 << 10) -> None:
+        self.shard_sizes = shard_sizes
+        self.span_size = span_size
+        self.shard_bounds = np.concatenate([np.zeros(1, np.int64), np.asarray(shard_sizes, np.int64).cumsum()])
+        self.num_samples = int(self.shard_bounds[-1])
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        if not (0 <= index < self.num_samples):
+            raise IndexError(f"Invalid sample index `{index}`: 0 <= {index} < {self.num_samples}")
+        # The last bound <= index: past empty shards (equal bounds) to the one that holds the sample.
+        shard = int(np.searchsorted(self.shard_bounds, index, side="right")) - 1
+        return shard, int(index - self.shard_bounds[shard])
+
+
 def _make_dataset_class():
+    import streaming.base.dataset as streaming_dataset
     from streaming import StreamingDataset
     from streaming.base.dataset import _ShardState
+
+    # streaming.base.dataset builds its Spanner by this module-level name; same answers, O(shards) memory.
+    streaming_dataset.Spanner = BoundsSpanner
 
     _PREPARING, _REMOTE = _ShardState.PREPARING, _ShardState.REMOTE
 
@@ -252,6 +278,15 @@ def _make_dataset_class():
         source_names: list[str] = []
         token_id_limit: int | None = None  # the tokenizer's vocabulary: a larger id is refused, named
         _shard_failure: str | None = None
+        # Epochs that read every sample once per pass (data/coverage.py) instead of a fresh random choice.
+        coverage_sampling: bool = False
+
+        def resample_streams(self, epoch: int, stream_id: int | None = None):
+            if not self.coverage_sampling or stream_id is not None:
+                return super().resample_streams(epoch, stream_id)
+            from modernbert_train.data.coverage import coverage_resample
+
+            return coverage_resample(self, epoch, super().resample_streams)
 
         def _describe_shard(self, shard_id: int) -> str:
             stream_id = int(self.stream_per_shard[shard_id])
@@ -403,7 +438,7 @@ _datasets_built = 0
 
 
 @atexit.register
-def _remove_own_caches() -> None:
+def remove_own_shard_caches() -> None:
     for folder in _CACHES_TO_REMOVE_AT_EXIT:
         remove_shard_cache(folder)
 

@@ -93,6 +93,8 @@ class _LoaderBase:
             shuffle_block_size=config.shuffle_block_size, predownload=config.predownload,
             cache_limit=config.cache_limit, download_timeout=config.download_timeout,
             download_retry=config.download_retry, sampling_method=sampling_method, replication=self.dist.world_size if world_invariant else None)
+        # The eval loader's fixed pass keeps streaming's sampling; training epochs cover every sample per pass.
+        self.dataset.coverage_sampling = shuffle and config.sampling == "coverage"
         self._raw_loader = build_raw_dataloader(self.dataset, batch_size=config.raw_batch_size,
                                                 num_workers=config.num_workers,
                                                 prefetch_factor=config.prefetch_factor)
@@ -436,6 +438,7 @@ class MLMLoader(_LoaderBase):
             "num_nodes": self.num_nodes,
             "world_invariant": self.world_invariant,
             "num_canonical_nodes": self._num_canonical_nodes,
+            "sampling": "coverage" if self.dataset.coverage_sampling else "balanced",
             "config": {key: getattr(self.config, key) for key in RESUME_KEYS},
             "sources": self.source_names,
             # A tuple is one opaque item to torch.distributed.checkpoint (FSDP sharded checkpoints): a list of
@@ -457,6 +460,16 @@ class MLMLoader(_LoaderBase):
             if state["config"][key] != getattr(self.config, key):
                 raise UserError(f"data config {key} was {state['config'][key]!r} in the checkpoint and is "
                                 f"{getattr(self.config, key)!r} now; exact data resume needs it unchanged")
+        # A checkpoint from before coverage sampling existed drew its epochs with streaming's; it keeps doing so.
+        saved_sampling = state.get("sampling", "balanced")
+        mine = "coverage" if self.dataset.coverage_sampling else "balanced"
+        if saved_sampling != mine:
+            if "sampling" in state:
+                raise UserError(f"data config sampling was {saved_sampling!r} in the checkpoint and is {mine!r} "
+                                f"now; exact data resume needs it unchanged")
+            log.info("the checkpoint's loader drew epochs with streaming's balanced sampling (an older run): "
+                     "this run continues with it")
+            self.dataset.coverage_sampling = False
         if state["sources"] != self.source_names:
             raise UserError(f"the checkpoint's manifest sources {state['sources']} differ from this run's "
                             f"{self.source_names}")

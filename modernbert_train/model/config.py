@@ -4,7 +4,7 @@ Field names follow transformers' `ModernBertConfig` so the mapping to and from a
 `config.json` is one-to-one (see hf.py). Two fields exist only here: `attention_output_dropout`
 (dropout after the attention output projection alone, as the ModernBERT authors trained; it keeps
 every attention kernel usable because none of them has to drop attention probabilities) and
-`attn_backend` (which kernel computes attention).
+`attn_backend` (which kernel computes attention); and `head_init`, which only chooses an initialisation.
 """
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ class ModernBertConfig:
     mlp_dropout: float = 0.0
     initializer_range: float = 0.02
     initializer_cutoff_factor: float = 2.0
+    # The head's dense layer at init: "input" sigma (initializer_range), as the ModernBERT authors trained, or
+    # "output" sigma (initializer_range / sqrt(2 layers)), as transformers initialises it. Init only: not exported.
+    head_init: str = "input"
     pad_token_id: int = 50283
     cls_token_id: int = 50281
     sep_token_id: int = 50282
@@ -72,6 +75,9 @@ class ModernBertConfig:
                 continue
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise UserError(f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size={self.vocab_size})")
+        if self.head_init not in ("input", "output"):
+            raise UserError(f"head_init={self.head_init!r} is not one of input, output"
+                            f"{did_you_mean(str(self.head_init), ['input', 'output'])}")
         if self.global_rope_theta <= 0 or self.local_rope_theta <= 0:
             # The reference repo exported theta=-1 and got NaN logits; refuse it at the source.
             raise UserError("global_rope_theta and local_rope_theta must be positive")

@@ -163,7 +163,8 @@ class ModernBertForMaskedLM(nn.Module):
     def reset_parameters(self) -> None:
         """Megatron-style init: truncated normal (+-cutoff sigma); output projections scaled by 1/sqrt(2 layers).
 
-        The head's dense layer takes the input std, as in the authors' code (transformers scales it down)."""
+        The head's dense layer takes the input std, as in the authors' code, unless config.head_init is "output"
+        (transformers' choice, which trains the tiny presets faster: bench/RESULTS.md, issue 27)."""
         std_in = self.config.initializer_range
         std_out = std_in / math.sqrt(2.0 * self.config.num_hidden_layers)
         cutoff = self.config.initializer_cutoff_factor
@@ -179,7 +180,7 @@ class ModernBertForMaskedLM(nn.Module):
             init(layer.attn.Wo, std_out)
             init(layer.mlp.Wi, std_in)
             init(layer.mlp.Wo, std_out)
-        init(self.head.dense, std_in)
+        init(self.head.dense, std_in if self.config.head_init == "input" else std_out)
         if not self.config.tie_word_embeddings:
             init(self.decoder, std_out)
         elif self.decoder.bias is not None:

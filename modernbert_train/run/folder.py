@@ -39,7 +39,7 @@ STALE_AFTER_S = 600.0
 # change them. Any other change would make model_config.json describe earlier checkpoints wrongly.
 RESUMABLE_MODEL_FIELDS = frozenset({"attn_backend", "attention_dropout", "attention_output_dropout",
                                     "embedding_dropout", "mlp_dropout", "initializer_range",
-                                    "initializer_cutoff_factor"})
+                                    "initializer_cutoff_factor", "head_init"})
 
 
 # -- what the run is ------------------------------------------------------------------------------------------

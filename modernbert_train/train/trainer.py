@@ -9,6 +9,7 @@ the guard chose. What one optimizer step does is composer's loop plus, in order,
 from __future__ import annotations
 
 import gc
+import os
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from modernbert_train.checkpoint.files import CHECKPOINT_NAME, LATEST_NAME, has_checkpoints, resume_checkpoint
 from modernbert_train.checkpoint.trust import check_resume_is_safe
-from modernbert_train.common.errors import UserError
+from modernbert_train.common.errors import UserError, disk_full_in
 from modernbert_train.common.ranks import all_ranks_agree
 from modernbert_train.run.folder import (check_resume_keeps_architecture, lock_run_dir, release_run_dir,
                                          write_config, write_run_artifacts)
@@ -99,6 +100,7 @@ def build_trainer(recipe: Recipe):
     # Before any StreamingDataset exists: streaming otherwise builds (and destroys) its own process group.
     dist_info = initialize_distributed()
     run_dir, resume_from = prepare_run_folder(recipe, dist_info)
+    _start_liveness(run_dir, dist_info)
     with all_ranks_agree("reading the data manifest and locking the run folder"):
         manifest = builders.load_manifest_at(recipe.data.manifest, recipe, "data.manifest")
         facts = builders.read_data_facts(manifest, recipe)
@@ -188,6 +190,44 @@ def _clear_model_caches() -> None:
             cache_clear()
 
 
+_liveness = None  # this rank's file for the others (common/liveness.py); one trainer at a time
+
+
+def _start_liveness(run_dir: Path, dist_info) -> None:
+    global _liveness
+    from modernbert_train.common.liveness import RankLiveness
+
+    if _liveness is None and dist_info.world_size > 1:
+        _liveness = RankLiveness(run_dir, dist_info.rank, dist_info.world_size)
+
+
+def _stop_liveness() -> None:
+    global _liveness
+    if _liveness is not None:
+        _liveness.stop()
+        _liveness = None
+
+
+def _one_line_failure(err: BaseException, recipe: Recipe, run_dir: Path) -> UserError | None:
+    """The one line for a failure every rank of a job can meet: a full disk, a lost peer (naming it)."""
+    from modernbert_train.common.liveness import failed_ranks, is_collective_failure
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    full = disk_full_in(err)
+    if full is not None:
+        return UserError(f"rank {rank}: no space left on the device of save_folder {run_dir} (writing "
+                         f"{full.filename or recipe.save_folder}): completed checkpoints are intact and a "
+                         f"half-written one is set aside at the next start; free space (or move save_folder), then "
+                         f"re-run the same command to resume")
+    if world > 1 and is_collective_failure(err):
+        told = failed_ranks(run_dir, _liveness.record) if _liveness is not None else []
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        who = "; ".join(told) if told else "no rank of this host exited or stopped (the launchers name the others)"
+        return UserError(f"rank {rank} of {world}: a collective with the other ranks failed ({first}): {who}; "
+                         f"completed checkpoints are kept: relaunch the same command to resume")
+    return None
+
+
 def release_trainer(trainer, run_dir: Path) -> list[str]:
     """End an attempt: close the trainer, stop its loaders' threads and remove their shard caches, release the
     run folder's lock, and free what the trainer held (weights, gradients, optimizer state, CUDA memory).
@@ -210,6 +250,7 @@ def release_trainer(trainer, run_dir: Path) -> list[str]:
             if release is not None:
                 removed += release() or []
         release_run_dir(run_dir)
+        _stop_liveness()
     return removed
 
 
@@ -218,7 +259,7 @@ def _fit_once(recipe: Recipe):
     from modernbert_train.train.spike_guard import SpikeRollback
 
     trainer, run_dir = build_trainer(recipe)
-    rollback = None
+    rollback, failed = None, False
     try:
         elapsed = trainer.state.get_elapsed_duration()
         if elapsed is not None and elapsed >= 1.0:
@@ -229,8 +270,20 @@ def _fit_once(recipe: Recipe):
     except SpikeRollback as spikes:
         # Its traceback holds the frames of fit(), and so the trainer: keep only the exception's data.
         rollback = spikes.with_traceback(None)
+    except BaseException as err:
+        failed = True
+        line = _one_line_failure(err, recipe, run_dir)
+        if line is None:
+            raise
+        raise line from err
     finally:
-        release_trainer(trainer, run_dir)
+        try:
+            release_trainer(trainer, run_dir)
+        except Exception as err:  # noqa: BLE001 - after a failure, stopping must not replace its line
+            if not failed:
+                raise
+            log.warning("while stopping after the failure: %s: %s", type(err).__name__,
+                        (str(err).strip().splitlines() or [""])[0][:200])
     loss = (trainer.state.total_loss_dict or {}).get("loss/train/total")
     result = TrainResult(run_dir=run_dir, steps=int(trainer.state.timestamp.batch),
                          tokens=int(trainer.state.timestamp.token), final_loss=float(loss) if loss is not None else None)
@@ -240,8 +293,13 @@ def _fit_once(recipe: Recipe):
 def train(recipe: Recipe) -> TrainResult:
     """Fit the recipe; after each spike-guard rollback (at most spike_guard.max_rollbacks, which roll_back
     enforces), start a new attempt from the checkpoint the guard chose."""
+    import composer.core.engine  # noqa: F401 - installs composer's SIGTERM handler, which the next line replaces
+
+    from modernbert_train.common.termination import exit_promptly_on_sigterm
+    from modernbert_train.data.dataset import remove_own_shard_caches
     from modernbert_train.train.spike_guard import roll_back
 
+    exit_promptly_on_sigterm(cleanup=remove_own_shard_caches)
     attempts = 0
     while True:
         attempts += 1

@@ -105,3 +105,15 @@ def test_head_dense_init_uses_the_authors_input_std():
     # A normal truncated at +-2 sigma has std 0.8796 sigma; transformers' output std would be 0.01 here.
     assert abs(dense.std().item() - 0.02 * 0.8796) < 0.0003
     assert dense.abs().max() <= 2 * 0.02 + 1e-7
+
+
+def test_head_dense_init_can_take_transformers_output_std():
+    torch.manual_seed(0)
+    config = ModernBertConfig.preset("base", num_hidden_layers=2, vocab_size=256, pad_token_id=3, cls_token_id=1,
+                                     sep_token_id=2, mask_token_id=4, bos_token_id=1, eos_token_id=2,
+                                     head_init="output")
+    dense = ModernBertForMaskedLM(config).head.dense.weight
+    std_out = 0.02 / (2 * 2) ** 0.5
+    assert abs(dense.std().item() - std_out * 0.8796) < 0.0002
+    with pytest.raises(UserError, match="head_init"):
+        ModernBertConfig.preset("micro", head_init="outputs")
