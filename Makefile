@@ -37,7 +37,7 @@ test: $(VENV)/.installed $(CURRENT_VENV)/.installed
 	  tests/train/test_exact_resume.py tests/train/test_composer_model.py tests/train/test_optim_fsdp2.py \
 	  tests/train/test_metrics_sync_free.py
 	@echo "== full suite on the pinned stack (torch 2.7, composer 0.32.1, transformers 4.x) =="
-	$(VENV)/bin/python -m pytest -q --ignore=tests/scale $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 --ignore=tests/scale $(ARGS)
 
 # The cluster rehearsal (tests/scale/, minutes each; skipped by `make test`): faults injected into 4-rank jobs
 # under the real launcher (SCALE_RESULTS=file.jsonl collects the fault table's figures), and

@@ -117,16 +117,20 @@ def tile_from(model, source: str, where: str, trust: bool = False) -> None:
     from modernbert_train.checkpoint.tiling import tile_into
     from modernbert_train.model import ModernBertForMaskedLM
 
-    path = Path(source)
-    if not path.exists():
-        raise UserError(f"{where}model.init_from: tile source {source} does not exist (give a run directory, a "
-                        f"checkpoint, or a Hugging Face folder of the smaller model)")
-    if (path / "config.json").is_file():
-        weights = ModernBertForMaskedLM.from_hf(path).state_dict()
-    else:
+    def read_weights() -> dict:
+        path = Path(source)
+        if not path.exists():
+            raise UserError(f"{where}model.init_from: tile source {source} does not exist (give a run directory, a "
+                            f"checkpoint, or a Hugging Face folder of the smaller model)")
+        if (path / "config.json").is_file():
+            return ModernBertForMaskedLM.from_hf(path).state_dict()
         checkpoint, _ = find_checkpoint(path)
         state = load_composer_state(checkpoint, trust=trust)
-        weights = {k[len("model."):]: v for k, v in state["state"]["model"].items() if k.startswith("model.")}
+        return {k[len("model."):]: v for k, v in state["state"]["model"].items() if k.startswith("model.")}
+
+    # Rank 0 reads the smaller model (a composer checkpoint holds its optimizer moments too), the others get
+    # its weights by broadcast: one read per job.
+    weights = load_on_one_rank(f"reading the model to tile from {source}", read_weights)
     if weights["model.embeddings.tok_embeddings.weight"].shape[0] != model.config.vocab_size:
         raise UserError(f"{where}model.init_from: {source} has another vocabulary size "
                         f"({weights['model.embeddings.tok_embeddings.weight'].shape[0]}) than this model "

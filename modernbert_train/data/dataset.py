@@ -458,10 +458,12 @@ def release_shard_caches(dataset) -> list[str]:
 
 
 def _job_key() -> str:
-    """The same on every rank of one job on this host; different for jobs running side by side."""
+    """The same on every rank of one node of one job; different for jobs running side by side, and for two
+    "nodes" of one job on one host (a rehearsal: streaming refuses one cache folder for two node leaders)."""
     if _env_int("WORLD_SIZE", 1) > 1:
         rendezvous = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
-        return "job-" + hashlib.blake2s(rendezvous.encode(), digest_size=6).hexdigest()
+        node = os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or "0"
+        return f"job-{hashlib.blake2s(rendezvous.encode(), digest_size=6).hexdigest()}-n{node}"
     return f"pid-{os.getpid()}"
 
 

@@ -50,8 +50,9 @@ def rehearsal(tiny_data, tmp_path_factory):
 
 
 def _fault(rehearsal, name: str, inject, *, nodes: int = 1, env: dict | None = None, relaunch_env: dict | None = None,
-           save_folder: Path | None = None, between=None, fault_at: int = FAULT_AT):
-    work, args_for, reference = rehearsal
+           save_folder: Path | None = None, between=None, fault_at: int = FAULT_AT, reference: dict | None = None):
+    work, args_for, one_node_reference = rehearsal
+    reference = one_node_reference if reference is None else reference
     args, run_dir = args_for(name, save_folder)
     job = launch(work, name, args, nodes=nodes, env=env)
     wait_for_step(job, run_dir, fault_at)
@@ -94,13 +95,23 @@ def test_one_rank_sigkilled_mid_step(rehearsal):
 
 
 def test_a_whole_node_killed(rehearsal):
+    # Two nodes read the data in another layout than one node of four ranks: the losses to match are those of an
+    # uninterrupted 2-node run.
+    work, args_for, _ = rehearsal
+    args, run_dir = args_for("reference-2-nodes")
+    job = launch(work, "reference-2-nodes", args, nodes=2)
+    assert job.wait_ended(1800) is not None and not any(p.returncode for p in job.launchers), job.launcher_text()[-3000:]
+    two_nodes = losses(run_dir)
+    assert sorted(two_nodes) == list(range(1, STEPS + 1))
+
     def inject(job, run_dir):
         os.killpg(job.launchers[1].pid, signal.SIGKILL)  # node 1's launcher and its ranks 2, 3
         for pid in [pid for rank, pid in job.rank_pids().items() if rank >= 2]:
             os.kill(pid, signal.SIGKILL)
         return "SIGKILL node 1 (its launcher and ranks 2-3) after step 3"
-    result, _ = _fault(rehearsal, "node-kill", inject, nodes=2)
+    result, _ = _fault(rehearsal, "node-kill", inject, nodes=2, reference=two_nodes)
     assert result.seconds_to_exit is not None and result.relaunch == "bit-identical", result
+    assert "rank 2" in result.error_line or "rank 3" in result.error_line, result  # the ranks left name them
 
 
 def test_a_rank_stalled_past_the_collective_timeout(rehearsal):

@@ -89,3 +89,18 @@ def test_a_checkpoint_to_start_from_is_read_on_one_rank_and_reaches_both(trained
     assert len([r for r in reference["reads"] if str(trained_tiny_run) in r]) == 2
     assert ranks[0]["digest"] == ranks[1]["digest"] == reference["digest"]
     assert ranks[0]["moments"] == ranks[1]["moments"] == reference["moments"] > 0  # the moments were carried
+
+
+def test_a_model_to_tile_from_is_read_on_one_rank(trained_tiny_run, data_overrides, tmp_path):
+    """model.init_from=tile:RUN on 2 ranks: rank 0 reads the smaller model's checkpoint once, rank 1 never, and
+    both start from the same tiled weights."""
+    out = tmp_path / "setup"
+    args = [str(REPO / "yamls/tiny/phase1.yaml"), *data_overrides(), f"model.init_from=tile:{trained_tiny_run}",
+            "model.config.hidden_size=192", "model.config.num_hidden_layers=8", "model.config.intermediate_size=288",
+            "max_duration=4ba", "data.loader_options={prefetch_steps: 0}", f"save_folder={tmp_path / 'two'}"]
+    procs = _two_ranks([sys.executable, str(REPO / "tests/train/rank_setup.py"), str(out), *args], tmp_path)
+    assert _wait_all(procs, 300) == [0, 0], [(tmp_path / f"rank{r}.err").read_text()[-3000:] for r in range(2)]
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
+    reads = [[r for r in rank["reads"] if str(trained_tiny_run) in r] for rank in ranks]
+    assert len(reads[0]) == 1 and reads[1] == [], reads
+    assert ranks[0]["digest"] == ranks[1]["digest"]
