@@ -82,6 +82,21 @@ def exit_promptly_on_sigterm(cleanup: Callable[[], None] | None = None) -> bool:
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def forget_in_child() -> None:
+        # A forked child (a DataLoader worker, streaming's helpers) shares the pipe: a SIGTERM sent to the child
+        # would otherwise wake this process's watcher and end it.
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
+        for fd in (read_fd, write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    os.register_at_fork(after_in_child=forget_in_child)
     signal.signal(signal.SIGTERM, _on_sigterm)
     threading.Thread(target=_watch, args=(read_fd, grace_seconds(), cleanup), daemon=True,
                      name="sigterm-watch").start()

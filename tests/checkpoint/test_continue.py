@@ -38,10 +38,12 @@ def test_hf_folder_run_and_checkpoint_start_the_same_model(trained_tiny_run, exp
     from modernbert_train.train.trainer import train
 
     losses = {}
+    # The run was trained at global theta 10k (tiny phase 1): an HF folder carries it, a run directory's weights
+    # take the recipe's (the preset's 160k unless set), so the recipe pins it for all three.
     for name, source in (("hf", f"hf:{exported}"), ("run", str(trained_tiny_run)),
                          ("checkpoint", str(trained_tiny_run / "ep0-ba16-rank0.pt"))):
         recipe = twin(data_overrides, tiny_data, f"model.init_from={source}", f"save_folder={tmp_path / name}",
-                      "model.trust_checkpoint=true",
+                      "model.trust_checkpoint=true", "model.config.global_rope_theta=10000.0",
                       "max_duration=2ba", "eval.interval=2ba", "eval.max_batches=2", "checkpoint.interval=2ba")
         train(recipe)
         records = first_records(tmp_path / name)

@@ -62,3 +62,26 @@ def test_collective_failures_are_told_from_other_errors():
         assert is_collective_failure(outer)
     assert not is_collective_failure(RuntimeError("shape mismatch"))
     assert not is_collective_failure(OSError("No space left on device"))
+
+
+def test_a_forked_childs_sigterm_does_not_end_the_parent(tmp_path):
+    """The SIGTERM watcher (common/termination.py) wakes on the interpreter's wakeup fd; a forked child that is
+    sent SIGTERM (a DataLoader worker being stopped) must not end its parent."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "os.environ['MODERNBERT_SIGTERM_GRACE'] = '0.2'\n"
+        "from modernbert_train.common.termination import exit_promptly_on_sigterm\n"
+        "exit_promptly_on_sigterm()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(30)\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.3)\n"
+        "os.kill(pid, signal.SIGTERM)\n"
+        "os.waitpid(pid, 0)\n"
+        "time.sleep(1.5)\n"
+        "print('parent alive')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert done.returncode == 0 and "parent alive" in done.stdout, (done.returncode, done.stderr[-2000:])
