@@ -44,7 +44,10 @@ def test_trained_export_fills_masks_from_its_training_text(tmp_path, monkeypatch
     recipe = load_recipe(Path(__file__).resolve().parents[2] / REPO_RECIPE, [
         f"data.manifest={tmp_path / 'mix.yaml'}", f"data.tokenizer={tokenizer_dir}", f"save_folder={tmp_path / 'run'}",
         f"max_duration={STEPS}ba", f"checkpoint.interval={STEPS}ba", "logging.progress_bar=false",
-        "model.config.attention_output_dropout=0.0", "batch_warmup.start_batch_size=null"])
+        "model.config.attention_output_dropout=0.0", "batch_warmup.start_batch_size=null",
+        # Memorising six paragraphs in 450 steps wants the full step size: unclipped, as this test was tuned
+        # (the tiny recipe clips at 1.0 for held-out quality on a real corpus, issue 27).
+        "optimizer.grad_clip_norm=null"])
     result = train(recipe)
     assert result.final_loss < 2.0, result.final_loss  # from ln(400) = 6.0 at the start
 
