@@ -2,7 +2,6 @@
 rank within the grace even while it sits in a collective with a stalled peer (as SLURM's requeue sends it)."""
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
@@ -63,6 +62,15 @@ def test_disk_full_while_saving_is_one_line_and_the_relaunch_resumes(data_overri
     assert losses(run_dir) == losses(reference_dir) and sorted(losses(run_dir)) == list(range(1, 7))
 
 
+def _wait_for_step(procs, run_dir: Path, tmp_path: Path, step: int) -> None:
+    """Until the two ranks' run has logged `step` (failing if a rank exits first)."""
+    deadline = time.monotonic() + 300
+    while max(losses(run_dir), default=0) < step:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [(tmp_path / f"rank{r}.err").read_text()[-2000:] for r in range(2)]
+        time.sleep(0.2)
+
+
 def test_sigterm_ends_a_rank_blocked_in_a_collective_within_the_grace(data_overrides, tmp_path):
     """Rank 1 stalled (SIGSTOP), rank 0 waits for it in the step's collective (timeout 120 s here); SIGTERM to
     rank 0 must end it within the grace (3 s here), with exit code 143 and its line, not at the timeout."""
@@ -72,11 +80,7 @@ def test_sigterm_ends_a_rank_blocked_in_a_collective_within_the_grace(data_overr
     procs = _two_ranks(command, tmp_path, lambda rank: {"MODERNBERT_DIST_TIMEOUT": "120",
                                                         "MODERNBERT_SIGTERM_GRACE": "3"})
     try:
-        deadline = time.monotonic() + 300
-        while max(losses(run_dir), default=0) < 3:
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-                [(tmp_path / f"rank{r}.err").read_text()[-2000:] for r in range(2)]
-            time.sleep(0.2)
+        _wait_for_step(procs, run_dir, tmp_path, 3)
         procs[1].send_signal(signal.SIGSTOP)
         time.sleep(2.0)  # rank 0 reaches the next collective and waits in it
         sent = time.monotonic()
@@ -93,7 +97,6 @@ def test_sigterm_ends_a_rank_blocked_in_a_collective_within_the_grace(data_overr
     assert seconds < 3 + 10, seconds
     text = (tmp_path / "rank0.err").read_text()
     assert "rank 0: SIGTERM received" in text, text[-2000:]
-    assert errno  # (imported for FULL_DISK's reader)
 
 
 def test_a_rank_killed_mid_run_is_named_by_the_rank_left(data_overrides, tmp_path):
@@ -104,11 +107,7 @@ def test_a_rank_killed_mid_run_is_named_by_the_rank_left(data_overrides, tmp_pat
                "checkpoint.interval=2ba", f"save_folder={run_dir}"]
     procs = _two_ranks(command, tmp_path, lambda rank: {"MODERNBERT_DIST_TIMEOUT": "60"})
     try:
-        deadline = time.monotonic() + 300
-        while max(losses(run_dir), default=0) < 3:
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-                [(tmp_path / f"rank{r}.err").read_text()[-2000:] for r in range(2)]
-            time.sleep(0.2)
+        _wait_for_step(procs, run_dir, tmp_path, 3)
         procs[1].kill()
         killed = time.monotonic()
         code = procs[0].wait(timeout=120)
