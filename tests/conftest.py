@@ -15,3 +15,34 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _release_dropped_datasets(monkeypatch):
+    """Every StreamingDataset a test built gives back its threads and shared memory when the test ends, as a
+    released loader does: CI's limit is 1,024 open files, and streaming holds 14+ a dataset until exit."""
+    try:
+        from streaming.base.dataset import StreamingDataset
+    except ImportError:  # the model-only environment
+        yield
+        return
+    import weakref
+
+    built = []
+    original_init = StreamingDataset.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built.append(weakref.ref(self))
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingDataset, "__init__", recording_init)
+    yield
+    if built:
+        from modernbert_train.data.shm_prefix import release_streaming_dataset
+
+        for ref in built:
+            dataset = ref()
+            if dataset is not None:
+                release_streaming_dataset(dataset)

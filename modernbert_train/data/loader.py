@@ -278,12 +278,15 @@ class _LoaderBase:
 
     def release(self) -> list[str]:
         """close(), then give back what the loader holds on the host: its raw iterator and the shard cache
-        folders of its dataset (see dataset.release_shard_caches). The loader cannot be used afterwards."""
+        folders of its dataset (see dataset.release_shard_caches), its threads and its shared memory (see
+        shm_prefix.release_streaming_dataset). The loader cannot be used afterwards."""
         from modernbert_train.data.dataset import release_shard_caches
+        from modernbert_train.data.shm_prefix import release_streaming_dataset
 
         getattr(self, "close", lambda: None)()
         self._raw_iter = None
         self._raw_loader = None
+        release_streaming_dataset(self.dataset)  # first: its threads may still be filling the caches
         return release_shard_caches(self.dataset)
 
 
