@@ -8,6 +8,7 @@ real tokens, 8 x 128 tokens a step, peak LR 3e-3 after a linear warm-up of 15% o
 scored by quality_bench.score (fixed 15% masks, per source). The choices:
   --data     windows: random 128-token windows of the concatenated corpus + DataCollatorForLanguageModeling 30%
              (the plain loop's); demo / natural / demo128 / natural128: our loader on that manifest of --work
+  --resplit  contiguous | framed: how our loader cuts the shards' 512-token chunks into 128-token pieces
   --opt      adamw (torch, decay on everything, multiplied by lr) | stable_adamw (optimi, decay decoupled, none on
              norms and biases: our recipe's)
   --clip     global gradient-norm clip (0: none)
@@ -68,7 +69,7 @@ def build_model(work: Path, init: str, head_init: str | None, dropout: float):
     return model
 
 
-def batches(work: Path, data: str, seed: int):
+def batches(work: Path, data: str, seed: int, resplit: str = "contiguous"):
     import numpy as np
     import torch
 
@@ -79,7 +80,7 @@ def batches(work: Path, data: str, seed: int):
 
         loader = iter(build_mlm_loader(MLMLoaderConfig(
             manifest=str(work / f"{data}.yaml"), tokenizer=str(work / "tokenizer"), max_seq_len=SEQ_LEN,
-            micro_batch_size=ROWS, global_batch_size=ROWS, mlm_probability=0.3, seed=seed)))
+            micro_batch_size=ROWS, global_batch_size=ROWS, mlm_probability=0.3, seed=seed, resplit=resplit)))
         while True:
             mb = next(loader)["micro_batches"][0]
             yield mb["input_ids"], mb["cu_seqlens"], mb["max_seqlen"], mb["labels"]
@@ -113,7 +114,7 @@ def run(args) -> dict:
         no_decay=["norms", "biases"] if ours else [], decouple_lr=ours))
     steps = args.tokens // (ROWS * SEQ_LEN)
     warm = max(1, round(WARMUP * steps))
-    data = batches(args.work, args.data, args.seed)
+    data = batches(args.work, args.data, args.seed, args.resplit)
     losses, started = [], time.perf_counter()
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default="windows", help="windows | demo | natural | demo128 | natural128")
+    parser.add_argument("--resplit", default="contiguous", choices=("contiguous", "framed"),
+                        help="how our loader cuts 512-token chunks into 128-token pieces (data.loader_options.resplit)")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "stable_adamw"))
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--init", default="hf", choices=("hf", "ours"))

@@ -34,15 +34,17 @@ def _release_dropped_datasets(monkeypatch):
     original_init = StreamingDataset.__init__
 
     def recording_init(self, *args, **kwargs):
-        built.append(weakref.ref(self))
         original_init(self, *args, **kwargs)
+        built.append((weakref.ref(self), self._shm_prefix_int))
 
     monkeypatch.setattr(StreamingDataset, "__init__", recording_init)
     yield
     if built:
-        from modernbert_train.data.shm_prefix import release_streaming_dataset
+        from modernbert_train.data.shm_prefix import _release_blocks, release_streaming_dataset
 
-        for ref in built:
+        for ref, prefix in built:
             dataset = ref()
             if dataset is not None:
                 release_streaming_dataset(dataset)
+            else:  # gone; built outside data.dataset's builder, it had no finalizer to close its blocks
+                _release_blocks(prefix)

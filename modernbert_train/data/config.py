@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modernbert_train.data.manifest import Manifest
+from modernbert_train.data.packing import RESPLIT_MODES
 from modernbert_train.common.errors import UserError, did_you_mean
 
 
@@ -56,6 +57,9 @@ class MLMLoaderConfig:
     # coverage: a source's epochs read every sample once per pass (data/coverage.py); balanced: streaming's
     # fresh random choice each epoch (samples repeat and others are never read when an epoch is smaller).
     sampling: str = "coverage"
+    # How a stored chunk longer than max_seq_len becomes pieces (packing.split_sample): contiguous windows of
+    # it, or pieces each wrapped again in [CLS] ... [SEP] (one piece more a chunk; the loader's only way before).
+    resplit: str = "contiguous"
     num_canonical_nodes: int | None = None
     shuffle_block_size: int | None = None
     num_workers: int = 0
@@ -122,6 +126,9 @@ class MLMLoaderConfig:
         if self.sampling not in ("coverage", "balanced"):
             raise UserError(f"{where}: sampling {self.sampling!r} is not one of coverage, balanced"
                             f"{did_you_mean(str(self.sampling), ['coverage', 'balanced'])}")
+        if self.resplit not in RESPLIT_MODES:
+            raise UserError(f"{where}: resplit {self.resplit!r} is not one of {', '.join(RESPLIT_MODES)}"
+                            f"{did_you_mean(str(self.resplit), list(RESPLIT_MODES))}")
         if self.shuffle_algo not in ("py1e", "py1br", "py1b", "py1s", "py2s", "naive"):
             raise UserError(f"{where}: shuffle_algo {self.shuffle_algo!r} is not one of streaming's "
                             f"py1e, py1br, py1b, py1s, py2s, naive{did_you_mean(self.shuffle_algo, ['py1e', 'py1br', 'py1b', 'py1s', 'py2s', 'naive'])}")

@@ -530,7 +530,7 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
         cache_limit = default_cache_limit(manifest)
     streams = [_stream_for(source, download_timeout, download_retry, ordinal) for source in manifest.sources]
     try:
-        from modernbert_train.data.shm_prefix import shm_prefix_registration
+        from modernbert_train.data.shm_prefix import release_when_dropped, shm_prefix_registration
 
         with shm_prefix_registration(host_shm_lock):  # the host-wide lock, never across streaming's barriers
             dataset = dataset_class()(
@@ -539,6 +539,7 @@ def build_streaming_dataset(manifest: Manifest, *, batch_size: int, shuffle: boo
                 shuffle_block_size=shuffle_block_size, predownload=predownload, cache_limit=cache_limit,
                 epoch_size=manifest.epoch_size, sampling_method=sampling_method, partition_algo="relaxed",
                 batching_method="random", replication=replication)
+        release_when_dropped(dataset)
     except ValueError as err:
         if "Reused local directory" in str(err):
             raise UserError(f"manifest {manifest.path}: a shard folder is already in use by another dataset in "

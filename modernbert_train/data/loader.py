@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from modernbert_train.data import elastic
+from modernbert_train.data import elastic, older_states
 from modernbert_train.data.config import BatchSizeWarmup, MLMLoaderConfig
 from modernbert_train.data.dataset import (DistInfo, build_raw_dataloader, build_streaming_dataset,
                                            cpu_process_group, initialize_distributed,
@@ -86,7 +86,8 @@ class _LoaderBase:
             raise UserError(f"data num_canonical_nodes={self._num_canonical_nodes} and this run's {num_nodes} nodes: "
                             f"one must divide the other (streaming's partition); set it to a multiple of the node count")
         # Manifest proportions are token shares; streaming draws samples, so weigh by tokens per sample.
-        streaming_manifest, self.token_shares = sampling_manifest(self.manifest, config.max_seq_len)
+        self.resplit = config.resplit
+        streaming_manifest, self.token_shares = sampling_manifest(self.manifest, config.max_seq_len, self.resplit)
         self.dataset = build_streaming_dataset(
             streaming_manifest, batch_size=config.raw_batch_size, shuffle=shuffle, seed=config.seed,
             shuffle_algo=config.shuffle_algo, num_canonical_nodes=self._num_canonical_nodes,
@@ -219,7 +220,8 @@ class _LoaderBase:
         ids = self.special_token_ids
         return [Piece(tokens=piece, sample_id=sample_id, piece_index=i, epoch=epoch,
                       key=document_key(self.config.seed, epoch, sample_id, i))
-                for i, piece in enumerate(split_sample(np.asarray(tokens), self.config.max_seq_len, ids.cls_id, ids.sep_id))]
+                for i, piece in enumerate(split_sample(np.asarray(tokens), self.config.max_seq_len, ids.cls_id,
+                                                       ids.sep_id, self.resplit))]
 
     def _top_up(self, target_tokens: int, mask_epoch: int) -> bool:
         """Read samples until the buffer holds `target_tokens`; True if the epoch ran out first."""
@@ -442,6 +444,7 @@ class MLMLoader(_LoaderBase):
             "world_invariant": self.world_invariant,
             "num_canonical_nodes": self._num_canonical_nodes,
             "sampling": "coverage" if self.dataset.coverage_sampling else "balanced",
+            "resplit": self.resplit,
             "config": {key: getattr(self.config, key) for key in RESUME_KEYS},
             "sources": self.source_names,
             # A tuple is one opaque item to torch.distributed.checkpoint (FSDP sharded checkpoints): a list of
@@ -463,16 +466,7 @@ class MLMLoader(_LoaderBase):
             if state["config"][key] != getattr(self.config, key):
                 raise UserError(f"data config {key} was {state['config'][key]!r} in the checkpoint and is "
                                 f"{getattr(self.config, key)!r} now; exact data resume needs it unchanged")
-        # A checkpoint from before coverage sampling existed drew its epochs with streaming's; it keeps doing so.
-        saved_sampling = state.get("sampling", "balanced")
-        mine = "coverage" if self.dataset.coverage_sampling else "balanced"
-        if saved_sampling != mine:
-            if "sampling" in state:
-                raise UserError(f"data config sampling was {saved_sampling!r} in the checkpoint and is {mine!r} "
-                                f"now; exact data resume needs it unchanged")
-            log.info("the checkpoint's loader drew epochs with streaming's balanced sampling (an older run): "
-                     "this run continues with it")
-            self.dataset.coverage_sampling = False
+        older_states.adopt_modes(self, state)
         if state["sources"] != self.source_names:
             raise UserError(f"the checkpoint's manifest sources {state['sources']} differ from this run's "
                             f"{self.source_names}")

@@ -246,9 +246,10 @@ def load_manifest(path: str | os.PathLike, *, check_local: bool = True) -> Manif
     return parse_manifest(raw, str(path), check_local=check_local)
 
 
-def training_tokens_per_sample(meta: dict[str, Any], max_seq_len: int, where: str) -> float:
-    """Mean tokens a stored chunk of this source becomes at `max_seq_len` (re-split pieces each gain [CLS]
-    and [SEP]), from prep_meta.json's `tokens`, `chunks` and, when present, its chunk-length histogram."""
+def training_tokens_per_sample(meta: dict[str, Any], max_seq_len: int, where: str, resplit: str = "contiguous") -> float:
+    """Mean tokens a stored chunk of this source becomes at `max_seq_len`, from prep_meta.json's `tokens`,
+    `chunks` and, when present, its chunk-length histogram. A contiguous re-split keeps a chunk's tokens; a
+    framed one (packing.split_sample) adds a [CLS] and a [SEP] to every piece after the first."""
     from modernbert_train.data.packing import pieces_count
 
     try:
@@ -258,21 +259,22 @@ def training_tokens_per_sample(meta: dict[str, Any], max_seq_len: int, where: st
     if chunks <= 0 or tokens <= 0:
         raise UserError(f"{where}: 'tokens' and 'chunks' must be positive (got {tokens:g}, {chunks})")
     longest = int(meta.get("max_seq_len") or 0)
-    if longest and longest <= max_seq_len:
+    if (longest and longest <= max_seq_len) or resplit == "contiguous":
         return tokens / chunks
     histogram = (meta.get("length_histograms") or {}).get("chunk_tokens")
     if histogram:
         # Bin b holds lengths in (b/2, b]: take 3b/4, scaled so that the bins add up to the source's tokens.
         bins = [(int(b), int(n)) for b, n in histogram.items() if int(n) > 0]
         scale = tokens / max(1.0, sum(0.75 * b * n for b, n in bins))
-        pieces = sum(n * pieces_count(max(1, round(0.75 * b * scale)), max_seq_len) for b, n in bins)
+        pieces = sum(n * pieces_count(max(1, round(0.75 * b * scale)), max_seq_len, resplit) for b, n in bins)
         pieces *= chunks / max(1, sum(n for _, n in bins))
     else:
         pieces = max(chunks, (tokens - 2 * chunks) / (max_seq_len - 2))
     return (tokens + 2 * (pieces - chunks)) / chunks
 
 
-def sampling_manifest(manifest: Manifest, max_seq_len: int) -> tuple[Manifest, dict[str, float] | None]:
+def sampling_manifest(manifest: Manifest, max_seq_len: int,
+                      resplit: str = "contiguous") -> tuple[Manifest, dict[str, float] | None]:
     """The manifest with token-share proportions turned into streaming's per-sample proportions.
 
     Returns (manifest for streaming, wanted token share per source), or (manifest, None) when sources are not
@@ -291,7 +293,7 @@ def sampling_manifest(manifest: Manifest, max_seq_len: int) -> tuple[Manifest, d
                             f"{source.remote or source.local}/prep_meta.json; "
                             f"its proportion is a share of training tokens, which needs the source's token and "
                             f"chunk counts (copy prep_meta.json from the prepared shards into {source.local})")
-        per_sample = training_tokens_per_sample(meta, max_seq_len, f"{source.local}/prep_meta.json")
+        per_sample = training_tokens_per_sample(meta, max_seq_len, f"{source.local}/prep_meta.json", resplit)
         sources.append(dataclasses.replace(source, proportion=shares[source.name] / per_sample))
     log.info("manifest %s: token shares %s -> sample proportions %s at max_seq_len %d", manifest.path,
              {k: round(v, 4) for k, v in shares.items()},

@@ -1,8 +1,8 @@
 """Best-fit packing of whole documents into fixed token budgets, and re-splitting of long samples.
 
-A *piece* is what the model sees as one document: [CLS] tokens [SEP], at most `max_seq_len` ids. Shards hold
-chunks of up to 8192 ids; when training at a shorter length a chunk is re-split into consecutive pieces (each
-wrapped again, no token lost). The packer keeps a lookahead buffer of pieces and fills each budget
+A *piece* is what the model sees as one document, at most `max_seq_len` ids. Shards hold [CLS] ... [SEP]
+chunks of up to 8192 ids; when training at a shorter length a chunk is re-split into consecutive pieces (no
+token lost; see `split_sample`). The packer keeps a lookahead buffer of pieces and fills each budget
 (micro_batch_size x max_seq_len tokens) by repeatedly taking the largest piece that still fits, so padding only
 ever appears as one tail segment. Among pieces of that length (most pieces: a long sample re-splits into
 full-length pieces) one is drawn pseudo-randomly, from the packer's counters alone (so a resume redraws it):
@@ -24,7 +24,7 @@ from modernbert_train.data.masking import _splitmix64_int
 
 @dataclass
 class Piece:
-    tokens: np.ndarray  # [CLS] ... [SEP], at most max_seq_len ids
+    tokens: np.ndarray  # at most max_seq_len ids: a whole chunk [CLS] ... [SEP], or a window of one
     sample_id: int      # global streaming sample index
     piece_index: int    # which piece of that sample
     epoch: int          # epoch the sample was read in (feeds the mask key)
@@ -40,43 +40,61 @@ class Piece:
         return (self.sample_id, self.piece_index, self.epoch, self.seq, self.arrival)
 
 
-def split_sample(tokens: np.ndarray, max_seq_len: int, cls_id: int, sep_id: int) -> list[np.ndarray]:
-    """Re-split one [CLS] ... [SEP] chunk into pieces of at most `max_seq_len` ids, each wrapped again.
+RESPLIT_MODES = ("contiguous", "framed")
 
-    A chunk that already fits comes back unchanged. A missing leading [CLS] / trailing [SEP] is added.
+
+def split_sample(tokens: np.ndarray, max_seq_len: int, cls_id: int, sep_id: int,
+                 mode: str = "contiguous") -> list[np.ndarray]:
+    """Re-split one [CLS] ... [SEP] chunk into pieces of at most `max_seq_len` ids; no token is lost.
+
+    contiguous: the chunk's ids, its [CLS] and [SEP] included, are cut into consecutive windows, so a chunk of
+    k x max_seq_len ids becomes k full pieces; the first piece starts with the [CLS], the last ends with the [SEP].
+    framed: every piece is wrapped again in [CLS] ... [SEP]. Two ids of each piece go to the frame, so a full
+    chunk becomes one piece more, and two of them short: 512 ids at 128 give 126, 126, 126, 66, 66 ids of text.
+    At equal tokens that cost 0.08-0.10 held-out cross-entropy (bench/RESULTS.md, issue 27); it is kept for
+    runs that started with it.
+    In both, a short remainder (under half a piece) is balanced with the piece before it, so that no piece is a
+    stub of a few tokens. A chunk that already fits comes back unchanged; a missing [CLS] / [SEP] is added.
     """
     if max_seq_len < 3:
         raise ValueError(f"max_seq_len must be at least 3 ([CLS] token [SEP]), got {max_seq_len}")
+    if mode not in RESPLIT_MODES:
+        raise ValueError(f"re-split mode {mode!r} is not one of {', '.join(RESPLIT_MODES)}")
     n = tokens.shape[0]
     has_cls = n > 0 and tokens[0] == cls_id
     has_sep = n > 1 and tokens[-1] == sep_id
     if has_cls and has_sep and n <= max_seq_len:
         return [tokens]
+    if mode == "contiguous":
+        if not (has_cls and has_sep):
+            tokens = np.concatenate([[cls_id]] * (not has_cls) + [tokens] + [[sep_id]] * (not has_sep)).astype(
+                tokens.dtype)
+        return [tokens[start:end] for start, end in _windows(tokens.shape[0], max_seq_len)]
     body = tokens[1 if has_cls else 0: n - 1 if has_sep else n]
-    # Full-length pieces tile packed budgets exactly; only a short remainder (under half a piece) is
-    # balanced with the piece before it, so that no piece is a useless stub of a few tokens.
-    step = max_seq_len - 2
-    total = body.shape[0]
-    bounds = list(range(0, total, step)) + [total] if total else [0, 0]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] < step // 2:
-        bounds[-2] = (bounds[-3] + total + 1) // 2
     pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        part = body[start:end]
-        piece = np.empty(part.shape[0] + 2, dtype=tokens.dtype)
-        piece[0] = cls_id
-        piece[1:-1] = part
-        piece[-1] = sep_id
+    for start, end in _windows(body.shape[0], max_seq_len - 2):
+        piece = np.empty(end - start + 2, dtype=tokens.dtype)
+        piece[0], piece[1:-1], piece[-1] = cls_id, body[start:end], sep_id
         pieces.append(piece)
     return pieces
 
 
-def pieces_count(num_tokens: int, max_seq_len: int) -> int:
+def _windows(total: int, step: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) of at most `step` covering `total`; a last one under step // 2 shares with the one
+    before it."""
+    bounds = list(range(0, total, step)) + [total] if total else [0, 0]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < step // 2:
+        bounds[-2] = (bounds[-3] + total + 1) // 2
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def pieces_count(num_tokens: int, max_seq_len: int, mode: str = "contiguous") -> int:
     """How many pieces `split_sample` makes of a [CLS] ... [SEP] chunk of `num_tokens` ids."""
     if num_tokens <= max_seq_len:
         return 1
-    body = num_tokens - 2
-    return -(-body // (max_seq_len - 2))
+    if mode == "contiguous":
+        return -(-num_tokens // max_seq_len)
+    return -(-(num_tokens - 2) // (max_seq_len - 2))
 
 
 class BestFitPacker:

@@ -15,6 +15,7 @@ the shared memory is streaming's own (same names, same packed contents), so stre
 from __future__ import annotations
 
 import functools
+import weakref
 from contextlib import contextmanager
 
 
@@ -88,29 +89,39 @@ def register_shm_prefix(streams_local, streams_remote, world, retry: int = 100, 
     return prefix_int, shm
 
 
-def release_streaming_dataset(dataset) -> int:
-    """Stop the threads of `dataset` (a StreamingDataset) and close its shared memory, unlinking the blocks this
-    process created and dropping streaming's atexit hooks for them. Returns how many blocks were released.
+def release_when_dropped(dataset) -> None:
+    """Release `dataset`'s shared memory (below) when it is garbage-collected, if nothing released it before."""
+    prefix = getattr(dataset, "_shm_prefix_int", None)
+    if prefix is not None:
+        dataset._modernbert_release = weakref.finalize(dataset, _release_blocks, prefix)
 
-    streaming never does either before the process exits. An iteration left unfinished keeps its two threads
-    polling (and the dataset alive); every block it opens is registered with `atexit` and stays open, also the
-    blocks it opens in passing (reading a resume state in `__iter__`) and holds nowhere else: 14 or more file
-    descriptors a dataset. A run that rolls back rebuilds its loaders in-process, and a test session builds
-    hundreds: at the usual limit of 1,024 open files that ends in EMFILE. The blocks are found by the dataset's
-    prefix among all live ones, since no object lists them; this runs once per released loader.
+
+def release_streaming_dataset(dataset) -> None:
+    """Stop the threads of `dataset` (a StreamingDataset) and close its shared memory, unlinking the blocks this
+    process created and dropping streaming's atexit hooks for them.
+
+    streaming does neither before the process exits. An iteration left unfinished keeps its two threads polling
+    (and the dataset alive); every block it opens is registered with `atexit` and stays open even after the
+    dataset is gone, also the blocks it opens in passing (reading a resume state in `__iter__`) and holds nowhere
+    else: 14 or more file descriptors a dataset. A run that rolls back rebuilds its loaders in-process, and a
+    test session builds hundreds: at the usual limit of 1,024 open files that ends in EMFILE.
     """
-    if getattr(dataset, "_released_by_modernbert", False):
-        return 0
-    dataset._released_by_modernbert = True
     iterator = getattr(dataset, "_iterator", None)
     if iterator is not None:
         iterator.exit()  # its threads stop at their next poll; a shard download in flight finishes first
     executor = getattr(dataset, "_executor", None)
     if executor is not None:
         executor.shutdown(wait=False)
-    prefix = getattr(dataset, "_shm_prefix_int", None)
-    if prefix is None:
-        return 0
+    release = getattr(dataset, "_modernbert_release", None)
+    if release is not None:
+        release()  # once: a finalizer runs at most once, so a later collection cannot touch a reused prefix
+    elif getattr(dataset, "_shm_prefix_int", None) is not None:
+        _release_blocks(dataset._shm_prefix_int)
+
+
+def _release_blocks(prefix: int) -> int:
+    """Close every live streaming block of `prefix` in this process (found among all objects: no object lists
+    them), as streaming does at exit. Returns how many."""
     import atexit
     import gc
 
@@ -123,7 +134,7 @@ def release_streaming_dataset(dataset) -> int:
         if shm is None or not shm.name.lstrip("/").startswith(mine):
             continue
         try:
-            block.cleanup()  # what streaming does at exit: close, and unlink what this process created
+            block.cleanup()  # close, and unlink what this process created
         except BufferError:  # a view of it is still alive somewhere: it stays open until the process exits
             continue
         atexit.unregister(block.cleanup)
@@ -133,4 +144,4 @@ def release_streaming_dataset(dataset) -> int:
     return released
 
 
-__all__ = ["shm_prefix_registration", "register_shm_prefix", "release_streaming_dataset"]
+__all__ = ["shm_prefix_registration", "register_shm_prefix", "release_when_dropped", "release_streaming_dataset"]

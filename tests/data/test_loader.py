@@ -61,23 +61,26 @@ def test_micro_batches_follow_contract_and_hold_whole_pieces(mixed):
             assert len(lengths) == mb["num_docs"] + -(-(budget - used) // 256)
             assert (ids[used:] == PAD_ID).all() and (labels[used:] == -100).all()
             assert mb["num_masked"] == int((labels != -100).sum())
-            # Each segment is exactly one piece of one sample: [CLS] ... [SEP], re-read from the shards.
+            # Each segment is exactly one piece of one sample, re-read from the shards: a contiguous window of
+            # its [CLS] ... [SEP] chunk (the first opens with the [CLS], the last closes with the [SEP]).
             original = _original_tokens(mb)
             for doc, (sample_id, piece) in enumerate(zip(mb["sample_ids"], mb["piece_indices"])):
                 segment = original[cu[doc]:cu[doc + 1]]
-                raw = loader.dataset[int(sample_id)]["input_ids"]
-                expected = split_sample(np.asarray(raw), 256, CLS_ID, SEP_ID)[int(piece)]
-                np.testing.assert_array_equal(segment, expected)
-                assert segment[0] == CLS_ID and segment[-1] == SEP_ID
+                raw = np.asarray(loader.dataset[int(sample_id)]["input_ids"])
+                pieces = split_sample(raw, 256, CLS_ID, SEP_ID)
+                np.testing.assert_array_equal(segment, pieces[int(piece)])
+                assert (segment[0] == CLS_ID) == (int(piece) == 0)
+                assert (segment[-1] == SEP_ID) == (int(piece) == len(pieces) - 1)
                 assert not np.isin(segment[1:-1], [CLS_ID, SEP_ID]).any()
             real += used
             capacity += budget
     assert real / capacity >= 0.99, f"fill {real / capacity:.4f}"
 
 
-def test_long_chunks_are_resplit_without_losing_tokens(corpus_copy):
+@pytest.mark.parametrize("resplit", ["contiguous", "framed"])
+def test_long_chunks_are_resplit_without_losing_tokens(corpus_copy, resplit):
     manifest = write_manifest(corpus_copy["tmp"] / "code.yaml", corpus_copy["shards"])
-    loader = build_mlm_loader(_config(corpus_copy, manifest, max_seq_len=128, shuffle=False))
+    loader = build_mlm_loader(_config(corpus_copy, manifest, max_seq_len=128, shuffle=False, resplit=resplit))
     pieces: dict[int, dict[int, np.ndarray]] = {}
     for _, step in zip(range(30), loader):
         for mb in step["micro_batches"]:
@@ -87,10 +90,12 @@ def test_long_chunks_are_resplit_without_losing_tokens(corpus_copy):
     complete = 0
     for sample_id, parts in pieces.items():
         raw = np.asarray(loader.dataset[sample_id]["input_ids"])
-        if len(raw) <= 128 or len(parts) < pieces_count(len(raw), 128):
+        if len(raw) <= 128 or len(parts) < pieces_count(len(raw), 128, resplit):
             continue
-        body = np.concatenate([parts[i][1:-1] for i in sorted(parts)])
-        np.testing.assert_array_equal(body, raw[1:-1])
+        if resplit == "contiguous":
+            np.testing.assert_array_equal(np.concatenate([parts[i] for i in sorted(parts)]), raw)
+        else:
+            np.testing.assert_array_equal(np.concatenate([parts[i][1:-1] for i in sorted(parts)]), raw[1:-1])
         assert all(len(p) <= 128 for p in parts.values())
         complete += 1
     assert complete >= 5, "expected several long samples seen in full"
@@ -290,3 +295,27 @@ def test_bad_config_and_mismatched_tokenizer_are_user_errors(mixed, tmp_path):
     other.write_text(open(corpus["tokenizer"]).read().replace('"[MASK]"', '"[MASK2]"', 1))
     with pytest.raises(UserError):
         build_mlm_loader(_config(corpus, manifest, tokenizer=str(other)))
+
+
+def test_a_checkpoint_from_before_contiguous_resplits_resumes_framed(mixed):
+    """A loader state without "resplit" came from a run that framed every piece: the resumed loader re-splits as
+    that run did, with that run's sample weights, and gives its next steps exactly; a state that names another
+    mode than the config's is refused."""
+    corpus, manifest = mixed
+    framed = build_mlm_loader(_config(corpus, manifest, max_seq_len=128, resplit="framed"))
+    steps = iter(framed)
+    for _ in range(3):
+        next(steps)
+    state = framed.state_dict()
+    expected = [next(steps) for _ in range(3)]
+    old_state = {k: v for k, v in state.items() if k != "resplit"}
+    resumed = build_mlm_loader(_config(corpus, manifest, max_seq_len=128))
+    assert [s.choose for s in resumed.dataset.streams] != [s.choose for s in framed.dataset.streams]
+    resumed.load_state_dict(old_state)
+    assert resumed.resplit == "framed"
+    assert [s.choose for s in resumed.dataset.streams] == [s.choose for s in framed.dataset.streams]
+    for want, got in zip(expected, iter(resumed)):
+        for a, b in zip(want["micro_batches"], got["micro_batches"]):
+            assert a["input_ids"].equal(b["input_ids"]) and a["labels"].equal(b["labels"])
+    with pytest.raises(UserError, match="resplit was 'framed' in the checkpoint and is 'contiguous'"):
+        build_mlm_loader(_config(corpus, manifest, max_seq_len=128)).load_state_dict(state)

@@ -68,3 +68,20 @@ def test_an_unfinished_iteration_is_stopped_and_its_blocks_closed(corpus_copy):
             break
         threading.Event().wait(0.05)
     assert threading.active_count() == threads_before
+
+
+def test_a_loader_dropped_after_its_epoch_leaves_nothing_open(corpus_copy):
+    """No release: once the dataset is garbage (its epoch done, so streaming's threads ended), its blocks close."""
+    import gc
+
+    from modernbert_train.data import build_eval_loader
+
+    manifest = write_manifest(corpus_copy["tmp"] / "mix.yaml", corpus_copy["shards"])
+    before = _open_files()
+    loader = build_eval_loader(_config(corpus_copy, manifest))
+    assert list(loader)
+    prefix = loader.dataset._shm_prefix_int
+    del loader
+    gc.collect()
+    assert [t for fd, t in _open_files().items() if fd not in before and "/dev/shm/" in t] == []
+    assert _blocks_of(prefix) == []

@@ -8,6 +8,7 @@ from .conftest import write_manifest
 from modernbert_train.data import (BestFitPacker, Masker, MaskingConfig, Piece, assemble, document_key,
                                    load_manifest, parse_manifest, split_sample)
 from modernbert_train.data.dataset import clean_stale_streaming_shm
+from modernbert_train.data.packing import pieces_count
 from modernbert_train.common.errors import UserError
 
 
@@ -51,11 +52,13 @@ def test_token_shares_become_sample_proportions(tmp_path):
 
     from modernbert_train.data.manifest import sampling_manifest, training_tokens_per_sample
 
-    # 8192-token chunks: 9 pieces each at 1024, each piece with its own [CLS] ... [SEP].
+    # 8192-token chunks at 1024: 8 contiguous windows (the tokens stay), or 9 framed pieces (each after the
+    # first gains a [CLS] and a [SEP]).
     full = {"tokens": 10 * 8192, "chunks": 10, "max_seq_len": 8192, "length_histograms": {"chunk_tokens": {"8192": 10}}}
-    assert training_tokens_per_sample(full, 1024, "m") == 8192 + 2 * 8
-    assert training_tokens_per_sample(full, 8192, "m") == 8192
-    no_histogram = training_tokens_per_sample({"tokens": 10 * 8192, "chunks": 10}, 1024, "m")
+    assert training_tokens_per_sample(full, 1024, "m") == 8192
+    assert training_tokens_per_sample(full, 1024, "m", "framed") == 8192 + 2 * 8
+    assert training_tokens_per_sample(full, 8192, "m", "framed") == 8192
+    no_histogram = training_tokens_per_sample({"tokens": 10 * 8192, "chunks": 10}, 1024, "m", "framed")
     assert no_histogram == pytest.approx(8192 + 2 * 7.03, abs=0.1)
     with pytest.raises(UserError, match="m: needs numeric 'tokens' and 'chunks'"):
         training_tokens_per_sample({"chunks": 3}, 1024, "m")
@@ -66,11 +69,12 @@ def test_token_shares_become_sample_proportions(tmp_path):
         (tmp_path / name / "prep_meta.json").write_text(json.dumps(meta))
     raw = {"name": "m", "sources": [{"name": "long", "local": str(tmp_path / "long"), "proportion": 1},
                                     {"name": "short", "local": str(tmp_path / "short"), "proportion": 3}]}
-    converted, shares = sampling_manifest(parse_manifest(raw), 1024)
-    assert shares == {"long": 0.25, "short": 0.75}
-    long_, short_ = (s.proportion for s in converted.sources)
-    # Sample weights x tokens per sample give the token shares back.
-    assert long_ * 8208 / (long_ * 8208 + short_ * 100) == pytest.approx(0.25)
+    for resplit, long_tokens in (("contiguous", 8192), ("framed", 8208)):
+        converted, shares = sampling_manifest(parse_manifest(raw), 1024, resplit)
+        assert shares == {"long": 0.25, "short": 0.75}
+        long_, short_ = (s.proportion for s in converted.sources)
+        # Sample weights x tokens per sample give the token shares back.
+        assert long_ * long_tokens / (long_ * long_tokens + short_ * 100) == pytest.approx(0.25)
     (tmp_path / "short" / "prep_meta.json").unlink()
     with pytest.raises(UserError, match="source 'short' has no .*prep_meta.json; its proportion is a share of "):
         sampling_manifest(parse_manifest(raw), 1024)
@@ -136,10 +140,26 @@ def test_masking_config_is_validated():
 def test_split_sample_keeps_every_token_and_wraps_pieces():
     for n in (3, 10, 128, 129, 130, 256, 257, 1000, 1024):
         tokens = np.concatenate([[1], np.arange(10, 10 + n - 2), [2]]).astype(np.uint16)
-        pieces = split_sample(tokens, 128, 1, 2)
+        pieces = split_sample(tokens, 128, 1, 2, "framed")
         assert all(len(p) <= 128 and p[0] == 1 and p[-1] == 2 for p in pieces)
         np.testing.assert_array_equal(np.concatenate([p[1:-1] for p in pieces]), tokens[1:-1])
         assert min(len(p) for p in pieces) >= min(n, 64)  # no stub pieces
+        assert len(pieces) == pieces_count(n, 128, "framed")
+
+
+def test_contiguous_split_cuts_a_chunk_into_full_windows():
+    for n in (3, 10, 128, 129, 130, 256, 257, 512, 1000, 1024, 8192):
+        tokens = np.concatenate([[1], np.arange(10, 10 + n - 2), [2]]).astype(np.uint16)
+        pieces = split_sample(tokens, 128, 1, 2)
+        np.testing.assert_array_equal(np.concatenate(pieces), tokens)  # the chunk itself, in order
+        assert all(len(p) <= 128 for p in pieces) and len(pieces) == pieces_count(n, 128) == -(-n // 128)
+        assert min(len(p) for p in pieces) >= min(n, 64)  # no stub pieces
+        if n % 128 == 0:
+            assert {len(p) for p in pieces} == {128}  # a full chunk: full windows, none short
+    assert len(split_sample(np.ones(512, np.uint16) * 7, 128, 1, 2, "framed")) == 5  # what framing cost
+    bare = np.arange(10, 300).astype(np.uint16)  # no [CLS] / [SEP]: added, as for a framed split
+    pieces = split_sample(bare, 128, 1, 2)
+    assert pieces[0][0] == 1 and pieces[-1][-1] == 2 and sum(map(len, pieces)) == 292
 
 
 def test_best_fit_packer_fills_budgets_and_keeps_documents_whole():
