@@ -69,7 +69,7 @@ def build_model(work: Path, init: str, head_init: str | None, dropout: float):
     return model
 
 
-def batches(work: Path, data: str, seed: int, resplit: str = "contiguous"):
+def batches(work: Path, data: str, seed: int, resplit: str = "contiguous", lookahead_rows: int | None = None):
     import numpy as np
     import torch
 
@@ -80,7 +80,8 @@ def batches(work: Path, data: str, seed: int, resplit: str = "contiguous"):
 
         loader = iter(build_mlm_loader(MLMLoaderConfig(
             manifest=str(work / f"{data}.yaml"), tokenizer=str(work / "tokenizer"), max_seq_len=SEQ_LEN,
-            micro_batch_size=ROWS, global_batch_size=ROWS, mlm_probability=0.3, seed=seed, resplit=resplit)))
+            micro_batch_size=ROWS, global_batch_size=ROWS, mlm_probability=0.3, seed=seed, resplit=resplit,
+            packing_lookahead_tokens=None if lookahead_rows is None else lookahead_rows * SEQ_LEN)))
         while True:
             mb = next(loader)["micro_batches"][0]
             yield mb["input_ids"], mb["cu_seqlens"], mb["max_seqlen"], mb["labels"]
@@ -114,7 +115,7 @@ def run(args) -> dict:
         no_decay=["norms", "biases"] if ours else [], decouple_lr=ours))
     steps = args.tokens // (ROWS * SEQ_LEN)
     warm = max(1, round(WARMUP * steps))
-    data = batches(args.work, args.data, args.seed, args.resplit)
+    data = batches(args.work, args.data, args.seed, args.resplit, args.lookahead_rows)
     losses, started = [], time.perf_counter()
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="windows", help="windows | demo | natural | demo128 | natural128")
     parser.add_argument("--resplit", default="contiguous", choices=("contiguous", "framed"),
                         help="how our loader cuts 512-token chunks into 128-token pieces (data.loader_options.resplit)")
+    parser.add_argument("--lookahead-rows", type=int, default=None,
+                        help="the packer's lookahead in max_seq_len rows (data.loader_options.packing_lookahead_tokens"
+                             " / max_seq_len; default the loader's floor of 64)")
     parser.add_argument("--opt", default="adamw", choices=("adamw", "stable_adamw"))
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--init", default="hf", choices=("hf", "ours"))
