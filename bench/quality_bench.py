@@ -17,6 +17,8 @@ Rows of the table:
               the base of the rows below
   ours+X      ours with one choice X switched to the plain loop's (see VARIANTS)
   ours+all    every choice switched at once (must equal plain within noise)
+  shipped+X   shipped with ours+X's change on top (e.g. shipped+natural128: shards chunked at 128 tokens);
+              shipped+X+Y: both changes
 
 Our runs are subprocesses of the real CLI (`python -m modernbert_train.cli.main train ...`), so they take the
 library's whole train path. Everything lands in --work (corpus, tokenizer, shards, runs, results.json) and is
@@ -65,11 +67,31 @@ VARIANTS: dict[str, list[str]] = {
     "ours+hf_head": ["model.config.head_init=output"],
     "ours+natural_mix": ["data.manifest={work}/natural.yaml"],
     "ours+independent_rows": ["data.manifest={work}/demo128.yaml"],
+    "ours+natural128": ["data.manifest={work}/natural128.yaml"],
+    "ours+lookahead512": [f"data.loader_options.packing_lookahead_tokens={512 * SEQ_LEN}"],
+    "ours+lookahead64": [f"data.loader_options.packing_lookahead_tokens={64 * SEQ_LEN}"],
+    "ours+framed": ["data.loader_options.resplit=framed"],
     "ours+no_dropout": ["model.config.attention_output_dropout=0.0"],
 }
 VARIANTS["ours+all"] = [o for name, over in VARIANTS.items() if name not in ("ours", "ours+natural_mix",
-                                                                              "ours+independent_rows", "ours+hf_head")
+                                                                              "ours+independent_rows", "ours+hf_head",
+                                                                              "ours+natural128", "ours+lookahead512",
+                                                                              "ours+lookahead64", "ours+framed")
                         for o in over] + ["data.manifest={work}/natural128.yaml"]
+
+
+def shipped_changes(name: str) -> list[str] | None:
+    """shipped+X[+Y...]: the shipped recipe with the changes of ours+X (and ours+Y ...) on top; None if not one."""
+    if not name.startswith("shipped+"):
+        return None
+    changes = [f"ours+{x}" for x in name.removeprefix("shipped+").split("+")]
+    if any(c not in VARIANTS for c in changes):
+        return None
+    return SHIPPED + [o for c in changes for o in VARIANTS[c]]
+
+
+def known(name: str) -> bool:
+    return name in ("plain", "shipped") or name in VARIANTS or shipped_changes(name) is not None
 
 
 def sh(argv: list[str], log: Path) -> None:
@@ -317,6 +339,8 @@ def run_one(work: Path, name: str, seed: int, tokens: int, ablate_recipe: Path) 
     elif name == "shipped":
         # The same data as the plain loop (natural token shares): the mixture is the user's data choice.
         result = train_ours(work, name, SHIPPED, seed, tokens, RECIPE)
+    elif shipped_changes(name) is not None:
+        result = train_ours(work, name, shipped_changes(name), seed, tokens, RECIPE)
     else:
         result = train_ours(work, name, VARIANTS[name], seed, tokens, ablate_recipe)
     result.update(tokens_asked=tokens, seconds=round(time.perf_counter() - started, 1))
@@ -341,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS and n not in ("plain", "shipped")]
+    unknown = [n for n in names if not known(n)]
     if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from plain, shipped, {', '.join(VARIANTS)}")
+        parser.error(f"--variants: unknown {unknown}; choose from plain, shipped, shipped+X, "
+                     f"{', '.join(VARIANTS)}")
     results_dir = work / "results"
     if args.one:
         name, seed = args.one.rsplit("/", 1)

@@ -27,7 +27,8 @@ class MLMLoaderConfig:
     mlm_probability, mask_token_fraction, random_token_fraction: masking rate and the 80/10/10 split.
     seed: shuffle seed and masking seed.
     raw_batch_size: samples per streaming fetch (the unit of streaming's partition and resume).
-    packing_lookahead_tokens: tokens kept buffered beyond one full step, for best-fit choices.
+    packing_lookahead_tokens: tokens kept buffered beyond one full step, for best-fit choices and to spread the
+        pieces of one long chunk over many steps (default: MIN_LOOKAHEAD_ROWS rows, at least 4 micro-batches).
     packing_max_wait: a piece waiting longer than this many micro-batches is packed next (default: about two
         turnovers of the buffer), which bounds how far the emitted mixture lags the read one.
     prefetch_steps: steps a background thread prepares ahead while the device runs the current one (0: each
@@ -226,3 +227,15 @@ class BatchSizeWarmup:
                          f"{row['micro_batches_per_rank']} micro-batch(es) per rank, last of "
                          f"{row['last_micro_batch_rows']} rows")
         return lines
+
+
+# Default lookahead floor in max_seq_len rows. A long chunk re-splits into pieces that reach the buffer together;
+# the packer draws among equal-length pieces, so the buffer's size is how far apart they land. At 64 rows, 60% of
+# a tiny run's pieces shared their document with a piece of the 8 steps before (24% when every piece is stored on
+# its own); at 512 rows 32% (bench/RESULTS.md, issue 27). States saved before this record their own (older_states).
+MIN_LOOKAHEAD_ROWS = 512
+
+
+def default_lookahead_tokens(config: MLMLoaderConfig, min_rows: int = MIN_LOOKAHEAD_ROWS) -> int:
+    """At least `min_rows` pieces to choose from, so that a small step's rows come from many samples."""
+    return max(4 * config.tokens_per_micro_batch, min_rows * config.max_seq_len)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from modernbert_train.data import elastic, older_states
-from modernbert_train.data.config import BatchSizeWarmup, MLMLoaderConfig
+from modernbert_train.data.config import BatchSizeWarmup, MLMLoaderConfig, default_lookahead_tokens
 from modernbert_train.data.dataset import (DistInfo, build_raw_dataloader, build_streaming_dataset,
                                            cpu_process_group, initialize_distributed,
                                            prepare_streaming_environment, stream_of_sample)
@@ -35,9 +35,6 @@ log = logging.getLogger("modernbert_train")
 
 STATE_FORMAT = "modernbert_train.data.loader/1"
 # Settings that fix the sample sequence: a resume with any of them changed cannot continue exactly.
-# Default lookahead floor in max_seq_len rows (bench/quality_bench.py, 2026-12-02: with 4 micro-batches of
-# 4 rows the buffer held ~6 samples and a step's 8 rows came from ~2 of them).
-MIN_LOOKAHEAD_ROWS = 64
 RESUME_KEYS = ("seed", "max_seq_len", "micro_batch_size", "raw_batch_size", "shuffle", "shuffle_algo")
 
 
@@ -100,14 +97,10 @@ class _LoaderBase:
                                                 num_workers=config.num_workers,
                                                 prefetch_factor=config.prefetch_factor)
         self.tokens_per_micro_batch = config.tokens_per_micro_batch
+        self.packer = BestFitPacker(self.tokens_per_micro_batch)
+        self._lookahead_steps = lookahead_steps
         lookahead = config.packing_lookahead_tokens
-        # At least MIN_LOOKAHEAD_ROWS pieces to choose from, so that a small step's rows come from many samples.
-        self._lookahead_tokens = (max(4 * self.tokens_per_micro_batch, MIN_LOOKAHEAD_ROWS * config.max_seq_len)
-                                  if lookahead is None else lookahead)
-        self._target_tokens = lookahead_steps * self.tokens_per_micro_batch + self._lookahead_tokens
-        # By default a piece waits at most about two buffer turnovers.
-        max_wait = config.packing_max_wait or 2 * -(-self._target_tokens // self.tokens_per_micro_batch)
-        self.packer = BestFitPacker(self.tokens_per_micro_batch, max_wait=max_wait)
+        self.set_lookahead(default_lookahead_tokens(config) if lookahead is None else lookahead)
         self._raw_iter: Iterator | None = None
         self._pending: deque = deque()
         self.epoch = 0
@@ -147,6 +140,13 @@ class _LoaderBase:
     @property
     def _stride(self) -> int:
         return 1 if self.world_invariant else self.world_size
+
+    def set_lookahead(self, tokens: int) -> None:
+        """Buffer `tokens` beyond the next step's micro-batches; by default a piece waits at most about two
+        buffer turnovers."""
+        self._lookahead_tokens = int(tokens)
+        self._target_tokens = self._lookahead_steps * self.tokens_per_micro_batch + self._lookahead_tokens
+        self.packer.max_wait = self.config.packing_max_wait or 2 * -(-self._target_tokens // self.tokens_per_micro_batch)
 
     @property
     def _offset(self) -> int:
@@ -445,6 +445,8 @@ class MLMLoader(_LoaderBase):
             "num_canonical_nodes": self._num_canonical_nodes,
             "sampling": "coverage" if self.dataset.coverage_sampling else "balanced",
             "resplit": self.resplit,
+            "lookahead_tokens": self._lookahead_tokens,
+            "packing": self.packer.policy,
             "config": {key: getattr(self.config, key) for key in RESUME_KEYS},
             "sources": self.source_names,
             # A tuple is one opaque item to torch.distributed.checkpoint (FSDP sharded checkpoints): a list of

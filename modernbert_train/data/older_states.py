@@ -1,8 +1,10 @@
 """Loader states saved by older versions: the modes they were saved with, where a newer default differs.
 
-A state records each mode that changed what the loader reads (`sampling`, `resplit`). A state without one
-predates that mode's choice and was saved with the old behaviour: the resumed loader takes that behaviour, so
-that an older run continues exactly. A state that names a mode other than the config's is refused.
+A state records each mode that changed what the loader reads (`sampling`, `resplit`, `packing`,
+`lookahead_tokens`). A
+state without one predates that mode's choice and was saved with the old behaviour: the resumed loader takes that
+behaviour, so that an older run continues exactly. A state that names a mode other than the config's is refused;
+a lookahead the config leaves to its default is taken from the state (it is the default that changed).
 """
 from __future__ import annotations
 
@@ -10,17 +12,20 @@ import logging
 from typing import Any
 
 from modernbert_train.common.errors import UserError
+from modernbert_train.data.config import default_lookahead_tokens
 from modernbert_train.data.manifest import sampling_manifest
 
 log = logging.getLogger("modernbert_train")
 
 # mode -> what a state without it was saved with
-BEFORE = {"sampling": "balanced", "resplit": "framed"}
+BEFORE = {"sampling": "balanced", "resplit": "framed", "packing": "best_fit"}
+LOOKAHEAD_ROWS_BEFORE = 64  # config.MIN_LOOKAHEAD_ROWS until 2026-12-03
 
 
 def adopt_modes(loader, state: dict[str, Any]) -> None:
     """Make `loader` (built, not yet iterated) read as the run that saved `state` did."""
-    mine = {"sampling": "coverage" if loader.dataset.coverage_sampling else "balanced", "resplit": loader.resplit}
+    mine = {"sampling": "coverage" if loader.dataset.coverage_sampling else "balanced", "resplit": loader.resplit,
+            "packing": loader.packer.policy}
     for mode, before in BEFORE.items():
         saved = state.get(mode, before)
         if saved == mine[mode]:
@@ -32,8 +37,24 @@ def adopt_modes(loader, state: dict[str, Any]) -> None:
                  mode, saved)
         if mode == "sampling":
             loader.dataset.coverage_sampling = False
+        elif mode == "packing":
+            loader.packer.policy = saved
         else:
             _resplit_as(loader, saved)
+    _adopt_lookahead(loader, state)
+
+
+def _adopt_lookahead(loader, state: dict[str, Any]) -> None:
+    saved = int(state.get("lookahead_tokens", default_lookahead_tokens(loader.config, LOOKAHEAD_ROWS_BEFORE)))
+    if saved == loader._lookahead_tokens:
+        return
+    if loader.config.packing_lookahead_tokens is not None:
+        raise UserError(f"data config packing_lookahead_tokens was {saved} in the checkpoint and is "
+                        f"{loader.config.packing_lookahead_tokens} now; exact data resume needs it unchanged (or "
+                        f"unset, to take the checkpoint's)")
+    log.info("the checkpoint's loader buffered %d tokens ahead (this version's default: %d): this run continues "
+             "with %d", saved, loader._lookahead_tokens, saved)
+    loader.set_lookahead(saved)
 
 
 def _resplit_as(loader, resplit: str) -> None:

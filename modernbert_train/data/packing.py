@@ -1,15 +1,15 @@
-"""Best-fit packing of whole documents into fixed token budgets, and re-splitting of long samples.
+"""Packing of whole documents into fixed token budgets, and re-splitting of long samples.
 
 A *piece* is what the model sees as one document, at most `max_seq_len` ids. Shards hold [CLS] ... [SEP]
 chunks of up to 8192 ids; when training at a shorter length a chunk is re-split into consecutive pieces (no
 token lost; see `split_sample`). The packer keeps a lookahead buffer of pieces and fills each budget
-(micro_batch_size x max_seq_len tokens) by repeatedly taking the largest piece that still fits, so padding only
-ever appears as one tail segment. Among pieces of that length (most pieces: a long sample re-splits into
-full-length pieces) one is drawn pseudo-randomly, from the packer's counters alone (so a resume redraws it):
-taking the oldest, the pieces of one sample, which arrive together, filled a budget together, and a step's
-rows came from a few documents instead of many (bench/quality_bench.py: a worse encoder at equal tokens).
-A piece that has waited longer than `max_wait` budgets goes first, so nothing starves. The buffer is described by small references
-(sample id, piece index, ...) for checkpoints; the tokens are re-read on restore.
+(micro_batch_size x max_seq_len tokens): pieces drawn at random from the whole buffer while they fit, then the
+remaining room filled by the largest piece that still fits, so padding only ever appears as one tail segment.
+Draws come from the packer's counters alone (so a resume redraws them). The pieces of one long sample arrive
+together; taking the oldest put them in one budget, and a step's rows came from a few documents instead of many
+(bench/quality_bench.py: a worse encoder at equal tokens); the buffer's size is how far apart they land now.
+A piece that has waited longer than `max_wait` budgets goes first, so nothing starves. The buffer is described
+by small references (sample id, piece index, ...) for checkpoints; the tokens are re-read on restore.
 """
 from __future__ import annotations
 
@@ -97,14 +97,27 @@ def pieces_count(num_tokens: int, max_seq_len: int, mode: str = "contiguous") ->
     return -(-(num_tokens - 2) // (max_seq_len - 2))
 
 
-class BestFitPacker:
-    """Lookahead buffer of pieces; `pack()` returns the pieces of one budget, largest-that-fits first."""
+PACKING_POLICIES = ("draw_then_fit", "best_fit")
 
-    def __init__(self, budget: int, max_wait: int | None = None):
+
+class BestFitPacker:
+    """Lookahead buffer of pieces; `pack()` returns the pieces of one budget.
+
+    draw_then_fit (the default): pieces drawn uniformly from the whole buffer while they fit, then the rest of the
+    budget filled largest-that-fits. Every piece waits alike whatever its length, so the emitted mixture follows
+    the read one however large the buffer. best_fit: largest-that-fits from the start (before 2026-12-03; kept
+    for runs that started with it): short pieces wait for `max_wait`, and with a 512-row buffer a source of
+    short documents came out 3-7 points below its share for the first ~100 steps (bench/RESULTS.md, issue 27).
+    """
+
+    def __init__(self, budget: int, max_wait: int | None = None, policy: str = "draw_then_fit"):
         if budget < 1:
             raise ValueError("budget must be positive")
+        if policy not in PACKING_POLICIES:
+            raise ValueError(f"packing policy {policy!r} is not one of {', '.join(PACKING_POLICIES)}")
         self.budget = int(budget)
         self.max_wait = max_wait
+        self.policy = policy
         self._keys: list[tuple[int, int]] = []  # (length, -seq): the last one of a length is the oldest
         self._pieces: dict[int, Piece] = {}
         self._arrivals: deque[int] = deque()    # seqs in arrival order (lazily pruned)
@@ -152,6 +165,14 @@ class BestFitPacker:
                 chosen.append(self._take(bisect.bisect_left(self._keys, (oldest.length, -oldest.seq))))
                 room -= oldest.length
                 oldest = self._oldest()
+        if self.policy == "draw_then_fit":
+            while self._keys:
+                index = _splitmix64_int((self.budgets_packed << 20) + (1 << 19) + len(chosen)) % len(self._keys)
+                if self._keys[index][0] > room:
+                    break
+                piece = self._take(index)
+                chosen.append(piece)
+                room -= piece.length
         while self._keys and room > 0:
             index = bisect.bisect_right(self._keys, (room, 1)) - 1
             if index < 0:

@@ -80,7 +80,9 @@ def test_micro_batches_follow_contract_and_hold_whole_pieces(mixed):
 @pytest.mark.parametrize("resplit", ["contiguous", "framed"])
 def test_long_chunks_are_resplit_without_losing_tokens(corpus_copy, resplit):
     manifest = write_manifest(corpus_copy["tmp"] / "code.yaml", corpus_copy["shards"])
-    loader = build_mlm_loader(_config(corpus_copy, manifest, max_seq_len=128, shuffle=False, resplit=resplit))
+    # A small lookahead, so that the pieces of one chunk are all packed within the 30 steps read here.
+    loader = build_mlm_loader(_config(corpus_copy, manifest, max_seq_len=128, shuffle=False, resplit=resplit,
+                                      packing_lookahead_tokens=32 * 128))
     pieces: dict[int, dict[int, np.ndarray]] = {}
     for _, step in zip(range(30), loader):
         for mb in step["micro_batches"]:
@@ -319,3 +321,53 @@ def test_a_checkpoint_from_before_contiguous_resplits_resumes_framed(mixed):
             assert a["input_ids"].equal(b["input_ids"]) and a["labels"].equal(b["labels"])
     with pytest.raises(UserError, match="resplit was 'framed' in the checkpoint and is 'contiguous'"):
         build_mlm_loader(_config(corpus, manifest, max_seq_len=128)).load_state_dict(state)
+
+
+def _shared_in_step(loader, steps: int) -> float:
+    """Share of the pieces whose sample (chunk) gave another piece to the same step."""
+    shared = total = 0
+    for item, _ in zip(loader, range(steps)):
+        ids = [int(s) for mb in item["micro_batches"] for s in mb["sample_ids"]]
+        shared += sum(ids.count(s) > 1 for s in ids)
+        total += len(ids)
+    return shared / total
+
+
+def test_pieces_of_one_chunk_land_in_different_steps(mixed):
+    """A 1,024-token chunk re-split to 128 gives 8 pieces that reach the packer together; with the default lookahead
+    they spread over many steps of 8 rows instead of filling one or two (a worse encoder at equal tokens,
+    bench/RESULTS.md, issue 27). The old 64-row floor is the baseline."""
+    corpus, manifest = mixed
+    small = dict(max_seq_len=128, micro_batch_size=4, global_batch_size=8)
+    default = build_mlm_loader(_config(corpus, manifest, **small))
+    old = build_mlm_loader(_config(corpus, manifest, **small, packing_lookahead_tokens=64 * 128))
+    spread, bunched = _shared_in_step(iter(default), 60), _shared_in_step(iter(old), 60)
+    assert spread < 0.5 * bunched, (spread, bunched)
+
+
+def test_a_checkpoint_from_before_the_larger_lookahead_resumes_with_its_own(mixed):
+    """A loader state without "lookahead_tokens" and "packing" was saved with the 64-row floor and best-fit
+    packing: a loader left to the defaults takes both and gives the saved run's next steps exactly; an explicit
+    other lookahead is refused."""
+    corpus, manifest = mixed
+    small = dict(max_seq_len=128, micro_batch_size=4, global_batch_size=8)
+    before = build_mlm_loader(_config(corpus, manifest, **small, packing_lookahead_tokens=64 * 128))
+    before.packer.policy = "best_fit"
+    steps = iter(before)
+    for _ in range(3):
+        next(steps)
+    state = before.state_dict()
+    assert state["lookahead_tokens"] == 64 * 128 and state["packing"] == "best_fit"
+    expected = [next(steps) for _ in range(4)]
+    old_state = {k: v for k, v in state.items() if k not in ("lookahead_tokens", "packing")}
+    resumed = build_mlm_loader(_config(corpus, manifest, **small))
+    assert resumed.state_dict()["lookahead_tokens"] == 512 * 128
+    assert resumed.packer.policy == "draw_then_fit"
+    resumed.load_state_dict(old_state)
+    assert resumed.packer.policy == "best_fit"
+    for want, got in zip(expected, iter(resumed)):
+        for a, b in zip(want["micro_batches"], got["micro_batches"]):
+            assert a["input_ids"].equal(b["input_ids"]) and a["labels"].equal(b["labels"])
+    chosen = build_mlm_loader(_config(corpus, manifest, **small, packing_lookahead_tokens=64 * 128)).state_dict()
+    with pytest.raises(UserError, match="packing_lookahead_tokens was 8192 in the checkpoint and is 4096 now"):
+        build_mlm_loader(_config(corpus, manifest, **small, packing_lookahead_tokens=4096)).load_state_dict(chosen)

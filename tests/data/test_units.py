@@ -204,6 +204,36 @@ def test_best_fit_packer_mixes_the_pieces_of_a_sample_with_other_samples():
     assert np.mean(distinct) >= 2.8, distinct
 
 
+@pytest.mark.parametrize("policy", ["draw_then_fit", "best_fit"])
+def test_short_pieces_leave_a_large_buffer_at_their_share(policy):
+    """Two sources read half and half by tokens: one in full-length pieces, one in short ones. With a 512-row
+    buffer, drawing from the whole buffer emits each at its share from the first budgets on; taking the largest
+    piece first (best_fit, before 2026-12-03) kept the short ones waiting for max_wait (issue 27)."""
+    rng = np.random.default_rng(0)
+    budget, target = 4 * 128, 512 * 128
+    packer = BestFitPacker(budget, max_wait=2 * target // budget, policy=policy)
+    emitted, used, added = np.zeros(2), [], 0
+    for _ in range(200):
+        while packer.buffered_tokens < target:
+            source = added % 2
+            lengths = [128] * 4 if source == 0 else list(rng.integers(20, 100, size=8))
+            lengths = lengths if source == 0 else lengths[:int(np.searchsorted(np.cumsum(lengths), 512)) + 1]
+            for n in lengths:
+                packer.add(Piece(tokens=np.full(int(n), 7, dtype=np.uint16), sample_id=source, piece_index=0,
+                                 epoch=0, key=added))
+            added += 1
+        pieces = packer.pack()
+        used.append(sum(p.length for p in pieces))
+        for piece in pieces:
+            emitted[piece.sample_id] += piece.length
+    short_share = emitted[1] / emitted.sum()
+    if policy == "draw_then_fit":
+        assert 0.45 < short_share < 0.55, short_share
+        assert np.mean(used) / budget >= 0.98
+    else:
+        assert short_share < 0.4, short_share
+
+
 def test_stale_shm_cleaner_removes_only_unmapped_streaming_files(tmp_path):
     from multiprocessing import shared_memory
 
