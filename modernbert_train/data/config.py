@@ -230,7 +230,7 @@ class BatchSizeWarmup:
 
 
 # Default lookahead floor in max_seq_len rows. A long chunk re-splits into pieces that reach the buffer together;
-# the packer draws among equal-length pieces, so the buffer's size is how far apart they land. At 64 rows, 60% of
+# the packer draws from the whole buffer, so the buffer's size is how far apart they land. At 64 rows, 60% of
 # a tiny run's pieces shared their document with a piece of the 8 steps before (24% when every piece is stored on
 # its own); at 512 rows 32% (bench/RESULTS.md, issue 27). States saved before this record their own (older_states).
 MIN_LOOKAHEAD_ROWS = 512

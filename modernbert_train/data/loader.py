@@ -146,7 +146,8 @@ class _LoaderBase:
         buffer turnovers."""
         self._lookahead_tokens = int(tokens)
         self._target_tokens = self._lookahead_steps * self.tokens_per_micro_batch + self._lookahead_tokens
-        self.packer.max_wait = self.config.packing_max_wait or 2 * -(-self._target_tokens // self.tokens_per_micro_batch)
+        turnover = -(-self._target_tokens // self.tokens_per_micro_batch)
+        self.packer.max_wait = self.config.packing_max_wait or 2 * turnover
 
     @property
     def _offset(self) -> int:

@@ -1,10 +1,10 @@
 """Loader states saved by older versions: the modes they were saved with, where a newer default differs.
 
 A state records each mode that changed what the loader reads (`sampling`, `resplit`, `packing`,
-`lookahead_tokens`). A
-state without one predates that mode's choice and was saved with the old behaviour: the resumed loader takes that
-behaviour, so that an older run continues exactly. A state that names a mode other than the config's is refused;
-a lookahead the config leaves to its default is taken from the state (it is the default that changed).
+`lookahead_tokens`). A state without one predates that mode's choice and was saved with the old behaviour: the
+resumed loader takes that behaviour, so that an older run continues exactly. A state that names a mode other than
+the config's is refused; a lookahead the config leaves to its default is taken from the state (it is the default
+that changed).
 """
 from __future__ import annotations
 
