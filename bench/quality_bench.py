@@ -70,13 +70,16 @@ VARIANTS: dict[str, list[str]] = {
     "ours+natural128": ["data.manifest={work}/natural128.yaml"],
     "ours+lookahead512": [f"data.loader_options.packing_lookahead_tokens={512 * SEQ_LEN}"],
     "ours+lookahead64": [f"data.loader_options.packing_lookahead_tokens={64 * SEQ_LEN}"],
+    "ours+lookahead2048": [f"data.loader_options.packing_lookahead_tokens={2048 * SEQ_LEN}"],
+    "ours+lookahead4096": [f"data.loader_options.packing_lookahead_tokens={4096 * SEQ_LEN}"],
     "ours+framed": ["data.loader_options.resplit=framed"],
     "ours+no_dropout": ["model.config.attention_output_dropout=0.0"],
 }
 VARIANTS["ours+all"] = [o for name, over in VARIANTS.items() if name not in ("ours", "ours+natural_mix",
                                                                               "ours+independent_rows", "ours+hf_head",
                                                                               "ours+natural128", "ours+lookahead512",
-                                                                              "ours+lookahead64", "ours+framed")
+                                                                              "ours+lookahead64", "ours+lookahead2048", "ours+lookahead4096",
+                                                                              "ours+framed")
                         for o in over] + ["data.manifest={work}/natural128.yaml"]
 
 

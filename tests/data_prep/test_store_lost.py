@@ -102,7 +102,9 @@ def test_lost_store_ends_a_training_run_with_one_line(s3_server, remote_prose, t
                f"data.manifest={manifest}", f"data.tokenizer={trained_tokenizer_dir}", f"save_folder={run_dir}",
                "logging.progress_bar=false", "max_duration=400ba", "checkpoint.interval=2ba",
                "data.loader_options.download_retry=1", "data.loader_options.download_timeout=2",
-               "data.loader_options.predownload=4", "data.loader_options.shuffle_block_size=16"]
+               "data.loader_options.predownload=4", "data.loader_options.shuffle_block_size=16",
+               # a buffer short of the whole corpus, so that the run still reads from the store when it goes away
+               "data.loader_options.packing_lookahead_tokens=65536"]
     log = tmp_path / "train.log"
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("w"),
                             env=dict(os.environ, TMPDIR=str(tmp_path), AWS_MAX_ATTEMPTS="1"))
