@@ -50,8 +50,8 @@ def _adopt_lookahead(loader, state: dict[str, Any]) -> None:
         return
     if loader.config.packing_lookahead_tokens is not None:
         raise UserError(f"data config packing_lookahead_tokens was {saved} in the checkpoint and is "
-                        f"{loader.config.packing_lookahead_tokens} now; exact data resume needs it unchanged (or "
-                        f"unset, to take the checkpoint's)")
+                        f"{loader.config.packing_lookahead_tokens} now; exact data resume needs it unchanged (in a "
+                        f"recipe: data.loader_options.packing_lookahead_tokens={saved})")
     log.info("the checkpoint's loader buffered %d tokens ahead (this version's default: %d): this run continues "
              "with %d", saved, loader._lookahead_tokens, saved)
     loader.set_lookahead(saved)
