@@ -7,6 +7,9 @@ VENV := .venv
 # exported folders are checked to load in transformers 5.x.
 CURRENT_VENV := .venv-current
 CURRENT_TORCH ?= torch==2.14.1 torchvision==0.29.1 transformers==5.17.0
+# No pip cache: a fresh machine holds the two environments (about 14 GB, mostly torch's CUDA wheels) but not
+# a second copy of every wheel; CI once ran out of disk while installing.
+export PIP_NO_CACHE_DIR := 1
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
