@@ -17,6 +17,7 @@ Rows of the table:
               the base of the rows below
   ours+X      ours with one choice X switched to the plain loop's (see VARIANTS)
   ours+all    every choice switched at once (must equal plain within noise)
+  plain+maskNN  the plain loop with its collator at NN% instead of 30% (ours+maskNN / shipped+maskNN: ours)
   shipped+X   shipped with ours+X's change on top (e.g. shipped+natural128: shards chunked at 128 tokens);
               shipped+X+Y: both changes
 
@@ -68,16 +69,21 @@ VARIANTS: dict[str, list[str]] = {
     "ours+natural_mix": ["data.manifest={work}/natural.yaml"],
     "ours+independent_rows": ["data.manifest={work}/demo128.yaml"],
     "ours+natural128": ["data.manifest={work}/natural128.yaml"],
+    "ours+windows": ["data.manifest={work}/windows.yaml"],
     "ours+framed": ["data.loader_options.resplit=framed"],
     "ours+no_dropout": ["model.config.attention_output_dropout=0.0"],
 }
 # Packing buffers of other sizes (rows of SEQ_LEN tokens; the default is MIN_LOOKAHEAD_ROWS, the tiny recipe's 2,048).
 for _rows in (64, 512, 2048, 4096):
     VARIANTS[f"ours+lookahead{_rows}"] = [f"data.loader_options.packing_lookahead_tokens={_rows * SEQ_LEN}"]
+# Masking rates other than the paper's 30% (both sides train at 30%; the score masks 15%).
+for _percent in (20, 30, 40):
+    VARIANTS[f"ours+mask{_percent}"] = [f"data.mlm_probability={_percent / 100}"]
 # Every choice switched to the plain loop's: the data-layout rows are alternatives to natural128, not choices.
+_LAYOUTS = ("ours", "ours+natural_mix", "ours+independent_rows", "ours+hf_head", "ours+natural128", "ours+windows",
+            "ours+framed")
 VARIANTS["ours+all"] = [o for name, over in VARIANTS.items()
-                        if name not in ("ours", "ours+natural_mix", "ours+independent_rows", "ours+hf_head",
-                                        "ours+natural128", "ours+framed") and not name.startswith("ours+lookahead")
+                        if name not in _LAYOUTS and not name.startswith(("ours+lookahead", "ours+mask"))
                         for o in over] + ["data.manifest={work}/natural128.yaml"]
 
 
@@ -91,8 +97,15 @@ def shipped_changes(name: str) -> list[str] | None:
     return SHIPPED + [o for c in changes for o in VARIANTS[c]]
 
 
+def plain_mask(name: str) -> float | None:
+    """plain+maskNN: the plain loop with the collator at NN% (both sides compared at one masking rate)."""
+    rate = name.removeprefix("plain+mask")
+    return int(rate) / 100 if name.startswith("plain+mask") and rate.isdigit() and 0 < int(rate) < 100 else None
+
+
 def known(name: str) -> bool:
-    return name in ("plain", "shipped") or name in VARIANTS or shipped_changes(name) is not None
+    return (name in ("plain", "shipped") or name in VARIANTS or shipped_changes(name) is not None
+            or plain_mask(name) is not None)
 
 
 def sh(argv: list[str], log: Path) -> None:
@@ -122,18 +135,49 @@ def prepare(work: Path) -> None:
             if not (out / "prep_meta.json").exists():
                 sh([*data, "prepare", str(work / "corpus" / source), "--tokenizer", str(work / "tokenizer"), "--out",
                     str(out), "--source", source, "--max-seq-len", str(chunk), "--workers", "2", "--no-progress"], log)
+    if not (work / "windows" / "prose" / "prep_meta.json").exists():
+        write_windows(work)
     import yaml
 
     tokens = {s: json.loads((work / "shards" / s / "prep_meta.json").read_text())["tokens"] for s in ("code", "prose")}
     natural = {s: n / sum(tokens.values()) for s, n in tokens.items()}
     for name, folder, shares in (("demo", "shards", {"code": 0.6, "prose": 0.4}),
                                  ("natural", "shards", natural), ("demo128", "shards128", {"code": 0.6, "prose": 0.4}),
-                                 ("natural128", "shards128", natural)):
+                                 ("natural128", "shards128", natural), ("windows", "windows", natural)):
         spec = {"name": name, "sources": [{"name": s, "local": str(work / folder / s), "proportion": round(p, 4)}
                                           for s, p in shares.items()]}
         (work / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     if not (work / "heldout.json").exists():
         (work / "heldout.json").write_text(json.dumps(heldout_pieces(work / "tokenizer" / "tokenizer.json")))
+
+
+def write_windows(work: Path) -> None:
+    """The plain loop's data layout as shards: each source's samples concatenated and cut into consecutive
+    windows that cross documents, each framed [CLS] + SEQ_LEN - 2 ids + [SEP] so that it is one whole piece
+    (full attention inside, as the plain loop's random windows), for the ours+windows rows."""
+    import shutil
+
+    import numpy as np
+    from streaming import MDSWriter
+
+    from data_prep.prepare import mds_columns
+    from modernbert_train.data.shards import iter_samples
+
+    for source in ("code", "prose"):
+        meta = json.loads((work / "shards" / source / "prep_meta.json").read_text())
+        cls_id, sep_id = meta["special_token_ids"]["cls_id"], meta["special_token_ids"]["sep_id"]
+        stream = np.concatenate([s["input_ids"] for s in iter_samples(work / "shards" / source)])
+        body, out = SEQ_LEN - 2, work / "windows" / source
+        count = len(stream) // body
+        shutil.rmtree(out, ignore_errors=True)
+        with MDSWriter(out=str(out), columns=mds_columns(meta["vocab_size"]), compression="zstd") as writer:
+            for i in range(count):
+                window = np.concatenate([[cls_id], stream[i * body:(i + 1) * body], [sep_id]]).astype(stream.dtype)
+                writer.write({"input_ids": window, "doc_id": i, "chunk_index": 0, "source": source})
+        meta.update(max_seq_len=SEQ_LEN, documents=count, chunks=count, tokens=count * SEQ_LEN,
+                    content_tokens=count * body)
+        meta.pop("length_histograms", None)
+        (out / "prep_meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
 
 
 def heldout_pieces(tokenizer_file: Path) -> dict[str, list[list[int]]]:
@@ -243,7 +287,7 @@ def corpus_stream(work: Path):
     return np.concatenate(parts)
 
 
-def train_plain(work: Path, seed: int, tokens: int) -> dict:
+def train_plain(work: Path, seed: int, tokens: int, mask: float = TRAIN_MASK) -> dict:
     import numpy as np
     import torch
     from transformers import DataCollatorForLanguageModeling, ModernBertForMaskedLM, PreTrainedTokenizerFast
@@ -252,7 +296,7 @@ def train_plain(work: Path, seed: int, tokens: int) -> dict:
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(work / "tokenizer" / "tokenizer.json"), cls_token="[CLS]",
                                         sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]", unk_token="[UNK]")
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=TRAIN_MASK)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mask)
     stream = corpus_stream(work)
     torch.manual_seed(seed)
     model = ModernBertForMaskedLM(hf_config(work)).train()
@@ -337,6 +381,8 @@ def run_one(work: Path, name: str, seed: int, tokens: int, ablate_recipe: Path) 
     started = time.perf_counter()
     if name == "plain":
         result = train_plain(work, seed, tokens)
+    elif plain_mask(name) is not None:
+        result = train_plain(work, seed, tokens, plain_mask(name))
     elif name == "shipped":
         # The same data as the plain loop (natural token shares): the mixture is the user's data choice.
         result = train_ours(work, name, SHIPPED, seed, tokens, RECIPE)
@@ -368,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",")
     unknown = [n for n in names if not known(n)]
     if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from plain, shipped, shipped+X, "
+        parser.error(f"--variants: unknown {unknown}; choose from plain, plain+maskNN, shipped, shipped+X, "
                      f"{', '.join(VARIANTS)}")
     results_dir = work / "results"
     if args.one:
