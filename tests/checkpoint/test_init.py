@@ -118,8 +118,8 @@ def test_loader_masks_at_the_scheduled_rate_and_resumes_exactly(data_overrides):
     from modernbert_train.data.manifest import load_manifest
     from modernbert_train.train.builders import build_loader, mask_rate_schedule
 
-    recipe = tiny(data_overrides, "data.mask_schedule={kind: stepped, tokens: [3000], rates: [0.05]}",
-                  "data.seed=5")
+    recipe = tiny(data_overrides, "data.mlm_probability=0.3",
+                  "data.mask_schedule={kind: stepped, tokens: [3000], rates: [0.05]}", "data.seed=5")
     loader = build_loader(recipe, load_manifest(recipe.data.manifest), initialize_distributed(), infinite=True)
     loader.mask_rate_schedule = mask_rate_schedule(recipe)
     steps, states = [], []
