@@ -73,10 +73,10 @@ VARIANTS: dict[str, list[str]] = {
     "ours+framed": ["data.loader_options.resplit=framed"],
     "ours+no_dropout": ["model.config.attention_output_dropout=0.0"],
 }
-# Packing buffers of other sizes (rows of SEQ_LEN tokens; the default is MIN_LOOKAHEAD_ROWS, the tiny recipe's 2,048).
+# Packing buffers of other sizes, in rows of SEQ_LEN tokens (the tiny recipe buffers 2,048; MIN_LOOKAHEAD_ROWS elsewhere).
 for _rows in (64, 512, 2048, 4096):
     VARIANTS[f"ours+lookahead{_rows}"] = [f"data.loader_options.packing_lookahead_tokens={_rows * SEQ_LEN}"]
-# Masking rates other than the paper's 30% (both sides train at 30%; the score masks 15%).
+# Masking rates (the plain loop trains at 30%, the tiny recipe at 40%; the score masks 15%).
 for _percent in (20, 30, 40):
     VARIANTS[f"ours+mask{_percent}"] = [f"data.mlm_probability={_percent / 100}"]
 # Every choice switched to the plain loop's: the data-layout rows are alternatives to natural128, not choices.
@@ -161,12 +161,11 @@ def write_windows(work: Path) -> None:
     from streaming import MDSWriter
 
     from data_prep.prepare import mds_columns
-    from modernbert_train.data.shards import iter_samples
 
     for source in ("code", "prose"):
         meta = json.loads((work / "shards" / source / "prep_meta.json").read_text())
         cls_id, sep_id = meta["special_token_ids"]["cls_id"], meta["special_token_ids"]["sep_id"]
-        stream = np.concatenate([s["input_ids"] for s in iter_samples(work / "shards" / source)])
+        stream = corpus_stream(work, (source,)).astype(meta["dtype"])
         body, out = SEQ_LEN - 2, work / "windows" / source
         count = len(stream) // body
         shutil.rmtree(out, ignore_errors=True)
@@ -278,12 +277,13 @@ def hf_init_folder(work: Path, seed: int) -> Path:
     return folder
 
 
-def corpus_stream(work: Path):
+def corpus_stream(work: Path, sources: tuple[str, ...] = ("code", "prose")):
+    """The sources' 512-token shard samples concatenated in order, as int64 ids."""
     import numpy as np
 
     from modernbert_train.data.shards import iter_samples
 
-    parts = [s["input_ids"].astype(np.int64) for src in ("code", "prose") for s in iter_samples(work / "shards" / src)]
+    parts = [s["input_ids"].astype(np.int64) for src in sources for s in iter_samples(work / "shards" / src)]
     return np.concatenate(parts)
 
 
